@@ -1,0 +1,1 @@
+"""surgeond: the on-device test-time adaptation service (built in the daemon issue)."""

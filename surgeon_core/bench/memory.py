@@ -1,0 +1,162 @@
+"""Memory and speed of one adaptation step: plain backprop against SURGEON's sparse cache.
+
+Every configuration adapts its own copy of the same model on the same real batch with the same
+loss (mean softmax entropy) and optimizer (Adam, lr 1e-3). Cache bytes are measured with the same
+meter for all (NOTE [Cache bytes]); plain-autograd configurations are timed without the meter's
+hooks. Rounds interleave the configurations so that drift on a busy machine hits all alike, and
+the median step time is reported with its ratio to ``full`` from the same run.
+"""
+
+import copy
+import dataclasses
+import statistics
+import time
+from dataclasses import asdict, dataclass
+from typing import Callable, Dict, List, Optional
+
+import torch
+from torch import nn
+
+from ..capture import ActivationCapture, CapturePolicy
+from ..engine import EngineConfig, SparseBackprop, entropy
+from ..norm import convert_batchnorm
+
+__all__ = ["ConfigResult", "run_memory_benchmark", "CONFIGS"]
+
+CONFIGS = ("full", "tent", "surgeon", "surgeon-exactbn", "surgeon+budget")
+
+
+@dataclass
+class ConfigResult:
+    """One configuration's figures; ratios are against ``full`` measured in the same run."""
+
+    config: str
+    description: str
+    cache_bytes: int
+    paper_bytes: int
+    step_seconds: float
+    cache_ratio: float = 0.0
+    time_ratio: float = 0.0
+    mean_keep: Optional[float] = None
+    budget_bytes: Optional[int] = None
+    peak_step_bytes: Optional[int] = None
+
+
+def _entropy_loss(model: nn.Module, x: torch.Tensor):
+    logits = model(x)
+    return entropy(logits).mean(), logits
+
+
+class _Runner:
+    """One configuration: its model copy, optimizer and a ``step(x) -> (cache, paper)``."""
+
+    def __init__(self, name: str, description: str, model: nn.Module,
+                 engine: Optional[SparseBackprop] = None, budget: Optional[int] = None):
+        self.name, self.description, self.model = name, description, model
+        self.engine, self.budget = engine, budget
+        params = [p for p in model.parameters() if p.requires_grad]
+        self.optimizer = torch.optim.Adam(params, lr=1e-3)
+        self.times: List[float] = []
+        self.cache = self.paper = 0
+        self.mean_keep: Optional[float] = None
+        self.peak: Optional[int] = None
+
+    def measure_cache(self, x: torch.Tensor) -> None:
+        """Plain autograd's cache, read by the meter in passthrough mode (not timed)."""
+        capture = ActivationCapture(self.model, CapturePolicy(passthrough=True))
+        with capture.record() as rec:
+            _entropy_loss(self.model, x)
+            self.cache, self.paper = rec.cache_bytes(), rec.paper_bytes()
+        capture.close()
+
+    def step(self, x: torch.Tensor) -> None:
+        _sync(x)
+        start = time.perf_counter()
+        if self.engine is None:
+            loss, _ = _entropy_loss(self.model, x)
+            loss.backward()
+        else:
+            report = self.engine.step(x, _entropy_loss)
+            self.cache, self.paper = report.cache_bytes, report.paper_bytes
+            ratios = list(report.keep_ratios.values())
+            self.mean_keep = sum(ratios) / len(ratios) if ratios else None
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        _sync(x)
+        self.times.append(time.perf_counter() - start)
+
+
+def _sync(x: torch.Tensor) -> None:
+    if x.is_cuda:
+        torch.cuda.synchronize(x.device)
+
+
+def _tent_model(model: nn.Module) -> nn.Module:
+    model.requires_grad_(False)
+    for m in model.modules():
+        if isinstance(m, nn.modules.batchnorm._BatchNorm):
+            m.requires_grad_(True)
+    return model
+
+
+def _runners(base: nn.Module, budget: Optional[int], engine_config: EngineConfig) -> List[_Runner]:
+    fresh: Callable[[], nn.Module] = lambda: copy.deepcopy(base).train()
+    lean = convert_batchnorm(fresh())
+    runners = [
+        _Runner("full", "all weights, plain autograd, train-mode BN", fresh()),
+        _Runner("tent", "BN affine only, plain autograd, train-mode BN", _tent_model(fresh())),
+        _Runner("surgeon", "all weights, lean norm, dynamic sparsity (default)", lean,
+                SparseBackprop(lean, engine_config)),
+    ]
+    exact = fresh()
+    runners.append(_Runner("surgeon-exactbn", "all weights, train-mode BN kept exact, dynamic "
+                           "sparsity", exact, SparseBackprop(exact, engine_config)))
+    if budget is not None:
+        lean_b = convert_batchnorm(fresh())
+        cfg = dataclasses.replace(engine_config, budget_bytes=budget)
+        runners.append(_Runner("surgeon+budget", "surgeon under a %.1f MB budget" % (budget / 2**20),
+                               lean_b, SparseBackprop(lean_b, cfg), budget))
+    return runners
+
+
+def run_memory_benchmark(model: nn.Module, x: torch.Tensor, steps: int = 5,
+                         budget_bytes: Optional[int] = None,
+                         engine_config: Optional[EngineConfig] = None) -> List[ConfigResult]:
+    """Run every configuration ``steps`` timed rounds (after one warm-up) on batch ``x``."""
+    runners = _runners(model, budget_bytes, engine_config or EngineConfig())
+    for runner in runners:
+        if runner.engine is None:
+            runner.measure_cache(x)
+        runner.step(x)  # warm-up: allocator, kernels, first probe
+        runner.times.clear()
+    for _ in range(steps):
+        for runner in runners:
+            runner.step(x)
+    for runner in runners:
+        runner.peak = _peak_step_bytes(runner, x)
+    return _results(runners)
+
+
+def _peak_step_bytes(runner: _Runner, x: torch.Tensor) -> Optional[int]:
+    if not x.is_cuda:
+        return None
+    torch.cuda.synchronize(x.device)
+    base = torch.cuda.memory_allocated(x.device)
+    torch.cuda.reset_peak_memory_stats(x.device)
+    runner.step(x)
+    return torch.cuda.max_memory_allocated(x.device) - base
+
+
+def _results(runners: List[_Runner]) -> List[ConfigResult]:
+    out = [ConfigResult(r.name, r.description, r.cache, r.paper, statistics.median(r.times),
+                        mean_keep=r.mean_keep, budget_bytes=r.budget, peak_step_bytes=r.peak)
+           for r in runners]
+    full = out[0]
+    for res in out:
+        res.cache_ratio = res.cache_bytes / full.cache_bytes if full.cache_bytes else 0.0
+        res.time_ratio = res.step_seconds / full.step_seconds if full.step_seconds else 0.0
+    return out
+
+
+def as_rows(results: List[ConfigResult]) -> List[Dict]:
+    return [asdict(r) for r in results]

@@ -1,0 +1,319 @@
+"""Route every tensor autograd saves through one storage policy, knowing which module saved it.
+
+Usage::
+
+    capture = ActivationCapture(model, CapturePolicy())
+    with capture.record(keep_ratios={"layer1.0.conv1": 0.2}) as rec:
+        loss = criterion(model(x))
+    print(rec.cache_bytes())        # bytes really held for backward, now
+    loss.backward()
+
+Where each saved tensor ends up (innermost module that was running when autograd saved it):
+
+    ======================================  =========================  =====================
+    saved tensor                            stored as                  bytes
+    ======================================  =========================  =====================
+    a parameter (or a view of one)          referenced                 0 (not cache)
+    input of Conv*/Linear (weight grad)     Pruned at the layer ratio  see NOTE [Pruned format]
+    x_hat of RunningStatNorm2d (gamma grad) Pruned at the layer ratio  same
+    output of ReLU / input of ReLU6         BitMask (lossless)         numel / 8
+    input of AvgPool / AdaptiveAvgPool      ShapeOnly (lossless)       0
+    input of norms, GELU, SiLU, ...         ``input_grad`` policy      exact, or 2 B (fp16)
+    anything else                           Exact reference            its storage
+    ======================================  =========================  =====================
+
+NOTE [Cache bytes]
+The cache of a step is what the packed objects alive at the start of backward hold, each storage
+counted once (two ops saving one tensor share it, as in plain autograd). Counting then, not at
+the end of forward, includes every pass whose graph is still alive (a consistency loss's second
+forward doubles it, a probe pass kept around shows up). The published SURGEON code instead
+reports kept values x 4 bytes; that number is ``paper_bytes`` and is only ever shown beside this.
+
+Nesting: ``saved_tensors_hooks`` are innermost-wins. A record refuses to open inside another
+record of the same capture (its accounting would be split), and code that installs its own hooks
+inside the forward (``torch.utils.checkpoint``, ``save_on_cpu``) takes those tensors out of ours.
+"""
+
+import contextlib
+import math
+import weakref
+from dataclasses import dataclass
+from typing import Dict, Iterator, List, Mapping, NamedTuple, Optional, Set, Tuple
+
+import torch
+from torch import nn
+
+from .errors import CaptureError
+from .norm import RunningStatNorm2d
+from .sparsity import (VALUE_DTYPES, SELECTIONS, BitMask, Cast, Exact, Packed, ShapeOnly,
+                       prune)
+
+__all__ = ["CapturePolicy", "ActivationCapture", "CaptureRecord", "LayerCache", "Role",
+           "prunable_sizes"]
+
+INPUT_GRAD_POLICIES = ("exact", "fp16", "bf16")
+
+_PRUNABLE_INPUT = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
+_INPUT_GRAD_MODULES = (nn.modules.batchnorm._BatchNorm, nn.GroupNorm, nn.LayerNorm,
+                       nn.modules.instancenorm._InstanceNorm, nn.GELU, nn.SiLU, nn.Sigmoid,
+                       nn.Tanh, nn.Hardswish, nn.Mish, nn.ELU, nn.Softmax)
+_SHAPE_ONLY = (nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d, nn.AdaptiveAvgPool3d,
+               nn.AvgPool1d, nn.AvgPool2d, nn.AvgPool3d)
+
+
+class Role:
+    """Why a tensor was saved; decides its storage."""
+
+    PARAM = "param"
+    WEIGHT_GRAD = "weight_grad"    # only a weight gradient reads it: prunable
+    MASK = "mask"                  # ReLU-like: a 1-bit mask is lossless
+    SHAPE = "shape"                # backward reads only its shape
+    INPUT_GRAD = "input_grad"      # the input gradient reads it: exact or a named lossy cast
+    OTHER = "other"                # unknown: exact
+
+
+@dataclass(frozen=True)
+class CapturePolicy:
+    """How saved tensors are stored.
+
+    Attributes:
+        value_dtype: dtype of kept values of pruned tensors: ``fp16`` (default), ``fp32``, ``bf16``.
+        selection: ``threshold`` (sampled quantile, fast) or ``topk`` (exact per-tensor top-k).
+        input_grad: tensors the input gradient needs: ``exact`` (default) or lossy ``fp16``/``bf16``.
+        relu_masks: store ReLU-family tensors as 1-bit masks (lossless).
+        default_keep: keep ratio of prunable layers that have no ratio of their own.
+        passthrough: store everything exactly (plain autograd), only count it.
+    """
+
+    value_dtype: str = "fp16"
+    selection: str = "threshold"
+    input_grad: str = "exact"
+    relu_masks: bool = True
+    default_keep: float = 1.0
+    passthrough: bool = False
+
+    def __post_init__(self):
+        _check_choice("value_dtype", self.value_dtype, tuple(VALUE_DTYPES))
+        _check_choice("selection", self.selection, SELECTIONS)
+        _check_choice("input_grad", self.input_grad, INPUT_GRAD_POLICIES)
+        check_keep_ratio("default_keep", self.default_keep)
+
+    @classmethod
+    def lossless(cls) -> "CapturePolicy":
+        """Exact storage everywhere, compact where that is free: gradients equal plain autograd's."""
+        return cls(value_dtype="fp32", selection="topk", input_grad="exact")
+
+
+def _check_choice(field: str, value: str, choices: Tuple[str, ...]) -> None:
+    if value not in choices:
+        raise ValueError("CapturePolicy.%s must be one of %s, got %r" % (field, choices, value))
+
+
+def check_keep_ratio(name: str, ratio: float) -> None:
+    """Raise ValueError unless ``ratio`` is a number in [0, 1]."""
+    if not isinstance(ratio, (int, float)) or math.isnan(ratio) or not 0.0 <= ratio <= 1.0:
+        raise ValueError("keep ratio of %s must be in [0, 1], got %r" % (name, ratio))
+
+
+class LayerCache(NamedTuple):
+    """What one layer's saved tensors cost in the current step."""
+
+    numel: int      # elements of the original tensors
+    kept: int       # values kept (numel for exact storage)
+    nbytes: int     # bytes held by its packed objects (not deduplicated across layers)
+    role: str
+
+
+def prunable_sizes(layers: Mapping[str, LayerCache]) -> Dict[str, int]:
+    """Elements saved per prunable layer (the activation size A_i), from ``record.layers()``."""
+    return {name: c.numel for name, c in layers.items() if c.role == Role.WEIGHT_GRAD}
+
+
+class _Entry(NamedTuple):
+    packed: "weakref.ReferenceType[Packed]"
+    layer: str
+    role: str
+
+
+class _Frame(NamedTuple):
+    module: nn.Module
+    name: str
+    input_storages: Set[int]
+    input_numel: int
+
+
+def _storage_key(t: torch.Tensor) -> int:
+    return t.untyped_storage().data_ptr()
+
+
+class CaptureRecord:
+    """One step's saved tensors: opened by ``ActivationCapture.record``; read before backward."""
+
+    def __init__(self, capture: "ActivationCapture", keep_ratios: Mapping[str, float],
+                 passthrough: bool = False):
+        for name, ratio in keep_ratios.items():
+            check_keep_ratio(name, ratio)
+        self.keep_ratios = dict(keep_ratios)
+        self.passthrough = passthrough or capture.policy.passthrough
+        self._capture = capture
+        self._entries: List[_Entry] = []
+        self._param_storages = {_storage_key(p) for p in capture.model.parameters()}
+
+    def _pack(self, tensor: torch.Tensor):
+        if _storage_key(tensor) in self._param_storages:
+            return tensor  # referenced: never copied, never counted
+        frame = self._capture.current_frame()
+        role = self._capture.classify(frame, tensor)
+        packed = self._store(tensor, role, frame.name if frame else "")
+        self._entries.append(_Entry(weakref.ref(packed), frame.name if frame else "", role))
+        return packed
+
+    def _store(self, tensor: torch.Tensor, role: str, layer: str) -> Packed:
+        policy = self._capture.policy
+        if self.passthrough or not tensor.is_floating_point():
+            return Exact(tensor)
+        if role == Role.WEIGHT_GRAD:
+            keep = self.keep_ratios.get(layer, policy.default_keep)
+            if not self._capture.weight_trained():
+                keep = 0.0  # a frozen weight needs no cached input (conv saves it regardless)
+            return prune(tensor, keep, policy.selection, VALUE_DTYPES[policy.value_dtype])
+        if role == Role.MASK and policy.relu_masks:
+            return self._capture.mask_for(tensor)
+        if role == Role.SHAPE:
+            return ShapeOnly(tensor)
+        if role == Role.INPUT_GRAD and policy.input_grad != "exact":
+            return Cast(tensor, VALUE_DTYPES[policy.input_grad])
+        return Exact(tensor)
+
+    @staticmethod
+    def _unpack(packed):
+        return packed if isinstance(packed, torch.Tensor) else packed.unpack()
+
+    def _alive(self) -> Iterator[Tuple[Packed, _Entry]]:
+        for entry in self._entries:
+            packed = entry.packed()
+            if packed is not None:
+                yield packed, entry
+
+    def cache_bytes(self) -> int:
+        """Bytes held now by every saved tensor of this record, each storage once.
+
+        See NOTE [Cache bytes].
+        """
+        seen: Dict[Tuple[str, int], int] = {}
+        for packed, _ in self._alive():
+            for t in packed.tensors():
+                storage = t.untyped_storage()
+                seen[(str(t.device), storage.data_ptr())] = storage.nbytes()
+        return sum(seen.values())
+
+    def paper_bytes(self) -> int:
+        """The published code's convention: kept values of layer inputs x 4 bytes."""
+        layer_roles = (Role.WEIGHT_GRAD, Role.INPUT_GRAD)
+        return 4 * sum(p.kept for p, e in self._alive() if e.role in layer_roles)
+
+    def layers(self) -> Dict[str, LayerCache]:
+        """Per-layer totals over alive saved tensors (a layer called twice sums both calls)."""
+        out: Dict[str, LayerCache] = {}
+        for packed, entry in self._alive():
+            prev = out.get(entry.layer, LayerCache(0, 0, 0, entry.role))
+            out[entry.layer] = LayerCache(prev.numel + packed.numel, prev.kept + packed.kept,
+                                          prev.nbytes + packed.nbytes, prev.role)
+        return out
+
+
+
+class ActivationCapture:
+    """Installs module hooks on ``model`` once; ``record()`` routes one step's saved tensors.
+
+    Args:
+        model: any ``nn.Module``; activations must be modules (``nn.ReLU``) to be compacted,
+            functional calls inside a container are stored exactly (correct, just not compact).
+        policy: storage choices, see ``CapturePolicy``.
+    """
+
+    def __init__(self, model: nn.Module, policy: Optional[CapturePolicy] = None):
+        self.model = model
+        self.policy = policy or CapturePolicy()
+        self._names = {id(m): n for n, m in reversed(list(model.named_modules()))}
+        self._stack: List[_Frame] = []
+        self._recording = False
+        self._handles = []
+        for module in model.modules():
+            self._handles.append(module.register_forward_pre_hook(self._enter))
+            self._handles.append(module.register_forward_hook(self._exit))
+
+    def close(self) -> None:
+        """Remove the module hooks; the model behaves as if never captured."""
+        for handle in self._handles:
+            handle.remove()
+        self._handles = []
+
+    def _enter(self, module: nn.Module, args) -> None:
+        if self._recording:
+            tensors = [a for a in args if isinstance(a, torch.Tensor)]
+            storages = {_storage_key(t) for t in tensors}
+            numel = max((t.numel() for t in tensors), default=0)
+            self._stack.append(_Frame(module, self._names.get(id(module), ""), storages, numel))
+
+    def _exit(self, module: nn.Module, args, output) -> None:
+        if not self._recording:
+            return
+        while self._stack:  # an exception earlier may have skipped inner exits
+            if self._stack.pop().module is module:
+                break
+
+    def current_frame(self) -> Optional[_Frame]:
+        return self._stack[-1] if self._stack else None
+
+    def classify(self, frame: Optional[_Frame], tensor: torch.Tensor) -> str:
+        """The role of ``tensor`` saved while ``frame``'s module runs (innermost module)."""
+        if frame is None:
+            return Role.OTHER
+        module = frame.module
+        if isinstance(module, RunningStatNorm2d):
+            return Role.WEIGHT_GRAD if tensor.dim() > 1 else Role.OTHER
+        if isinstance(module, _PRUNABLE_INPUT):
+            return Role.WEIGHT_GRAD if _storage_key(tensor) in frame.input_storages else Role.OTHER
+        if isinstance(module, (nn.ReLU, nn.ReLU6, nn.Hardtanh)):
+            return Role.MASK
+        if isinstance(module, _SHAPE_ONLY):
+            return Role.SHAPE if _storage_key(tensor) in frame.input_storages else Role.OTHER
+        if isinstance(module, _INPUT_GRAD_MODULES):
+            # statistics (mean, invstd) are small and stay exact; the activation follows policy
+            return Role.INPUT_GRAD if tensor.numel() == frame.input_numel else Role.OTHER
+        return Role.OTHER
+
+    def weight_trained(self) -> bool:
+        """Whether the running module's weight gets a gradient in this forward."""
+        weight = getattr(self.current_frame().module, "weight", None)
+        return weight is not None and weight.requires_grad
+
+    def mask_for(self, tensor: torch.Tensor) -> Packed:
+        """A lossless 1-bit mask for the ReLU-family module running now."""
+        module = self.current_frame().module
+        if isinstance(module, nn.Hardtanh):  # ReLU6 is a Hardtanh
+            return BitMask(tensor, module.min_val, module.max_val)
+        return BitMask(tensor, 0.0, math.inf)
+
+    @contextlib.contextmanager
+    def record(self, keep_ratios: Optional[Mapping[str, float]] = None,
+               passthrough: bool = False) -> Iterator[CaptureRecord]:
+        """Capture the tensors saved inside the block; the record stays readable afterwards.
+
+        ``passthrough`` stores everything exactly (plain autograd) and only counts it.
+
+        Raises:
+            CaptureError: a record of this capture is already open (nesting would split accounting).
+            ValueError: a keep ratio outside [0, 1].
+        """
+        if self._recording:
+            raise CaptureError("a record of this capture is already open; close it before opening "
+                               "another (nested records would split the cache accounting)")
+        rec = CaptureRecord(self, keep_ratios or {}, passthrough)
+        self._recording, self._stack = True, []
+        try:
+            with torch.autograd.graph.saved_tensors_hooks(rec._pack, rec._unpack):
+                yield rec
+        finally:
+            self._recording, self._stack = False, []

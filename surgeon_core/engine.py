@@ -1,0 +1,231 @@
+"""One adaptation step with SURGEON's dynamic activation sparsity and a measured, budgeted cache.
+
+Usage::
+
+    engine = SparseBackprop(model, EngineConfig(budget_bytes=30 * 2**20))
+    optimizer = torch.optim.Adam(params, lr=1e-3)
+    report = engine.step(x, lambda m, x: entropy_loss(m(x)))   # forward, measure, backward
+    optimizer.step(); optimizer.zero_grad()
+
+The engine owns no optimizer and picks no loss: methods do. It plans keep ratios (importance,
+then the budget solver), opens a capture record around the caller's forward, reads the cache
+when backward starts (NOTE [Cache bytes]) and runs backward.
+"""
+
+import contextlib
+import math
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Dict, Optional, Tuple
+
+import torch
+from torch import nn
+
+from .capture import (ActivationCapture, CapturePolicy, LayerCache, check_keep_ratio,
+                      prunable_sizes)
+from .errors import BudgetExceeded
+from .importance import (VARIANTS, BudgetPlan, CacheProfile, gradient_importance, keep_ratios,
+                         memory_importance, solve_budget, weights_needing_grad)
+
+__all__ = ["EngineConfig", "StepReport", "SparseBackprop", "entropy", "budget_or_none",
+           "BudgetExceeded"]
+
+SKIP_BELOW = 1e-3  # keep ratios below this train nothing; see NOTE [Empty layers]
+
+ForwardLoss = Callable[[nn.Module, torch.Tensor], Tuple[torch.Tensor, torch.Tensor]]
+
+
+def entropy(logits: torch.Tensor) -> torch.Tensor:
+    """Per-sample softmax entropy."""
+    return -(logits.softmax(1) * logits.log_softmax(1)).sum(1)
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    """Settings of the sparse-backprop engine.
+
+    Attributes:
+        policy: how saved tensors are stored (see CapturePolicy).
+        variant: ``paper`` (min-max normalised importance) or ``published`` (raw G * M).
+        keep_floor: smallest keep ratio of a trained layer.
+        budget_bytes: cap on the measured cache; ``None`` uses the importance ratios as they are.
+        probe_every: run a dense 10-sample probe for gradient importance every N steps (1 = the
+            paper's every batch); between probes the last probe's importance is reused.
+        probe_samples: samples in the probe.
+    """
+
+    policy: CapturePolicy = field(default_factory=CapturePolicy)
+    variant: str = "paper"
+    keep_floor: float = 0.0
+    budget_bytes: Optional[int] = None
+    probe_every: int = 1
+    probe_samples: int = 10
+
+    def __post_init__(self):
+        if self.variant not in VARIANTS:
+            raise ValueError("variant must be one of %s, got %r" % (VARIANTS, self.variant))
+        check_keep_ratio("keep_floor", self.keep_floor)
+        if self.budget_bytes is not None and not self.budget_bytes > 0:
+            raise ValueError("budget_bytes must be > 0 or None, got %r" % (self.budget_bytes,))
+        if self.probe_every < 1 or self.probe_samples < 1:
+            raise ValueError("probe_every and probe_samples must be >= 1")
+
+
+@dataclass
+class StepReport:
+    """What one step cost and did. Bytes are measured unless named ``predicted``/``paper``."""
+
+    loss: float
+    logits: torch.Tensor
+    cache_bytes: int
+    paper_bytes: int
+    predicted_bytes: int
+    keep_ratios: Dict[str, float]
+    layers: Dict[str, LayerCache]
+    seconds: float
+    skipped: bool = False
+
+
+class SparseBackprop:
+    """Plans keep ratios, captures one forward, measures its cache, runs backward.
+
+    Args:
+        model: the model being adapted (its trainable parameters decide which layers prune).
+        config: EngineConfig.
+    """
+
+    def __init__(self, model: nn.Module, config: Optional[EngineConfig] = None):
+        self.model = model
+        self.config = config or EngineConfig()
+        self.capture = ActivationCapture(model, self.config.policy)
+        self.budget_bytes = self.config.budget_bytes
+        self._sizes: Dict[str, int] = {}
+        self._grad_imp: Dict[str, float] = {}
+        self._profile: Optional[Tuple[int, CacheProfile]] = None
+        self.steps = 0
+
+    def set_budget(self, budget_bytes: Optional[int]) -> None:
+        """Change the cache budget from the next step on (``None`` removes it)."""
+        if budget_bytes is not None and not budget_bytes > 0:
+            raise ValueError("budget must be > 0 bytes or None, got %r" % (budget_bytes,))
+        self.budget_bytes = budget_bytes
+
+    def base_ratios(self) -> Dict[str, float]:
+        """Keep ratios from the latest importance; frozen layers keep nothing."""
+        ratios = keep_ratios(self._grad_imp, memory_importance(self._sizes),
+                             self.config.variant, self.config.keep_floor)
+        trained = weights_needing_grad(self.model, self._sizes)
+        return {n: (ratios.get(n, 1.0) if trained[n] else 0.0) for n in self._sizes}
+
+    def plan(self, x: torch.Tensor, forward_loss: ForwardLoss) -> BudgetPlan:
+        """Ratios for a step on ``x``, fitted to the budget when there is one.
+
+        Raises:
+            BudgetExceeded: the budget cannot hold the cache even at the keep floor.
+        """
+        base = self.base_ratios()
+        if self.budget_bytes is None:
+            return BudgetPlan(base, -1, 1.0)
+        batch = x.shape[0]
+        if self._profile is None or self._profile[0] != batch:
+            self._profile_on(x[: min(2, batch)], forward_loss, batch)
+        sampled = self.config.policy.selection == "threshold"
+        return solve_budget(self._profile[1], base, self.budget_bytes, batch,
+                            self.config.keep_floor, sampled)
+
+    def step(self, x: torch.Tensor, forward_loss: ForwardLoss) -> StepReport:
+        """Forward under capture, measure the cache, backward (if the loss is finite).
+
+        ``forward_loss(model, x)`` returns ``(loss, logits)``; gradients land in ``.grad``.
+        """
+        start = time.perf_counter()
+        if self.steps % self.config.probe_every == 0 or not self._grad_imp:
+            self.probe(x)
+        plan = self.plan(x, forward_loss)
+        with self._skip_empty_layers(plan.keep_ratios):
+            with self.capture.record(plan.keep_ratios) as rec:
+                loss, logits = forward_loss(self.model, x)
+            cache, paper, layers = rec.cache_bytes(), rec.paper_bytes(), rec.layers()
+            skipped = not bool(torch.isfinite(loss.detach()))
+            if not skipped and loss.requires_grad:
+                loss.backward()
+        self._sizes = prunable_sizes(layers) or self._sizes
+        self._profile = (x.shape[0], CacheProfile.from_layers(layers, cache, x.shape[0],
+                                                              self._value_bytes()))
+        self.steps += 1
+        return StepReport(float(loss.detach()), logits.detach(), cache, paper, plan.predicted_bytes,
+                          plan.keep_ratios, layers, time.perf_counter() - start, skipped)
+
+    @contextlib.contextmanager
+    def _skip_empty_layers(self, ratios: Dict[str, float]):
+        """Freeze, for one step, the weights of layers that keep (almost) nothing.
+
+        NOTE [Empty layers]
+        A layer whose keep ratio is below SKIP_BELOW would get a weight gradient from (nearly) all
+        zeros. Freezing its weight for the step means autograd saves nothing for it and backward
+        skips its weight gradient: less memory and less time, and its optimizer state is not
+        moved by a meaningless zero gradient. The probe still scores it densely.
+        """
+        modules = dict(self.model.named_modules())
+        frozen = []
+        for name, keep in ratios.items():
+            weight = getattr(modules.get(name), "weight", None)
+            if keep < SKIP_BELOW and weight is not None and weight.requires_grad:
+                weight.requires_grad_(False)
+                frozen.append(weight)
+        try:
+            yield
+        finally:
+            for weight in frozen:
+                weight.requires_grad_(True)
+
+    def probe(self, x: torch.Tensor) -> None:
+        """Dense entropy backward on a few samples to refresh gradient importance.
+
+        Gradients are zeroed before and after (the published code lets the previous step's
+        gradient leak into the probe) and norm statistics are restored afterwards, so the probe
+        changes nothing but the importance scores.
+        """
+        samples = x[torch.randperm(x.shape[0], device=x.device)[: self.config.probe_samples]]
+        buffers = {k: v.clone() for k, v in self.model.named_buffers()}
+        self.model.zero_grad(set_to_none=True)
+        with self.capture.record({}, passthrough=True) as rec:
+            loss = entropy(self.model(samples)).mean()
+        sizes = prunable_sizes(rec.layers())
+        if math.isfinite(float(loss.detach())) and loss.requires_grad:
+            loss.backward()
+            self._sizes = sizes or self._sizes
+            self._grad_imp = gradient_importance(self.model, self._sizes)
+        self.model.zero_grad(set_to_none=True)
+        _restore_buffers(self.model, buffers)
+
+    def _profile_on(self, x: torch.Tensor, forward_loss: ForwardLoss, batch: int) -> None:
+        buffers = {k: v.clone() for k, v in self.model.named_buffers()}
+        with self.capture.record({}) as rec:
+            forward_loss(self.model, x)
+            layers = rec.layers()
+            profile = CacheProfile.from_layers(layers, rec.cache_bytes(), x.shape[0],
+                                               self._value_bytes())
+        _restore_buffers(self.model, buffers)
+        self._profile = (batch, profile)
+        self._sizes = self._sizes or prunable_sizes(layers)
+
+    def _value_bytes(self) -> int:
+        return 4 if self.config.policy.value_dtype == "fp32" else 2
+
+
+def _restore_buffers(model: nn.Module, saved: Dict[str, torch.Tensor]) -> None:
+    with torch.no_grad():
+        for name, buf in model.named_buffers():
+            if name in saved:
+                buf.copy_(saved[name])
+
+
+def budget_or_none(megabytes: Optional[float]) -> Optional[int]:
+    """MB (2**20 bytes) to bytes, keeping ``None``; rejects non-positive budgets."""
+    if megabytes is None:
+        return None
+    if not megabytes > 0:
+        raise ValueError("budget must be > 0 MB, got %r" % (megabytes,))
+    return int(megabytes * 2**20)
+
