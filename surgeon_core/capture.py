@@ -83,6 +83,8 @@ class CapturePolicy:
         relu_masks: store ReLU-family tensors as 1-bit masks (lossless).
         default_keep: keep ratio of prunable layers that have no ratio of their own.
         passthrough: store everything exactly (plain autograd), only count it.
+        sync_free: pruned tensors in the fixed-capacity form that never waits on the device
+            (NOTE [Sync-free packing]); ``None`` chooses it for CUDA tensors.
     """
 
     value_dtype: str = "fp16"
@@ -91,12 +93,17 @@ class CapturePolicy:
     relu_masks: bool = True
     default_keep: float = 1.0
     passthrough: bool = False
+    sync_free: Optional[bool] = None
 
     def __post_init__(self):
         _check_choice("value_dtype", self.value_dtype, tuple(VALUE_DTYPES))
         _check_choice("selection", self.selection, SELECTIONS)
         _check_choice("input_grad", self.input_grad, INPUT_GRAD_POLICIES)
         check_keep_ratio("default_keep", self.default_keep)
+
+    def sync_free_on(self, device: torch.device) -> bool:
+        """Whether pruned tensors on ``device`` use the sync-free form."""
+        return self.sync_free if self.sync_free is not None else device.type == "cuda"
 
     @classmethod
     def lossless(cls) -> "CapturePolicy":
@@ -176,7 +183,8 @@ class CaptureRecord:
             keep = self.keep_ratios.get(layer, policy.default_keep)
             if not self._capture.weight_trained():
                 keep = 0.0  # a frozen weight needs no cached input (conv saves it regardless)
-            return prune(tensor, keep, policy.selection, VALUE_DTYPES[policy.value_dtype])
+            return prune(tensor, keep, policy.selection, VALUE_DTYPES[policy.value_dtype],
+                         sync_free=policy.sync_free_on(tensor.device))
         if role == Role.MASK and policy.relu_masks:
             return self._capture.mask_for(tensor)
         if role == Role.SHAPE:
@@ -213,14 +221,19 @@ class CaptureRecord:
         return 4 * sum(p.kept for p, e in self._alive() if e.role in layer_roles)
 
     def layers(self) -> Dict[str, LayerCache]:
-        """Per-layer totals over alive saved tensors (a layer called twice sums both calls)."""
+        """Per-layer totals over alive saved tensors (a layer called twice sums both calls).
+
+        A layer's activation is keyed by its module name; its other saved tensors (statistics
+        such as a norm's ``invstd``) are keyed ``"<name>:other"``, so the activation's numel and
+        bytes are exactly the activation's.
+        """
         out: Dict[str, LayerCache] = {}
         for packed, entry in self._alive():
-            prev = out.get(entry.layer, LayerCache(0, 0, 0, entry.role))
-            out[entry.layer] = LayerCache(prev.numel + packed.numel, prev.kept + packed.kept,
-                                          prev.nbytes + packed.nbytes, prev.role)
+            key = entry.layer if entry.role != Role.OTHER else entry.layer + ":other"
+            prev = out.get(key, LayerCache(0, 0, 0, entry.role))
+            out[key] = LayerCache(prev.numel + packed.numel, prev.kept + packed.kept,
+                                  prev.nbytes + packed.nbytes, prev.role)
         return out
-
 
 
 class ActivationCapture:

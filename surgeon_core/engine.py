@@ -99,9 +99,9 @@ class SparseBackprop:
         self.config = config or EngineConfig()
         self.capture = ActivationCapture(model, self.config.policy)
         self.budget_bytes = self.config.budget_bytes
-        self._sizes: Dict[str, int] = {}
+        self._numel: Dict[str, float] = {}   # per-sample activation size of every prunable layer
         self._grad_imp: Dict[str, float] = {}
-        self._profile: Optional[Tuple[int, CacheProfile]] = None
+        self._fixed: Optional[Tuple[int, float]] = None   # (batch, fixed bytes per sample)
         self.steps = 0
 
     def set_budget(self, budget_bytes: Optional[int]) -> None:
@@ -112,10 +112,10 @@ class SparseBackprop:
 
     def base_ratios(self) -> Dict[str, float]:
         """Keep ratios from the latest importance; frozen layers keep nothing."""
-        ratios = keep_ratios(self._grad_imp, memory_importance(self._sizes),
+        ratios = keep_ratios(self._grad_imp, memory_importance(self._numel),
                              self.config.variant, self.config.keep_floor)
-        trained = weights_needing_grad(self.model, self._sizes)
-        return {n: (ratios.get(n, 1.0) if trained[n] else 0.0) for n in self._sizes}
+        trained = weights_needing_grad(self.model, self._numel)
+        return {n: (ratios.get(n, 1.0) if trained[n] else 0.0) for n in self._numel}
 
     def plan(self, x: torch.Tensor, forward_loss: ForwardLoss) -> BudgetPlan:
         """Ratios for a step on ``x``, fitted to the budget when there is one.
@@ -127,11 +127,12 @@ class SparseBackprop:
         if self.budget_bytes is None:
             return BudgetPlan(base, -1, 1.0)
         batch = x.shape[0]
-        if self._profile is None or self._profile[0] != batch:
+        if self._fixed is None or self._fixed[0] != batch:
             self._profile_on(x[: min(2, batch)], forward_loss, batch)
-        sampled = self.config.policy.selection == "threshold"
-        return solve_budget(self._profile[1], base, self.budget_bytes, batch,
-                            self.config.keep_floor, sampled)
+        policy = self.config.policy
+        profile = CacheProfile(self._fixed[1], dict(self._numel), self._value_bytes(),
+                               policy.sync_free_on(x.device), policy.selection)
+        return solve_budget(profile, base, self.budget_bytes, batch, self.config.keep_floor)
 
     def step(self, x: torch.Tensor, forward_loss: ForwardLoss) -> StepReport:
         """Forward under capture, measure the cache, backward (if the loss is finite).
@@ -149,9 +150,7 @@ class SparseBackprop:
             skipped = not bool(torch.isfinite(loss.detach()))
             if not skipped and loss.requires_grad:
                 loss.backward()
-        self._sizes = prunable_sizes(layers) or self._sizes
-        self._profile = (x.shape[0], CacheProfile.from_layers(layers, cache, x.shape[0],
-                                                              self._value_bytes()))
+        self._observe(layers, cache, x.shape[0])
         self.steps += 1
         return StepReport(float(loss.detach()), logits.detach(), cache, paper, plan.predicted_bytes,
                           plan.keep_ratios, layers, time.perf_counter() - start, skipped)
@@ -191,24 +190,30 @@ class SparseBackprop:
         self.model.zero_grad(set_to_none=True)
         with self.capture.record({}, passthrough=True) as rec:
             loss = entropy(self.model(samples)).mean()
-        sizes = prunable_sizes(rec.layers())
+        self._learn_sizes(rec.layers(), samples.shape[0])
         if math.isfinite(float(loss.detach())) and loss.requires_grad:
             loss.backward()
-            self._sizes = sizes or self._sizes
-            self._grad_imp = gradient_importance(self.model, self._sizes)
+            self._grad_imp = gradient_importance(self.model, self._numel)
         self.model.zero_grad(set_to_none=True)
         _restore_buffers(self.model, buffers)
 
     def _profile_on(self, x: torch.Tensor, forward_loss: ForwardLoss, batch: int) -> None:
+        """Measure the fixed (non-prunable) cache per sample on a slice, without side effects."""
         buffers = {k: v.clone() for k, v in self.model.named_buffers()}
         with self.capture.record({}) as rec:
             forward_loss(self.model, x)
-            layers = rec.layers()
-            profile = CacheProfile.from_layers(layers, rec.cache_bytes(), x.shape[0],
-                                               self._value_bytes())
+            layers, cache = rec.layers(), rec.cache_bytes()
         _restore_buffers(self.model, buffers)
-        self._profile = (batch, profile)
-        self._sizes = self._sizes or prunable_sizes(layers)
+        self._learn_sizes(layers, x.shape[0])
+        self._fixed = (batch, CacheProfile.fixed_bytes_per_sample(layers, cache, x.shape[0]))
+
+    def _observe(self, layers: Dict[str, LayerCache], cache: int, batch: int) -> None:
+        self._learn_sizes(layers, batch)
+        self._fixed = (batch, CacheProfile.fixed_bytes_per_sample(layers, cache, batch))
+
+    def _learn_sizes(self, layers: Dict[str, LayerCache], batch: int) -> None:
+        # layers skipped this step are absent from the record; keep what was learnt of them
+        self._numel.update({n: v / batch for n, v in prunable_sizes(layers).items()})
 
     def _value_bytes(self) -> int:
         return 4 if self.config.policy.value_dtype == "fp32" else 2

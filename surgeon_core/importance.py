@@ -15,8 +15,9 @@ from typing import Dict, Mapping, Optional
 import torch
 from torch import nn
 
-from .capture import LayerCache, Role, check_keep_ratio, prunable_sizes
+from .capture import LayerCache, Role, check_keep_ratio
 from .errors import BudgetExceeded
+from .sparsity import capacity_for, sampling_margin
 
 __all__ = ["VARIANTS", "gradient_importance", "memory_importance", "keep_ratios",
            "CacheProfile", "BudgetPlan", "solve_budget"]
@@ -73,12 +74,22 @@ def keep_ratios(grad_imp: Mapping[str, float], mem_imp: Mapping[str, float],
     return {n: min(1.0, max(floor, s / best)) for n, s in scores.items()}
 
 
-def pruned_cost(numel: float, keep: float, value_bytes: int) -> float:
-    """Bytes a pruned tensor of ``numel`` elements costs at ``keep``; see NOTE [Pruned format]."""
+def pruned_cost(numel: float, keep: float, value_bytes: int, sync_free: bool = False,
+                selection: str = "threshold") -> float:
+    """Upper bound on the bytes a pruned tensor costs at ``keep``; mirrors the packed forms.
+
+    See NOTE [Pruned format] and NOTE [Sync-free packing] in sparsity.py.
+    """
     if keep <= 0:
         return 0.0
-    kept = keep * numel
-    return min(math.ceil(numel / 8) + value_bytes * kept, (4 + value_bytes) * kept)
+    numel = math.ceil(numel)
+    mask_bytes = math.ceil(numel / 8)
+    if sync_free:
+        return mask_bytes + value_bytes * capacity_for(numel, keep, selection)
+    if selection == "threshold" and keep < 1:
+        keep = min(1.0, keep + sampling_margin(keep))
+    kept = keep * numel + 1  # rounding of the kept count
+    return min(mask_bytes + value_bytes * kept, (4 + value_bytes) * kept)
 
 
 @dataclass
@@ -88,30 +99,23 @@ class CacheProfile:
     fixed_per_sample: float
     numel_per_sample: Dict[str, float]
     value_bytes: int
+    sync_free: bool = False
+    selection: str = "threshold"
 
-    @classmethod
-    def from_layers(cls, layers: Mapping[str, LayerCache], cache_bytes: int, batch_size: int,
-                    value_bytes: int) -> "CacheProfile":
-        """Profile from a record's ``layers()`` and ``cache_bytes()`` read before backward."""
+    @staticmethod
+    def fixed_bytes_per_sample(layers: Mapping[str, LayerCache], cache_bytes: int,
+                               batch_size: int) -> float:
+        """Bytes per sample of everything not pruned, from a record read before backward."""
         pruned_bytes = sum(c.nbytes for c in layers.values() if c.role == Role.WEIGHT_GRAD)
-        fixed = max(0, cache_bytes - pruned_bytes)
-        sizes = {n: c.numel / batch_size for n, c in layers.items() if c.role == Role.WEIGHT_GRAD}
-        return cls(fixed / batch_size, sizes, value_bytes)
+        return max(0, cache_bytes - pruned_bytes) / batch_size
 
-    def predict(self, ratios: Mapping[str, float], batch_size: int, sampled: bool = True) -> float:
-        """Upper estimate of the cache at ``ratios``; ``sampled`` pads for threshold selection."""
+    def predict(self, ratios: Mapping[str, float], batch_size: int) -> float:
+        """Upper estimate of the cache at ``ratios`` for ``batch_size`` samples."""
         total = self.fixed_per_sample * batch_size
         for name, per_sample in self.numel_per_sample.items():
-            keep = ratios.get(name, 1.0)
-            if sampled and 0 < keep < 1:
-                keep = min(1.0, keep + _sampling_margin(keep))
-            total += pruned_cost(per_sample * batch_size, keep, self.value_bytes)
+            total += pruned_cost(per_sample * batch_size, ratios.get(name, 1.0), self.value_bytes,
+                                 self.sync_free, self.selection)
         return total
-
-
-def _sampling_margin(keep: float) -> float:
-    # five standard errors of a quantile estimated from 65,536 samples, plus rounding slack
-    return 5.0 * math.sqrt(keep * (1.0 - keep) / 65536.0) + 1e-4
 
 
 @dataclass(frozen=True)
@@ -128,7 +132,7 @@ def _scaled(base: Mapping[str, float], names, scale: float, floor: float) -> Dic
 
 
 def solve_budget(profile: CacheProfile, base: Mapping[str, float], budget_bytes: int,
-                 batch_size: int, floor: float = 0.0, sampled: bool = True) -> BudgetPlan:
+                 batch_size: int, floor: float = 0.0) -> BudgetPlan:
     """Scale ``base`` ratios by the largest factor whose predicted cache fits ``budget_bytes``.
 
     Ratios may grow (up to 1) when the budget allows more than ``base`` needs, so a larger budget
@@ -141,22 +145,22 @@ def solve_budget(profile: CacheProfile, base: Mapping[str, float], budget_bytes:
     if not budget_bytes > 0:
         raise ValueError("budget must be > 0 bytes, got %r" % (budget_bytes,))
     names = list(profile.numel_per_sample)
-    at_floor = profile.predict(_scaled(base, names, 0.0, floor), batch_size, sampled)
+    at_floor = profile.predict(_scaled(base, names, 0.0, floor), batch_size)
     if at_floor > budget_bytes:
         raise BudgetExceeded(budget_bytes, int(at_floor))
     positive = [base.get(n, 1.0) for n in names if base.get(n, 1.0) > 0]
     hi = 1.0 / min(positive) if positive else 1.0
     lo = 0.0
-    if profile.predict(_scaled(base, names, hi, floor), batch_size, sampled) <= budget_bytes:
+    if profile.predict(_scaled(base, names, hi, floor), batch_size) <= budget_bytes:
         lo = hi
     for _ in range(50):
         if hi - lo <= 1e-6 * hi:
             break
         mid = (lo + hi) / 2
-        fits = profile.predict(_scaled(base, names, mid, floor), batch_size, sampled) <= budget_bytes
+        fits = profile.predict(_scaled(base, names, mid, floor), batch_size) <= budget_bytes
         lo, hi = (mid, hi) if fits else (lo, mid)
     ratios = _scaled(base, names, lo, floor)
-    return BudgetPlan(ratios, int(profile.predict(ratios, batch_size, sampled)), lo)
+    return BudgetPlan(ratios, int(profile.predict(ratios, batch_size)), lo)
 
 
 def weights_needing_grad(model: nn.Module, layers) -> Dict[str, bool]:

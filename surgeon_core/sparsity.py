@@ -15,30 +15,36 @@ kept value would overflow fp16, so packing never turns finite activations into i
 """
 
 import math
-from typing import List, Optional, Sequence, Tuple
+from typing import List, Optional, Sequence
 
 import torch
 
-__all__ = ["Packed", "Exact", "Cast", "Dropped", "ShapeOnly", "BitMask", "Pruned",
+__all__ = ["Packed", "Exact", "Cast", "Dropped", "ShapeOnly", "BitMask", "Pruned", "PrunedFixed",
+           "capacity_for", "sampling_margin",
            "pack_bits", "unpack_bits", "select_topk", "select_threshold", "prune",
            "VALUE_DTYPES", "SELECTIONS"]
 
 VALUE_DTYPES = {"fp16": torch.float16, "fp32": torch.float32, "bf16": torch.bfloat16}
 SELECTIONS = ("threshold", "topk")
 _FP16_MAX = 65504.0
-_QUANTILE_SAMPLE = 1 << 16
+QUANTILE_SAMPLE = 1 << 16
 
 
 class Packed:
     """Base of every packed form; holds its tensors, restores the original on ``unpack``."""
 
-    __slots__ = ("shape", "dtype", "numel", "kept", "__weakref__")
+    __slots__ = ("shape", "dtype", "numel", "_kept", "__weakref__")
 
     def __init__(self, shape: Sequence[int], dtype: torch.dtype, kept: int):
         self.shape = tuple(shape)
         self.dtype = dtype
         self.numel = math.prod(self.shape) if self.shape else 1
-        self.kept = int(kept)
+        self._kept = int(kept)
+
+    @property
+    def kept(self) -> int:
+        """Values that survived packing (``numel`` for lossless forms)."""
+        return self._kept
 
     def tensors(self) -> List[torch.Tensor]:
         return []
@@ -105,7 +111,7 @@ class ShapeOnly(Dropped):
 
     def __init__(self, tensor: torch.Tensor):
         super().__init__(tensor)
-        self.kept = self.numel
+        self._kept = self.numel
 
 
 # Gathers the low bit of each of 8 bytes into the top byte of their int64 (byte i -> bit i):
@@ -205,8 +211,8 @@ def select_threshold(flat: torch.Tensor, keep: float,
     The sample is drawn from ``generator`` (or the global one on the tensor's device).
     """
     n = flat.numel()
-    if n > _QUANTILE_SAMPLE:
-        idx = torch.randint(0, n, (_QUANTILE_SAMPLE,), device=flat.device, generator=generator)
+    if n > QUANTILE_SAMPLE:
+        idx = torch.randint(0, n, (QUANTILE_SAMPLE,), device=flat.device, generator=generator)
         sample = _magnitude(flat[idx])
     else:
         sample = _magnitude(flat)
@@ -251,6 +257,66 @@ class Pruned(Packed):
         return out.view(self.shape)
 
 
+class PrunedFixed(Packed):
+    """Bitmask + a value buffer of capacity fixed in advance: packs and unpacks without a host sync.
+
+    NOTE [Sync-free packing]
+    Boolean indexing and ``nonzero`` must learn the number of kept values on the host, which on a
+    GPU drains the launch queue once per saved tensor and makes a fast step launch-bound. Here the
+    capacity comes from the keep ratio (padded for the sampled threshold's error), each kept value
+    goes to slot ``cumsum(mask) - 1`` by a scatter, and unpacking gathers by the same prefix sum.
+    Values that would overflow the capacity are dropped and their mask bits cleared, so mask and
+    values always agree. fp16 values saturate at +-65504 instead of falling back to fp32.
+    """
+
+    __slots__ = ("bits", "values", "device", "_kept_t")
+
+    def __init__(self, tensor: torch.Tensor, mask: torch.Tensor, capacity: int,
+                 value_dtype: torch.dtype):
+        super().__init__(tensor.shape, tensor.dtype, 0)
+        flat = tensor.detach().reshape(-1)
+        self.device = tensor.device
+        position = torch.cumsum(mask, 0, dtype=torch.int32) - 1
+        mask = mask & (position < capacity)
+        # unkept elements write to spare slots past the end, spread to avoid one hot address
+        spare = capacity + torch.arange(flat.numel(), device=flat.device, dtype=torch.int32) % 256
+        target = torch.where(mask, position, spare).long()
+        buffer = flat.new_zeros(capacity + 256).scatter_(0, target, flat)[:capacity]
+        if value_dtype == torch.float16 and flat.dtype != torch.float16:
+            buffer = buffer.clamp(-_FP16_MAX, _FP16_MAX)
+        # own storage of exactly ``capacity`` values (the slice still shares the spare slots)
+        self.values = buffer.to(value_dtype) if buffer.dtype != value_dtype else buffer.clone()
+        self.bits = pack_bits(mask)
+        self._kept_t = mask.sum()
+
+    @property
+    def kept(self) -> int:
+        return int(self._kept_t)  # one sync, only when someone asks
+
+    def tensors(self) -> List[torch.Tensor]:
+        return [self.values, self.bits]
+
+    def unpack(self) -> torch.Tensor:
+        mask = unpack_bits(self.bits, self.numel)
+        if self.values.numel() == 0:
+            return torch.zeros(self.shape, dtype=self.dtype, device=self.device)
+        position = (torch.cumsum(mask, 0, dtype=torch.int32) - 1).clamp_(min=0)
+        values = self.values.to(self.dtype)[position.long()]
+        return torch.where(mask, values, values.new_zeros(())).view(self.shape)
+
+
+def capacity_for(numel: int, keep: float, selection: str) -> int:
+    """Value slots a sync-free pack reserves: exact for top-k, padded for the sampled threshold."""
+    if selection == "threshold" and 0 < keep < 1 and numel > QUANTILE_SAMPLE:
+        keep = min(1.0, keep + sampling_margin(keep))
+    return int(math.ceil(keep * numel))
+
+
+def sampling_margin(keep: float) -> float:
+    """Five standard errors of a quantile estimated from QUANTILE_SAMPLE samples, plus slack."""
+    return 5.0 * math.sqrt(keep * (1.0 - keep) / QUANTILE_SAMPLE) + 1e-4
+
+
 def _overflows(values: torch.Tensor, dtype: torch.dtype) -> bool:
     if dtype != torch.float16 or values.numel() == 0:
         return False
@@ -259,7 +325,7 @@ def _overflows(values: torch.Tensor, dtype: torch.dtype) -> bool:
 
 def prune(tensor: torch.Tensor, keep: float, selection: str = "threshold",
           value_dtype: torch.dtype = torch.float16,
-          generator: Optional[torch.Generator] = None) -> Packed:
+          generator: Optional[torch.Generator] = None, sync_free: bool = False) -> Packed:
     """Pack ``tensor`` keeping a ``keep`` fraction of its largest-magnitude values.
 
     Args:
@@ -267,6 +333,7 @@ def prune(tensor: torch.Tensor, keep: float, selection: str = "threshold",
         keep: fraction in [0, 1]; 0 holds nothing, 1 holds every nonzero value.
         selection: ``"threshold"`` (sampled quantile, fast) or ``"topk"`` (exact).
         value_dtype: dtype of the stored values (fp16 default, fp32 for lossless keep 1).
+        sync_free: use the fixed-capacity form (NOTE [Sync-free packing]); for GPUs.
 
     Raises:
         ValueError: ``keep`` outside [0, 1] or an unknown selection.
@@ -285,13 +352,9 @@ def prune(tensor: torch.Tensor, keep: float, selection: str = "threshold",
             mask = select_topk(flat, keep)
         else:
             mask = select_threshold(flat, keep, generator)
+        if sync_free:
+            capacity = capacity_for(flat.numel(), keep, selection)
+            return PrunedFixed(tensor, mask, capacity, value_dtype)
         return Pruned(tensor, mask, value_dtype)
 
 
-def kept_fraction(packed: Packed) -> float:
-    return packed.kept / packed.numel if packed.numel else 1.0
-
-
-def describe(packed: Packed) -> Tuple[str, int, int]:
-    """(kind, kept, bytes) of one packed object, for logs and tests."""
-    return type(packed).__name__, packed.kept, packed.nbytes

@@ -4,6 +4,7 @@
 """
 
 import argparse
+import dataclasses
 import json
 import logging
 import platform
@@ -24,6 +25,9 @@ def _add_memory(sub) -> None:
     p.add_argument("--batch-size", type=int, default=200)
     p.add_argument("--steps", type=int, default=5, help="timed rounds after one warm-up")
     p.add_argument("--budget-mb", type=float, default=None, help="also run surgeon under this cap")
+    p.add_argument("--probe-every", type=int, default=None,
+                   help="importance probe interval (default: the engine's; 1 = every batch)")
+    p.add_argument("--variant", choices=("paper", "published"), default="paper")
     p.add_argument("--device", default="cpu", help="cpu or cuda[:N]")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     p.add_argument("--seed", type=int, default=0)
@@ -35,7 +39,7 @@ def _memory(args) -> int:
     import torch
 
     from ..data import load_cifar10, to_tensor
-    from ..engine import budget_or_none
+    from ..engine import EngineConfig, budget_or_none
     from ..models import cifar_resnet_by_name, default_weights_path
     from .memory import as_rows, run_memory_benchmark
 
@@ -49,9 +53,14 @@ def _memory(args) -> int:
     model = cifar_resnet_by_name(args.arch, weights).to(device)
     images, _ = load_cifar10("test", limit=args.batch_size)
     x = to_tensor(images).to(device)
-    results = run_memory_benchmark(model, x, args.steps, budget_or_none(args.budget_mb))
+    engine_config = EngineConfig(variant=args.variant)
+    if args.probe_every is not None:
+        engine_config = dataclasses.replace(engine_config, probe_every=args.probe_every)
+    results = run_memory_benchmark(model, x, args.steps, budget_or_none(args.budget_mb),
+                                   engine_config)
     meta = {"arch": args.arch, "weights": str(weights), "batch_size": args.batch_size,
-            "steps": args.steps, "device": _device_name(device), "torch": torch.__version__,
+            "steps": args.steps, "probe_every": engine_config.probe_every,
+            "variant": engine_config.variant, "device": _device_name(device), "torch": torch.__version__,
             "threads": torch.get_num_threads(), "python": platform.python_version()}
     if args.json:
         print(json.dumps({"meta": meta, "results": as_rows(results)}, indent=2))

@@ -1,0 +1,38 @@
+# Set-up and checks. `make test` and `make demo` create the virtual environment they need.
+PYTHON ?= python3.11
+VENV ?= .venv
+VENV38 ?= .venv38
+TORCH ?= torch==2.14.1 torchvision==0.29.1
+TORCH38 ?= torch==2.0.1 torchvision==0.15.2
+PY38 = PYENV_VERSION=3.8.18 python3.8
+
+.PHONY: test test-py38 demo bench-memory lint clean
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(VENV)/bin/pip install --quiet $(TORCH)
+	$(VENV)/bin/pip install --quiet -e '.[dev]'
+	touch $@
+
+$(VENV38)/.installed: pyproject.toml
+	$(PY38) -m venv $(VENV38)
+	$(VENV38)/bin/pip install --quiet $(TORCH38) 'numpy<2'
+	$(VENV38)/bin/pip install --quiet -e '.[dev]'
+	touch $@
+
+test: $(VENV)/.installed
+	$(VENV)/bin/python -m pytest -q
+
+# The JetPack 5 generation: Python 3.8 with torch 2.0 (the Xavier NX ceiling).
+test-py38: $(VENV38)/.installed
+	$(VENV38)/bin/python -m pytest -q
+
+# The main job on its embedded default: until the daemon lands, the memory benchmark on ResNet-20.
+demo: $(VENV)/.installed
+	$(VENV)/bin/surgeon-bench memory --arch resnet20 --batch-size 200 --budget-mb 15
+
+bench-memory: $(VENV)/.installed
+	$(VENV)/bin/surgeon-bench memory --arch resnet20 --batch-size 200 --budget-mb 15 --json
+
+clean:
+	rm -rf $(VENV) $(VENV38) *.egg-info .pytest_cache

@@ -1,0 +1,166 @@
+import gc
+import weakref
+
+import pytest
+import torch
+from torch import nn
+
+from surgeon_core.capture import ActivationCapture, CapturePolicy, Role
+from surgeon_core.errors import CaptureError
+from surgeon_core.models import resnet20
+from surgeon_core.norm import convert_batchnorm
+from surgeon_core.sparsity import Exact
+
+from .models_zoo import MixedNet
+
+
+def _packed_by_layer(capture, model, x, keep_ratios=None):
+    with capture.record(keep_ratios or {}) as rec:
+        out = model(x)
+    return rec, out, {e.layer: e.packed() for e in rec._entries}
+
+
+def test_each_saved_tensor_gets_the_storage_of_its_role():
+    model = resnet20().train()
+    capture = ActivationCapture(model, CapturePolicy())
+    rec, out, _ = _packed_by_layer(capture, model, torch.rand(2, 3, 32, 32))
+    layers = rec.layers()
+    assert layers["layer1.0.conv1"].role == Role.WEIGHT_GRAD
+    assert layers["layer1.0.relu1"].role == Role.MASK
+    assert layers["layer1.0.bn1"].role == Role.INPUT_GRAD
+    assert "avgpool" not in layers or layers["avgpool"].nbytes == 0  # shape only, or nothing
+    kinds = {(e.layer, type(e.packed()).__name__) for e in rec._entries}
+    assert ("layer1.0.relu1", "BitMask") in kinds
+    assert ("layer1.0.bn1", "Exact") in kinds
+    assert ("linear", "Pruned") in kinds
+
+
+def test_average_pool_input_is_kept_as_shape_only():
+    model = MixedNet().train()
+    capture = ActivationCapture(model, CapturePolicy())
+    with capture.record() as rec:
+        out = model(torch.rand(2, 3, 8, 8))
+    assert rec.layers()["pool"].role == Role.SHAPE and rec.layers()["pool"].nbytes == 0
+    out.sum().backward()
+
+
+def test_parameters_are_referenced_not_copied_or_counted():
+    lin = nn.Linear(64, 64, bias=False)
+    capture = ActivationCapture(lin, CapturePolicy())
+    with capture.record() as rec:
+        lin(torch.randn(1, 64))
+    # only the (pruned) 64-value input is held; the 16 KB weight is not counted
+    assert rec.cache_bytes() < 64 * 4
+
+
+def test_pruning_really_frees_the_dense_activations():
+    conv, relu, conv2 = nn.Conv2d(3, 8, 3), nn.ReLU(), nn.Conv2d(8, 8, 3)
+    model = nn.Sequential(conv, relu, conv2)
+    x = torch.rand(4, 3, 16, 16)
+    refs = []
+    relu.register_forward_hook(lambda m, i, o: refs.append(weakref.ref(o)))
+    for policy, keep, expect_alive in ((CapturePolicy(passthrough=True), 1.0, True),
+                                       (CapturePolicy(), 0.1, False)):
+        capture = ActivationCapture(model, policy)
+        refs.clear()
+        with capture.record({"2": keep}) as rec:
+            out = model(x).sum()
+        gc.collect()
+        assert (refs[0]() is not None) is expect_alive
+        out.backward()
+        capture.close()
+
+
+def test_cache_bytes_count_a_shared_storage_once():
+    model = nn.Sequential(nn.Tanh(), nn.Tanh())
+    capture = ActivationCapture(model, CapturePolicy(passthrough=True))
+    x = torch.randn(1000, requires_grad=True)
+    with capture.record() as rec:
+        y = model(x)
+    # tanh saves its result; the first result is the second's input, so it is counted once
+    assert rec.cache_bytes() == 2 * 1000 * 4
+    assert sum(c.nbytes for c in rec.layers().values()) == 2 * 1000 * 4
+    y.sum().backward()
+
+
+def test_cache_is_read_while_the_graph_lives_and_drops_after_backward():
+    model = resnet20().train()
+    capture = ActivationCapture(model, CapturePolicy())
+    with capture.record() as rec:
+        loss = model(torch.rand(2, 3, 32, 32)).sum()
+    assert rec.cache_bytes() > 0
+    loss.backward()
+    gc.collect()
+    assert rec.cache_bytes() == 0
+
+
+def test_nested_records_are_refused():
+    model = nn.Linear(3, 3)
+    capture = ActivationCapture(model)
+    with capture.record():
+        with pytest.raises(CaptureError, match="already open"):
+            with capture.record():
+                pass
+
+
+def test_functional_relu_in_a_container_is_stored_exactly_and_stays_correct():
+    model = MixedNet().train()
+    capture = ActivationCapture(model, CapturePolicy())
+    with capture.record() as rec:
+        out = model(torch.rand(2, 3, 8, 8))
+    other = [e for e in rec._entries if e.role == Role.OTHER and e.layer == ""]
+    assert other and all(isinstance(e.packed(), Exact) for e in other)
+    out.sum().backward()
+
+
+def test_inplace_relu_and_lean_norm_compose():
+    model = convert_batchnorm(resnet20()).train()
+    capture = ActivationCapture(model, CapturePolicy())
+    with capture.record({"layer1.0.bn1": 0.2}) as rec:
+        model(torch.rand(4, 3, 32, 32)).sum().backward()
+    assert all(p.grad is not None for p in model.parameters())
+
+
+def test_bad_keep_ratio_names_the_layer():
+    capture = ActivationCapture(nn.Linear(2, 2))
+    with pytest.raises(ValueError, match="fc.*1.5"):
+        with capture.record({"fc": 1.5}):
+            pass
+
+
+def test_bad_policy_is_refused():
+    with pytest.raises(ValueError, match="input_grad"):
+        CapturePolicy(input_grad="int4")
+
+
+def test_lossy_input_grad_policy_halves_norm_inputs():
+    model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.GroupNorm(2, 8))
+    x = torch.rand(4, 3, 16, 16)
+    sizes = {}
+    for name in ("exact", "fp16"):
+        capture = ActivationCapture(model, CapturePolicy(input_grad=name))
+        with capture.record() as rec:
+            out = model(x)
+        sizes[name] = rec.layers()["1"].nbytes
+        out.sum().backward()
+        capture.close()
+    assert sizes["fp16"] * 2 == pytest.approx(sizes["exact"], rel=0.01)
+
+
+def test_close_removes_every_hook():
+    model = resnet20()
+    capture = ActivationCapture(model)
+    capture.close()
+    assert all(not m._forward_hooks and not m._forward_pre_hooks for m in model.modules())
+
+
+def test_frozen_conv_input_is_dropped():
+    conv = nn.Conv2d(3, 4, 3)
+    conv.weight.requires_grad_(False)
+    capture = ActivationCapture(conv, CapturePolicy())
+    x = torch.rand(2, 3, 8, 8, requires_grad=True)
+    with capture.record() as rec:
+        out = conv(x)
+    assert rec.cache_bytes() == 0
+    out.sum().backward()
+    assert x.grad is not None and conv.bias.grad is not None

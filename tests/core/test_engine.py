@@ -1,0 +1,67 @@
+import pytest
+import torch
+
+from surgeon_core.capture import ActivationCapture, CapturePolicy
+from surgeon_core.engine import EngineConfig, SparseBackprop, entropy
+from surgeon_core.models import cifar_resnet_by_name, resnet20
+from surgeon_core.norm import convert_batchnorm
+
+
+def _entropy_loss(model, x):
+    logits = model(x)
+    return entropy(logits).mean(), logits
+
+
+def test_lean_default_holds_under_a_tenth_of_full_backprop(resnet20_weights, cifar_test_small):
+    x = cifar_test_small[0][:64]
+    full = cifar_resnet_by_name("resnet20", resnet20_weights).train()
+    capture = ActivationCapture(full, CapturePolicy(passthrough=True))
+    with capture.record() as rec:
+        _entropy_loss(full, x)
+        full_bytes = rec.cache_bytes()
+    lean = convert_batchnorm(cifar_resnet_by_name("resnet20", resnet20_weights)).train()
+    engine = SparseBackprop(lean)
+    for _ in range(2):
+        report = engine.step(x, _entropy_loss)
+        lean.zero_grad()
+    assert report.cache_bytes < full_bytes / 10
+    assert report.paper_bytes > 0 and report.keep_ratios
+    assert all(0.0 <= k <= 1.0 for k in report.keep_ratios.values())
+
+
+def test_non_finite_loss_skips_backward():
+    model = resnet20().train()
+    engine = SparseBackprop(model)
+
+    def nan_loss(m, x):
+        logits = m(x)
+        return logits.sum() * float("nan"), logits
+
+    report = engine.step(torch.rand(4, 3, 32, 32), nan_loss)
+    assert report.skipped
+    assert all(p.grad is None for p in model.parameters())
+
+
+def test_probe_changes_no_statistics_and_leaves_no_gradient():
+    model = convert_batchnorm(resnet20()).train()
+    before = {k: v.clone() for k, v in model.named_buffers()}
+    SparseBackprop(model).probe(torch.rand(12, 3, 32, 32) * 3)
+    for k, v in model.named_buffers():
+        assert torch.equal(v, before[k]), k
+    assert all(p.grad is None for p in model.parameters())
+
+
+def test_weights_are_unfrozen_after_a_step_that_skipped_layers():
+    model = convert_batchnorm(resnet20()).train()
+    engine = SparseBackprop(model)
+    engine.step(torch.rand(8, 3, 32, 32), _entropy_loss)
+    assert all(p.requires_grad for p in model.parameters())
+
+
+def test_bad_engine_settings_are_refused():
+    with pytest.raises(ValueError, match="variant"):
+        EngineConfig(variant="x")
+    with pytest.raises(ValueError, match="budget"):
+        EngineConfig(budget_bytes=0)
+    with pytest.raises(ValueError, match="keep_floor"):
+        EngineConfig(keep_floor=2.0)

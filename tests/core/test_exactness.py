@@ -1,0 +1,109 @@
+"""Keep ratio 1 + lossless storage == plain autograd; pruning changes only weight gradients."""
+
+import dataclasses
+
+import pytest
+import torch
+from torch import nn
+
+from surgeon_core.capture import ActivationCapture, CapturePolicy
+from surgeon_core.norm import RunningStatNorm2d, convert_batchnorm
+from surgeon_core.sparsity import select_topk
+
+from .models_zoo import MODELS
+
+
+def _grads(model, x, capture=None, keep_ratios=None):
+    model.zero_grad(set_to_none=True)
+    x = x.clone().requires_grad_(True)
+    torch.manual_seed(1)  # same dropout masks in both runs
+    if capture is None:
+        out = model(x)
+    else:
+        with capture.record(keep_ratios or {}):
+            out = model(x)
+    (out.float() ** 2).mean().backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    grads["<input>"] = x.grad.clone()
+    return out.detach(), grads
+
+
+@pytest.mark.parametrize("name", sorted(MODELS))
+@pytest.mark.parametrize("lean", [False, True], ids=["batchnorm", "lean_norm"])
+@pytest.mark.parametrize("sync_free", [False, True], ids=["counted", "sync_free"])
+def test_keep_one_lossless_matches_plain_autograd(name, lean, sync_free):
+    model = MODELS[name]().train()
+    if lean:
+        convert_batchnorm(model)
+    x = torch.rand(4, 3, 32, 32)
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    plain_out, plain = _grads(model, x)
+    model.load_state_dict(state)  # lean norm moved its statistics in the first forward
+    policy = dataclasses.replace(CapturePolicy.lossless(), sync_free=sync_free)
+    capture = ActivationCapture(model, policy)
+    out, captured = _grads(model, x, capture)
+    torch.testing.assert_close(out, plain_out, rtol=0, atol=0)
+    assert captured.keys() == plain.keys()
+    for key in plain:
+        torch.testing.assert_close(captured[key], plain[key], rtol=1e-5, atol=1e-7, msg=key)
+
+
+def _single_layer_check(layer: nn.Module, x: torch.Tensor, keep: float):
+    capture = ActivationCapture(layer, CapturePolicy(value_dtype="fp32", selection="topk"))
+    x = x.clone().requires_grad_(True)
+    with capture.record({"": keep}):
+        out = layer(x)
+    grad_out = torch.randn_like(out)
+    out.backward(grad_out)
+    pruned_x = torch.where(select_topk(x.detach().reshape(-1), keep).view_as(x), x.detach(), 0.0)
+    ref_layer = layer
+    ref_x = x.detach().clone().requires_grad_(True)
+    ref_w = torch.autograd.grad(type(layer).forward(ref_layer, pruned_x), ref_layer.weight, grad_out)[0]
+    ref_in = torch.autograd.grad(type(layer).forward(ref_layer, ref_x), ref_x, grad_out)[0]
+    return layer.weight.grad, ref_w, x.grad, ref_in
+
+
+@pytest.mark.parametrize("layer, shape", [
+    (nn.Conv2d(3, 5, 3, padding=1), (2, 3, 8, 8)),
+    (nn.Linear(12, 4), (6, 12)),
+])
+def test_pruned_weight_gradient_equals_hand_computation(layer, shape):
+    got_w, ref_w, got_in, ref_in = _single_layer_check(layer, torch.randn(shape), 0.3)
+    torch.testing.assert_close(got_w, ref_w)
+    torch.testing.assert_close(got_in, ref_in)  # input gradient stays exact
+    dense_w = torch.autograd.grad(layer(torch.randn(shape)).sum(), layer.weight)[0]
+    assert not torch.allclose(got_w, dense_w)
+
+
+def test_lean_norm_gradients_match_a_reference_with_constant_statistics():
+    bn = nn.BatchNorm2d(4)
+    with torch.no_grad():
+        bn.weight.uniform_(0.5, 1.5)
+        bn.bias.uniform_(-0.5, 0.5)
+    norm = RunningStatNorm2d.from_batchnorm(bn).train()
+    x = torch.randn(8, 4, 5, 5, requires_grad=True)
+    out = norm(x)
+    mean, var = norm.running_mean.clone(), norm.running_var.clone()
+    grad = torch.randn_like(out)
+    got = torch.autograd.grad(out, (x, norm.weight, norm.bias), grad)
+    ref_x = x.detach().clone().requires_grad_(True)
+    ref = nn.functional.batch_norm(ref_x, mean, var, norm.weight, norm.bias, False, 0.0, norm.eps)
+    torch.testing.assert_close(out, ref)
+    expected = torch.autograd.grad(ref, (ref_x, norm.weight, norm.bias), grad)
+    for g, e in zip(got, expected):
+        torch.testing.assert_close(g, e)
+
+
+def test_lean_norm_moves_statistics_toward_a_shifted_batch():
+    norm = RunningStatNorm2d(3).train()
+    norm(torch.randn(16, 3, 4, 4) * 3 + 5)
+    assert norm.last_rate > 0.5  # a large shift opens the forget gate
+    assert float(norm.running_mean.mean()) > 2.5
+
+
+def test_lean_norm_ignores_a_non_finite_batch():
+    norm = RunningStatNorm2d(3).train()
+    bad = torch.randn(4, 3, 2, 2)
+    bad[0, 0, 0, 0] = float("nan")
+    norm(bad)
+    assert torch.isfinite(norm.running_mean).all() and torch.isfinite(norm.running_var).all()

@@ -1,0 +1,140 @@
+import math
+
+import pytest
+import torch
+
+from surgeon_core.sparsity import (BitMask, Dropped, Pruned, PrunedFixed, ShapeOnly, capacity_for,
+                                   pack_bits, prune, select_threshold, select_topk, unpack_bits)
+
+
+@pytest.mark.parametrize("n", [1, 7, 8, 9, 1000, 4099])
+def test_bits_round_trip(n):
+    mask = torch.rand(n) > 0.4
+    bits = pack_bits(mask)
+    assert bits.dtype == torch.uint8 and bits.numel() == math.ceil(n / 8)
+    assert torch.equal(unpack_bits(bits, n), mask)
+
+
+def test_keep_one_fp32_is_lossless():
+    t = torch.randn(4, 8, 5, 5)
+    t[t < 0] = 0  # post-ReLU: zeros are free
+    packed = prune(t, 1.0, value_dtype=torch.float32)
+    assert torch.equal(packed.unpack(), t)
+    assert packed.kept == int((t != 0).sum())
+
+
+@pytest.mark.parametrize("keep", [0.05, 0.1, 0.3, 0.5, 0.9])
+def test_bytes_within_bitmask_plus_fp16_bound(keep):
+    t = torch.randn(64, 16, 16, 16)
+    packed = prune(t, keep, "topk", torch.float16)
+    bound = math.ceil(t.numel() / 8) + keep * t.numel() * 2 + 16
+    assert packed.nbytes <= bound
+    assert packed.values.dtype == torch.float16
+
+
+@pytest.mark.parametrize("keep", [0.02, 0.1, 0.25, 0.5, 0.8])
+def test_threshold_keep_ratio_within_one_percent(keep):
+    t = torch.randn(200, 32, 16, 16)
+    actual = float(select_threshold(t.reshape(-1), keep).float().mean())
+    assert abs(actual - keep) <= 0.01
+
+
+def test_topk_keeps_the_largest_magnitudes():
+    t = torch.tensor([0.1, -5.0, 0.3, 2.0, -0.2, 0.0])
+    mask = select_topk(t, 0.34)  # round(0.34 * 6) = 2
+    assert mask.tolist() == [False, True, False, True, False, False]
+    restored = Pruned(t, mask, torch.float32).unpack()
+    assert restored.tolist() == [0.0, -5.0, 0.0, 2.0, 0.0, 0.0]
+
+
+def test_tiny_keep_uses_indices_and_costs_less_than_a_bitmask():
+    t = torch.randn(100_000)
+    packed = prune(t, 0.01, "topk")
+    assert packed.indices is not None and packed.bits is None
+    assert packed.nbytes < math.ceil(t.numel() / 8) + 0.01 * t.numel() * 2
+
+
+def test_keep_zero_holds_nothing():
+    t = torch.randn(3, 4)
+    packed = prune(t, 0.0)
+    assert isinstance(packed, Dropped) and packed.nbytes == 0
+    assert torch.equal(packed.unpack(), torch.zeros(3, 4))
+
+
+@pytest.mark.parametrize("bad", [-0.1, 1.5, float("nan")])
+def test_keep_outside_unit_interval_is_refused(bad):
+    with pytest.raises(ValueError, match="keep ratio"):
+        prune(torch.randn(10), bad)
+
+
+def test_unknown_selection_is_refused():
+    with pytest.raises(ValueError, match="selection"):
+        prune(torch.randn(10), 0.5, selection="random")
+
+
+def test_nan_and_inf_still_pack():
+    t = torch.randn(1000)
+    t[3], t[10], t[20] = float("nan"), float("inf"), -float("inf")
+    for selection in ("threshold", "topk"):
+        out = prune(t, 0.5, selection).unpack()
+        assert out.shape == t.shape
+    assert torch.isnan(prune(t, 1.0, value_dtype=torch.float32).unpack()[3])
+
+
+def test_fp16_overflow_keeps_original_precision():
+    t = torch.tensor([1e6, 1.0, -2e5, 0.5])
+    packed = prune(t, 1.0, value_dtype=torch.float16)
+    assert packed.values.dtype == torch.float32
+    assert torch.equal(packed.unpack(), t)
+
+
+def test_relu_mask_gives_the_exact_relu_gradient():
+    x = torch.randn(6, 7, requires_grad=True)
+    grad = torch.randn(6, 7)
+    y = torch.relu(x)
+    expected = torch.autograd.grad(y, x, grad)[0]
+    packed = BitMask(y.detach())
+    assert packed.nbytes == math.ceil(42 / 8)
+    assert torch.equal(torch.ops.aten.threshold_backward(grad, packed.unpack(), 0), expected)
+
+
+def test_hardtanh_mask_gives_the_exact_relu6_gradient():
+    x = torch.randn(500) * 5
+    grad = torch.randn(500)
+    expected = torch.ops.aten.hardtanh_backward(grad, x, 0.0, 6.0)
+    restored = BitMask(x, 0.0, 6.0).unpack()
+    assert torch.equal(torch.ops.aten.hardtanh_backward(grad, restored, 0.0, 6.0), expected)
+
+
+def test_shape_only_holds_nothing():
+    packed = ShapeOnly(torch.randn(2, 3, 4, 4))
+    assert packed.nbytes == 0 and packed.unpack().shape == (2, 3, 4, 4)
+
+
+def test_sync_free_form_unpacks_like_the_exact_count_form():
+    t = torch.randn(3, 5, 7, 11)
+    mask = select_topk(t.reshape(-1), 0.2)
+    fixed = PrunedFixed(t, mask, int(mask.sum()), torch.float32)
+    assert torch.equal(fixed.unpack(), Pruned(t, mask, torch.float32).unpack())
+    assert fixed.kept == int(mask.sum())
+
+
+def test_sync_free_form_holds_its_capacity_and_a_bitmask():
+    t = torch.randn(100_000)
+    packed = prune(t, 0.25, "threshold", torch.float16, sync_free=True)
+    capacity = capacity_for(t.numel(), 0.25, "threshold")
+    assert packed.nbytes == math.ceil(t.numel() / 8) + 2 * capacity
+    assert abs(packed.kept / t.numel() - 0.25) <= 0.01
+
+
+def test_sync_free_overflow_drops_values_and_their_mask_bits_together():
+    t = torch.arange(1.0, 101.0)
+    packed = PrunedFixed(t, torch.ones(100, dtype=torch.bool), 10, torch.float32)
+    out = packed.unpack()
+    assert packed.kept == 10 and torch.equal(out[:10], t[:10]) and not out[10:].any()
+
+
+def test_sync_free_fp16_saturates_instead_of_overflowing():
+    t = torch.tensor([1e6, 1.0, -2e5, 0.5])
+    out = prune(t, 1.0, value_dtype=torch.float16, sync_free=True).unpack()
+    assert torch.isfinite(out).all() and out[0] == 65504.0 and out[1] == 1.0
