@@ -27,7 +27,8 @@ The cache of a step is what the packed objects alive at the start of backward ho
 counted once (two ops saving one tensor share it, as in plain autograd). Counting then, not at
 the end of forward, includes every pass whose graph is still alive (a consistency loss's second
 forward doubles it, a probe pass kept around shows up). The published SURGEON code instead
-reports kept values x 4 bytes; that number is ``paper_bytes`` and is only ever shown beside this.
+reports kept values x 4 bytes; that number is ``paper_bytes()`` and is only ever shown beside
+this.
 
 Nesting: ``saved_tensors_hooks`` are innermost-wins. A record refuses to open inside another
 record of the same capture (its accounting would be split), and code that installs its own hooks
@@ -49,7 +50,7 @@ from .sparsity import (VALUE_DTYPES, SELECTIONS, BitMask, Cast, Exact, Packed, S
                        prune)
 
 __all__ = ["CapturePolicy", "ActivationCapture", "CaptureRecord", "LayerCache", "Role",
-           "prunable_sizes"]
+           "prunable_sizes", "paper_bytes"]
 
 INPUT_GRAD_POLICIES = ("exact", "fp16", "bf16")
 
@@ -215,25 +216,36 @@ class CaptureRecord:
                 seen[(str(t.device), storage.data_ptr())] = storage.nbytes()
         return sum(seen.values())
 
-    def paper_bytes(self) -> int:
-        """The published code's convention: kept values of layer inputs x 4 bytes."""
-        layer_roles = (Role.WEIGHT_GRAD, Role.INPUT_GRAD)
-        return 4 * sum(p.kept for p, e in self._alive() if e.role in layer_roles)
-
     def layers(self) -> Dict[str, LayerCache]:
         """Per-layer totals over alive saved tensors (a layer called twice sums both calls).
 
         A layer's activation is keyed by its module name; its other saved tensors (statistics
         such as a norm's ``invstd``) are keyed ``"<name>:other"``, so the activation's numel and
-        bytes are exactly the activation's.
+        bytes are exactly the activation's. Kept counts living on a device are read in one go.
         """
+        alive = list(self._alive())
+        kept = _read_counts([packed.kept_lazy() for packed, _ in alive])
         out: Dict[str, LayerCache] = {}
-        for packed, entry in self._alive():
+        for (packed, entry), n_kept in zip(alive, kept):
             key = entry.layer if entry.role != Role.OTHER else entry.layer + ":other"
             prev = out.get(key, LayerCache(0, 0, 0, entry.role))
-            out[key] = LayerCache(prev.numel + packed.numel, prev.kept + packed.kept,
+            out[key] = LayerCache(prev.numel + packed.numel, prev.kept + n_kept,
                                   prev.nbytes + packed.nbytes, prev.role)
         return out
+
+
+def paper_bytes(layers: Mapping[str, LayerCache]) -> int:
+    """The published code's convention: kept values of layer inputs x 4 bytes (see NOTE)."""
+    layer_roles = (Role.WEIGHT_GRAD, Role.INPUT_GRAD)
+    return 4 * sum(c.kept for c in layers.values() if c.role in layer_roles)
+
+
+def _read_counts(counts) -> List[int]:
+    on_device = [c for c in counts if isinstance(c, torch.Tensor)]
+    if not on_device:
+        return [int(c) for c in counts]
+    values = iter(torch.stack([c.to(on_device[0].device) for c in on_device]).tolist())
+    return [int(next(values)) if isinstance(c, torch.Tensor) else int(c) for c in counts]
 
 
 class ActivationCapture:

@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 from .capture import (ActivationCapture, CapturePolicy, LayerCache, check_keep_ratio,
-                      prunable_sizes)
+                      paper_bytes, prunable_sizes)
 from .errors import BudgetExceeded
 from .importance import (VARIANTS, BudgetPlan, CacheProfile, gradient_importance, keep_ratios,
                          memory_importance, solve_budget, weights_needing_grad)
@@ -98,6 +98,7 @@ class SparseBackprop:
         self.model = model
         self.config = config or EngineConfig()
         self.capture = ActivationCapture(model, self.config.policy)
+        self._modules = dict(model.named_modules())
         self.budget_bytes = self.config.budget_bytes
         self._numel: Dict[str, float] = {}   # per-sample activation size of every prunable layer
         self._grad_imp: Dict[str, float] = {}
@@ -114,7 +115,7 @@ class SparseBackprop:
         """Keep ratios from the latest importance; frozen layers keep nothing."""
         ratios = keep_ratios(self._grad_imp, memory_importance(self._numel),
                              self.config.variant, self.config.keep_floor)
-        trained = weights_needing_grad(self.model, self._numel)
+        trained = weights_needing_grad(self._modules, self._numel)
         return {n: (ratios.get(n, 1.0) if trained[n] else 0.0) for n in self._numel}
 
     def plan(self, x: torch.Tensor, forward_loss: ForwardLoss) -> BudgetPlan:
@@ -146,7 +147,8 @@ class SparseBackprop:
         with self._skip_empty_layers(plan.keep_ratios):
             with self.capture.record(plan.keep_ratios) as rec:
                 loss, logits = forward_loss(self.model, x)
-            cache, paper, layers = rec.cache_bytes(), rec.paper_bytes(), rec.layers()
+            cache, layers = rec.cache_bytes(), rec.layers()
+            paper = paper_bytes(layers)
             skipped = not bool(torch.isfinite(loss.detach()))
             if not skipped and loss.requires_grad:
                 loss.backward()
@@ -165,10 +167,9 @@ class SparseBackprop:
         skips its weight gradient: less memory and less time, and its optimizer state is not
         moved by a meaningless zero gradient. The probe still scores it densely.
         """
-        modules = dict(self.model.named_modules())
         frozen = []
         for name, keep in ratios.items():
-            weight = getattr(modules.get(name), "weight", None)
+            weight = getattr(self._modules.get(name), "weight", None)
             if keep < SKIP_BELOW and weight is not None and weight.requires_grad:
                 weight.requires_grad_(False)
                 frozen.append(weight)
@@ -193,7 +194,7 @@ class SparseBackprop:
         self._learn_sizes(rec.layers(), samples.shape[0])
         if math.isfinite(float(loss.detach())) and loss.requires_grad:
             loss.backward()
-            self._grad_imp = gradient_importance(self.model, self._numel)
+            self._grad_imp = gradient_importance(self._modules, self._numel)
         self.model.zero_grad(set_to_none=True)
         _restore_buffers(self.model, buffers)
 

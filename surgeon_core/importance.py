@@ -25,16 +25,19 @@ __all__ = ["VARIANTS", "gradient_importance", "memory_importance", "keep_ratios"
 VARIANTS = ("paper", "published")
 
 
-def gradient_importance(model: nn.Module, layers) -> Dict[str, float]:
-    """RMS of each named layer's weight gradient; layers without a gradient are left out."""
-    modules = dict(model.named_modules())
-    out: Dict[str, float] = {}
+def gradient_importance(modules: Mapping[str, nn.Module], layers) -> Dict[str, float]:
+    """RMS of each named layer's weight gradient; layers without a gradient are left out.
+
+    ``modules`` is ``dict(model.named_modules())``. All norms are read back in one transfer.
+    """
+    names, norms = [], []
     for name in layers:
         weight = getattr(modules.get(name), "weight", None)
         if weight is not None and weight.grad is not None:
             grad = weight.grad.detach().float()
-            out[name] = float(grad.norm() / math.sqrt(grad.numel()))
-    return out
+            names.append(name)
+            norms.append(grad.norm() / math.sqrt(grad.numel()))
+    return dict(zip(names, torch.stack(norms).tolist())) if norms else {}
 
 
 def memory_importance(sizes: Mapping[str, int]) -> Dict[str, float]:
@@ -163,9 +166,8 @@ def solve_budget(profile: CacheProfile, base: Mapping[str, float], budget_bytes:
     return BudgetPlan(ratios, int(profile.predict(ratios, batch_size)), lo)
 
 
-def weights_needing_grad(model: nn.Module, layers) -> Dict[str, bool]:
+def weights_needing_grad(modules: Mapping[str, nn.Module], layers) -> Dict[str, bool]:
     """Whether each named layer's weight is trained (a frozen layer needs no cached input)."""
-    modules = dict(model.named_modules())
     out = {}
     for name in layers:
         weight: Optional[torch.Tensor] = getattr(modules.get(name), "weight", None)

@@ -17,7 +17,6 @@ input. The price is a different gradient than train-mode BN (statistics are not 
 through), which the benchmark judges on accuracy.
 """
 
-import math
 from typing import Optional
 
 import torch
@@ -27,12 +26,15 @@ __all__ = ["RunningStatNorm2d", "convert_batchnorm", "forget_gate_rate"]
 
 
 def forget_gate_rate(batch_mean: torch.Tensor, batch_var: torch.Tensor, run_mean: torch.Tensor,
-                     run_var: torch.Tensor, scale: float = 1.0, eps: float = 1e-3) -> float:
-    """MECTA's update rate: 1 - exp(-scale * mean symmetric Gaussian KL(batch, running))."""
+                     run_var: torch.Tensor, scale: float = 1.0, eps: float = 1e-3) -> torch.Tensor:
+    """MECTA's update rate: 1 - exp(-scale * mean symmetric Gaussian KL(batch, running)).
+
+    Returned as a 0-dim tensor on the statistics' device: reading it would stall a GPU.
+    """
     delta2 = (batch_mean - run_mean) ** 2
     skl = ((batch_var + eps + delta2) / (run_var + eps)
            + (run_var + eps + delta2) / (batch_var + eps)) / 2.0 - 1.0
-    return 1.0 - math.exp(-scale * float(skl.mean()))
+    return -torch.expm1(-scale * skl.mean())
 
 
 class _AffineWithConstantStats(torch.autograd.Function):
@@ -73,7 +75,12 @@ class RunningStatNorm2d(nn.BatchNorm2d):
                  gate_scale: Optional[float] = 1.0):
         super().__init__(num_features, eps=eps, momentum=momentum)
         self.gate_scale = gate_scale
-        self.last_rate = 0.0
+        self._last_rate = torch.zeros(())
+
+    @property
+    def last_rate(self) -> float:
+        """The update rate of the latest batch (0 when it was not finite)."""
+        return float(self._last_rate)
 
     @classmethod
     def from_batchnorm(cls, bn: nn.BatchNorm2d, gate_scale: Optional[float] = 1.0):
@@ -89,14 +96,15 @@ class RunningStatNorm2d(nn.BatchNorm2d):
         mean = x.mean(dims)
         var = ((x * x).mean(dims) - mean * mean).clamp_(min=0.0)
         if self.gate_scale is None:
-            rate = self.momentum
+            rate = torch.full((), self.momentum, device=x.device)
         else:
             rate = forget_gate_rate(mean, var, self.running_mean, self.running_var, self.gate_scale)
-        if not math.isfinite(rate):
-            return  # a non-finite batch must not poison the statistics
-        self.running_mean.lerp_(mean, rate)
-        self.running_var.lerp_(var, rate)
-        self.last_rate = rate
+        # a non-finite batch must not poison the statistics; decided on the device, no sync
+        finite = torch.isfinite(rate) & torch.isfinite(mean).all() & torch.isfinite(var).all()
+        rate = torch.where(finite, rate, torch.zeros_like(rate))
+        self.running_mean.lerp_(torch.where(finite, mean, self.running_mean), rate)
+        self.running_var.lerp_(torch.where(finite, var, self.running_var), rate)
+        self._last_rate = rate
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.training and x.numel() > x.shape[1]:

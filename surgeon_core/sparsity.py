@@ -14,6 +14,7 @@ half zeros costs half as much at keep 1. fp16 values fall back to the tensor's o
 kept value would overflow fp16, so packing never turns finite activations into inf.
 """
 
+import functools
 import math
 from typing import List, Optional, Sequence
 
@@ -44,6 +45,10 @@ class Packed:
     @property
     def kept(self) -> int:
         """Values that survived packing (``numel`` for lossless forms)."""
+        return self._kept
+
+    def kept_lazy(self):
+        """``kept`` as an int, or as a 0-dim device tensor where reading it would sync."""
         return self._kept
 
     def tensors(self) -> List[torch.Tensor]:
@@ -119,10 +124,11 @@ class ShapeOnly(Dropped):
 _GATHER_BITS = 0x0102040810204080
 
 
-def _bit_table(device: torch.device) -> torch.Tensor:
-    """(256, 8) float table: row v holds the 8 bits of v, lowest first."""
+@functools.lru_cache(maxsize=16)
+def _bit_table(device: torch.device, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """(256, 8) table: row v holds the 8 bits of v, lowest first (a constant, built once)."""
     shifts = torch.arange(8, device=device)
-    return ((torch.arange(256, device=device).unsqueeze(1) >> shifts) & 1).float()
+    return ((torch.arange(256, device=device).unsqueeze(1) >> shifts) & 1).to(dtype)
 
 
 def pack_bits(mask: torch.Tensor) -> torch.Tensor:
@@ -142,7 +148,7 @@ def unpack_bits_as(bits: torch.Tensor, numel: int, table: torch.Tensor) -> torch
 
 def unpack_bits(bits: torch.Tensor, numel: int) -> torch.Tensor:
     """Inverse of ``pack_bits``: a flat bool tensor of ``numel`` elements."""
-    table = _bit_table(bits.device).bool()
+    table = _bit_table(bits.device, torch.bool)
     return table.index_select(0, bits.int()).view(-1)[:numel]
 
 
@@ -182,7 +188,7 @@ class BitMask(Packed):
         return [self.bits]
 
     def unpack(self) -> torch.Tensor:
-        table = _bit_table(self.device).to(self.dtype)
+        table = _bit_table(self.device, self.dtype)
         if self.inside != 1.0 or self.outside != 0.0:
             table = self.outside + (self.inside - self.outside) * table
         return unpack_bits_as(self.bits, self.numel, table).view(self.shape)
@@ -292,6 +298,9 @@ class PrunedFixed(Packed):
     @property
     def kept(self) -> int:
         return int(self._kept_t)  # one sync, only when someone asks
+
+    def kept_lazy(self):
+        return self._kept_t
 
     def tensors(self) -> List[torch.Tensor]:
         return [self.values, self.bits]

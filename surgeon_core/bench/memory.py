@@ -17,7 +17,7 @@ from typing import Callable, Dict, List, Optional
 import torch
 from torch import nn
 
-from ..capture import ActivationCapture, CapturePolicy
+from ..capture import ActivationCapture, CapturePolicy, paper_bytes
 from ..engine import EngineConfig, SparseBackprop, entropy
 from ..norm import convert_batchnorm
 
@@ -66,7 +66,7 @@ class _Runner:
         capture = ActivationCapture(self.model, CapturePolicy(passthrough=True))
         with capture.record() as rec:
             _entropy_loss(self.model, x)
-            self.cache, self.paper = rec.cache_bytes(), rec.paper_bytes()
+            self.cache, self.paper = rec.cache_bytes(), paper_bytes(rec.layers())
         capture.close()
 
     def step(self, x: torch.Tensor) -> None:
