@@ -49,8 +49,9 @@ class EngineConfig:
         variant: ``paper`` (min-max normalised importance) or ``published`` (raw G * M).
         keep_floor: smallest keep ratio of a trained layer.
         budget_bytes: cap on the measured cache; ``None`` uses the importance ratios as they are.
-        probe_every: run a dense 10-sample probe for gradient importance every N steps (1 = the
-            paper's every batch); between probes the last probe's importance is reused.
+        probe_every: 0 (default, the paper's rule): gradient importance comes from the latest
+            step's own gradients, after one dense probe at the first step. N > 0: a dense probe
+            on ``probe_samples`` random samples every N steps, as the published code does (N = 1).
         probe_samples: samples in the probe.
     """
 
@@ -58,7 +59,7 @@ class EngineConfig:
     variant: str = "paper"
     keep_floor: float = 0.0
     budget_bytes: Optional[int] = None
-    probe_every: int = 1
+    probe_every: int = 0
     probe_samples: int = 10
 
     def __post_init__(self):
@@ -67,8 +68,9 @@ class EngineConfig:
         check_keep_ratio("keep_floor", self.keep_floor)
         if self.budget_bytes is not None and not self.budget_bytes > 0:
             raise ValueError("budget_bytes must be > 0 or None, got %r" % (self.budget_bytes,))
-        if self.probe_every < 1 or self.probe_samples < 1:
-            raise ValueError("probe_every and probe_samples must be >= 1")
+        if self.probe_every < 0 or self.probe_samples < 1:
+            raise ValueError("probe_every must be >= 0 and probe_samples >= 1, got %d and %d"
+                             % (self.probe_every, self.probe_samples))
 
 
 @dataclass
@@ -141,7 +143,9 @@ class SparseBackprop:
         ``forward_loss(model, x)`` returns ``(loss, logits)``; gradients land in ``.grad``.
         """
         start = time.perf_counter()
-        if self.steps % self.config.probe_every == 0 or not self._grad_imp:
+        every = self.config.probe_every
+        probed = not self._grad_imp or (every > 0 and self.steps % every == 0)
+        if probed:
             self.probe(x)
         plan = self.plan(x, forward_loss)
         with self._skip_empty_layers(plan.keep_ratios):
@@ -152,6 +156,9 @@ class SparseBackprop:
             skipped = not bool(torch.isfinite(loss.detach()))
             if not skipped and loss.requires_grad:
                 loss.backward()
+                if not probed:  # the paper's rule: importance from the latest gradients
+                    trained = [n for n in self._numel if plan.keep_ratios.get(n, 1.0) >= SKIP_BELOW]
+                    self._grad_imp.update(gradient_importance(self._modules, trained))
         self._observe(layers, cache, x.shape[0])
         self.steps += 1
         return StepReport(float(loss.detach()), logits.detach(), cache, paper, plan.predicted_bytes,

@@ -26,7 +26,8 @@ def _add_memory(sub) -> None:
     p.add_argument("--steps", type=int, default=5, help="timed rounds after one warm-up")
     p.add_argument("--budget-mb", type=float, default=None, help="also run surgeon under this cap")
     p.add_argument("--probe-every", type=int, default=None,
-                   help="importance probe interval (default: the engine's; 1 = every batch)")
+                   help="0: importance from the latest gradients (the paper, default); "
+                        "N: a dense 10-sample probe every N steps (the published code: 1)")
     p.add_argument("--variant", choices=("paper", "published"), default="paper")
     p.add_argument("--device", default="cpu", help="cpu or cuda[:N]")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")

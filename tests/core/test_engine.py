@@ -65,3 +65,18 @@ def test_bad_engine_settings_are_refused():
         EngineConfig(budget_bytes=0)
     with pytest.raises(ValueError, match="keep_floor"):
         EngineConfig(keep_floor=2.0)
+
+
+def test_latest_gradient_importance_does_not_collapse_ratios(resnet20_weights, cifar_test_small):
+    # layers pruned hard get smaller gradients; the ratios must not spiral down to the floor
+    model = convert_batchnorm(cifar_resnet_by_name("resnet20", resnet20_weights)).train()
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-4)
+    engine = SparseBackprop(model)
+    means = []
+    for i in range(8):
+        report = engine.step(cifar_test_small[0][i * 32:(i + 1) * 32], _entropy_loss)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        means.append(sum(report.keep_ratios.values()) / len(report.keep_ratios))
+    assert min(means[4:]) > 0.5 * means[0]
+    assert engine.steps == 8
