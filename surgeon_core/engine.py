@@ -86,6 +86,7 @@ class StepReport:
     layers: Dict[str, LayerCache]
     seconds: float
     skipped: bool = False
+    trained_layers: int = 0   # prunable layers that kept enough to train; 0 = budget starved
 
 
 class SparseBackprop:
@@ -161,8 +162,9 @@ class SparseBackprop:
                     self._grad_imp.update(gradient_importance(self._modules, trained))
         self._observe(layers, cache, x.shape[0])
         self.steps += 1
+        trained = sum(1 for k in plan.keep_ratios.values() if k >= SKIP_BELOW)
         return StepReport(float(loss.detach()), logits.detach(), cache, paper, plan.predicted_bytes,
-                          plan.keep_ratios, layers, time.perf_counter() - start, skipped)
+                          plan.keep_ratios, layers, time.perf_counter() - start, skipped, trained)
 
     @contextlib.contextmanager
     def _skip_empty_layers(self, ratios: Dict[str, float]):

@@ -25,6 +25,7 @@ def test_lean_default_holds_under_a_tenth_of_full_backprop(resnet20_weights, cif
         report = engine.step(x, _entropy_loss)
         lean.zero_grad()
     assert report.cache_bytes < full_bytes / 10
+    assert 0 < report.trained_layers < len(report.keep_ratios)
     assert report.paper_bytes > 0 and report.keep_ratios
     assert all(0.0 <= k <= 1.0 for k in report.keep_ratios.values())
 
