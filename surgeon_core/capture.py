@@ -80,7 +80,8 @@ class CapturePolicy:
     Attributes:
         value_dtype: dtype of kept values of pruned tensors: ``fp16`` (default), ``fp32``, ``bf16``.
         selection: ``threshold`` (sampled quantile, fast) or ``topk`` (exact per-tensor top-k).
-        input_grad: tensors the input gradient needs: ``exact`` (default) or lossy ``fp16``/``bf16``.
+        input_grad: tensors the input gradient needs: ``exact`` (default) or lossy ``fp16`` or
+            ``bf16``.
         relu_masks: store ReLU-family tensors as 1-bit masks (lossless).
         default_keep: keep ratio of prunable layers that have no ratio of their own.
         passthrough: store everything exactly (plain autograd), only count it.
@@ -108,7 +109,7 @@ class CapturePolicy:
 
     @classmethod
     def lossless(cls) -> "CapturePolicy":
-        """Exact storage everywhere, compact where that is free: gradients equal plain autograd's."""
+        """Exact storage, compact only where that is free: gradients equal plain autograd's."""
         return cls(value_dtype="fp32", selection="topk", input_grad="exact")
 
 

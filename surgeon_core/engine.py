@@ -149,6 +149,7 @@ class SparseBackprop:
         if probed:
             self.probe(x)
         plan = self.plan(x, forward_loss)
+        trained = [n for n, keep in plan.keep_ratios.items() if keep >= SKIP_BELOW]
         with self._skip_empty_layers(plan.keep_ratios):
             with self.capture.record(plan.keep_ratios) as rec:
                 loss, logits = forward_loss(self.model, x)
@@ -158,13 +159,12 @@ class SparseBackprop:
             if not skipped and loss.requires_grad:
                 loss.backward()
                 if not probed:  # the paper's rule: importance from the latest gradients
-                    trained = [n for n in self._numel if plan.keep_ratios.get(n, 1.0) >= SKIP_BELOW]
                     self._grad_imp.update(gradient_importance(self._modules, trained))
         self._observe(layers, cache, x.shape[0])
         self.steps += 1
-        trained = sum(1 for k in plan.keep_ratios.values() if k >= SKIP_BELOW)
         return StepReport(float(loss.detach()), logits.detach(), cache, paper, plan.predicted_bytes,
-                          plan.keep_ratios, layers, time.perf_counter() - start, skipped, trained)
+                          plan.keep_ratios, layers, time.perf_counter() - start, skipped,
+                          len(trained))
 
     @contextlib.contextmanager
     def _skip_empty_layers(self, ratios: Dict[str, float]):

@@ -61,7 +61,8 @@ def _memory(args) -> int:
                                    engine_config)
     meta = {"arch": args.arch, "weights": str(weights), "batch_size": args.batch_size,
             "steps": args.steps, "probe_every": engine_config.probe_every,
-            "variant": engine_config.variant, "device": _device_name(device), "torch": torch.__version__,
+            "variant": engine_config.variant, "device": _device_name(device),
+            "torch": torch.__version__,
             "threads": torch.get_num_threads(), "python": platform.python_version()}
     if args.json:
         print(json.dumps({"meta": meta, "results": as_rows(results)}, indent=2))

@@ -114,7 +114,8 @@ def _runners(base: nn.Module, budget: Optional[int], engine_config: EngineConfig
     if budget is not None:
         lean_b = convert_batchnorm(fresh())
         cfg = dataclasses.replace(engine_config, budget_bytes=budget)
-        runners.append(_Runner("surgeon+budget", "surgeon under a %.1f MB budget" % (budget / 2**20),
+        label = "surgeon under a %.1f MB budget" % (budget / 2**20)
+        runners.append(_Runner("surgeon+budget", label,
                                lean_b, SparseBackprop(lean_b, cfg), budget))
     return runners
 

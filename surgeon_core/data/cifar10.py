@@ -25,7 +25,8 @@ def _read_batch(path: Path) -> Tuple[np.ndarray, List[int]]:
         data = np.asarray(batch["data"], dtype=np.uint8)
         labels = list(batch["labels"])
     except Exception as exc:  # a damaged pickle raises any of several types
-        raise DataNotFound("CIFAR-10 file %s is damaged or not a CIFAR batch: %s" % (path, exc)) from exc
+        raise DataNotFound("CIFAR-10 file %s is damaged or not a CIFAR batch: %s"
+                           % (path, exc)) from exc
     if data.ndim != 2 or data.shape[1] != 3072 or len(labels) != data.shape[0]:
         raise DataNotFound("CIFAR-10 file %s has data of shape %s and %d labels; expected (N, 3072)"
                            % (path, data.shape, len(labels)))

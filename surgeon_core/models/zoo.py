@@ -63,7 +63,8 @@ def load_state_dict_file(path: Path) -> Dict[str, torch.Tensor]:
     if isinstance(obj, dict) and "state_dict" in obj:
         obj = obj["state_dict"]
     if not isinstance(obj, dict):
-        raise IncompatibleModel("weights %s hold a %s, not a state dict" % (path, type(obj).__name__))
+        raise IncompatibleModel("weights %s hold a %s, not a state dict"
+                                % (path, type(obj).__name__))
     return {k[len("module."):] if k.startswith("module.") else k: v for k, v in obj.items()}
 
 

@@ -84,7 +84,8 @@ def test_budgets_from_5_to_100_percent_are_never_exceeded_and_cache_grows(lean, 
     measured = []
     for fraction in fractions:
         policy = CapturePolicy(input_grad="exact", sync_free=sync_free)
-        engine = SparseBackprop(model, EngineConfig(policy=policy, budget_bytes=int(fraction * dense)))
+        config = EngineConfig(policy=policy, budget_bytes=int(fraction * dense))
+        engine = SparseBackprop(model, config)
         for _ in range(3):
             report = engine.step(x, _entropy_loss)
             model.zero_grad(set_to_none=True)
