@@ -11,13 +11,13 @@ PY38 = PYENV_VERSION=3.8.18 python3.8
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(VENV)/bin/pip install --quiet $(TORCH)
-	$(VENV)/bin/pip install --quiet -e '.[dev]'
+	$(VENV)/bin/pip install --quiet -e '.[torch,dev]'
 	touch $@
 
 $(VENV38)/.installed: pyproject.toml
 	$(PY38) -m venv $(VENV38)
 	$(VENV38)/bin/pip install --quiet $(TORCH38) 'numpy<2'
-	$(VENV38)/bin/pip install --quiet -e '.[dev]'
+	$(VENV38)/bin/pip install --quiet -e '.[torch,dev]'
 	touch $@
 
 test: $(VENV)/.installed
