@@ -57,18 +57,20 @@ def test_pruning_really_frees_the_dense_activations():
     conv, relu, conv2 = nn.Conv2d(3, 8, 3), nn.ReLU(), nn.Conv2d(8, 8, 3)
     model = nn.Sequential(conv, relu, conv2)
     x = torch.rand(4, 3, 16, 16)
-    refs = []
+    refs, held = [], []
     relu.register_forward_hook(lambda m, i, o: refs.append(weakref.ref(o)))
     for policy, keep, expect_alive in ((CapturePolicy(passthrough=True), 1.0, True),
                                        (CapturePolicy(), 0.1, False)):
         capture = ActivationCapture(model, policy)
         refs.clear()
-        with capture.record({"2": keep}) as rec:
+        with capture.record({"0": keep, "2": keep}) as rec:
             out = model(x).sum()
         gc.collect()
         assert (refs[0]() is not None) is expect_alive
+        held.append(rec.cache_bytes())
         out.backward()
         capture.close()
+    assert held[1] < held[0] / 4
 
 
 def test_cache_bytes_count_a_shared_storage_once():
@@ -116,7 +118,7 @@ def test_functional_relu_in_a_container_is_stored_exactly_and_stays_correct():
 def test_inplace_relu_and_lean_norm_compose():
     model = convert_batchnorm(resnet20()).train()
     capture = ActivationCapture(model, CapturePolicy())
-    with capture.record({"layer1.0.bn1": 0.2}) as rec:
+    with capture.record({"layer1.0.bn1": 0.2}):
         model(torch.rand(4, 3, 32, 32)).sum().backward()
     assert all(p.grad is not None for p in model.parameters())
 
