@@ -53,6 +53,8 @@ class EngineConfig:
             step's own gradients, after one dense probe at the first step. N > 0: a dense probe
             on ``probe_samples`` random samples every N steps, as the published code does (N = 1).
         probe_samples: samples in the probe.
+        fixed_keep: one keep ratio for every trained layer instead of importance (the
+            static-sparsity baseline); no probe runs.
     """
 
     policy: CapturePolicy = field(default_factory=CapturePolicy)
@@ -61,11 +63,14 @@ class EngineConfig:
     budget_bytes: Optional[int] = None
     probe_every: int = 0
     probe_samples: int = 10
+    fixed_keep: Optional[float] = None
 
     def __post_init__(self):
         if self.variant not in VARIANTS:
             raise ValueError("variant must be one of %s, got %r" % (VARIANTS, self.variant))
         check_keep_ratio("keep_floor", self.keep_floor)
+        if self.fixed_keep is not None:
+            check_keep_ratio("fixed_keep", self.fixed_keep)
         if self.budget_bytes is not None and not self.budget_bytes > 0:
             raise ValueError("budget_bytes must be > 0 or None, got %r" % (self.budget_bytes,))
         if self.probe_every < 0 or self.probe_samples < 1:
@@ -116,8 +121,11 @@ class SparseBackprop:
 
     def base_ratios(self) -> Dict[str, float]:
         """Keep ratios from the latest importance; frozen layers keep nothing."""
-        ratios = keep_ratios(self._grad_imp, memory_importance(self._numel),
-                             self.config.variant, self.config.keep_floor)
+        if self.config.fixed_keep is not None:
+            ratios = {n: self.config.fixed_keep for n in self._numel}
+        else:
+            ratios = keep_ratios(self._grad_imp, memory_importance(self._numel),
+                                 self.config.variant, self.config.keep_floor)
         trained = weights_needing_grad(self._modules, self._numel)
         return {n: (ratios.get(n, 1.0) if trained[n] else 0.0) for n in self._numel}
 
@@ -146,8 +154,10 @@ class SparseBackprop:
         start = time.perf_counter()
         every = self.config.probe_every
         probed = not self._grad_imp or (every > 0 and self.steps % every == 0)
-        if probed:
+        if probed and self.config.fixed_keep is None:
             self.probe(x)
+        elif not self._numel:  # static ratios still need the layer list: one forward
+            self._learn_sizes_from(x)
         plan = self.plan(x, forward_loss)
         trained = [n for n, keep in plan.keep_ratios.items() if keep >= SKIP_BELOW]
         with self._skip_empty_layers(plan.keep_ratios):
@@ -205,6 +215,13 @@ class SparseBackprop:
             loss.backward()
             self._grad_imp = gradient_importance(self._modules, self._numel)
         self.model.zero_grad(set_to_none=True)
+        _restore_buffers(self.model, buffers)
+
+    def _learn_sizes_from(self, x: torch.Tensor) -> None:
+        buffers = {k: v.clone() for k, v in self.model.named_buffers()}
+        with self.capture.record({}, passthrough=True) as rec:
+            self.model(x[: min(2, x.shape[0])])
+            self._learn_sizes(rec.layers(), min(2, x.shape[0]))
         _restore_buffers(self.model, buffers)
 
     def _profile_on(self, x: torch.Tensor, forward_loss: ForwardLoss, batch: int) -> None:

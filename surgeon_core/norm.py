@@ -1,20 +1,20 @@
 """Running-statistics BatchNorm: the normalisation that makes a lean activation cache possible.
 
 NOTE [Lean normalisation]
-Train-mode BatchNorm normalises with the batch's own statistics, so its input gradient depends on
-the whole input: autograd must keep the input dense and exact, which alone caps any saving near
-1/2 of full backprop. ``RunningStatNorm2d`` instead normalises with running statistics that are
-first updated from the batch (MECTA's norm: a forget gate sets the update rate from the distance
-between batch and running statistics), and treats those statistics as constants in backward:
+Train-mode BatchNorm differentiates through the batch's own statistics, so its input gradient
+depends on the whole input: autograd must keep the input dense and exact, which alone caps any
+saving near 1/2 of full backprop. ``RunningStatNorm2d`` normalises with statistics (mu, var) that
+it treats as constants in backward: the current batch's (default; the forward equals train-mode
+BatchNorm) or running statistics updated from the batch by MECTA's forget gate:
 
-    y = gamma * x_hat + beta,   x_hat = (x - mu_r) / sqrt(var_r + eps)
-    dL/dx = dL/dy * gamma / sqrt(var_r + eps)      (needs no activation at all)
+    y = gamma * x_hat + beta,   x_hat = (x - mu) / sqrt(var + eps)
+    dL/dx = dL/dy * gamma / sqrt(var + eps)        (needs no activation at all)
     dL/dgamma = sum(dL/dy * x_hat)                 (needs x_hat: prunable)
     dL/dbeta = sum(dL/dy)
 
 So the only activation it saves, ``x_hat``, serves a weight gradient and is pruned like a conv
-input. The price is a different gradient than train-mode BN (statistics are not differentiated
-through), which the benchmark judges on accuracy.
+input. The price is a gradient that ignores the paths through the statistics, which the
+continual benchmark judges on accuracy.
 """
 
 from typing import Optional
@@ -62,19 +62,31 @@ class _AffineWithConstantStats(torch.autograd.Function):
         return grad_x, grad_w, grad_b, None, None
 
 
+STATISTICS = ("batch", "running")
+
+
 class RunningStatNorm2d(nn.BatchNorm2d):
-    """BatchNorm2d that normalises with batch-updated running statistics (see NOTE above).
+    """BatchNorm2d whose statistics are constants in backward (see NOTE [Lean normalisation]).
+
+    In training it normalises with the current batch's statistics (``statistics="batch"``, the
+    default: the same output as train-mode BatchNorm) or with the running statistics just updated
+    from the batch (``"running"``: MECTA's norm, steadier on small batches). Either way the
+    running statistics are updated (forget gate or fixed momentum) for eval-mode use.
 
     Args:
         num_features: channels.
         gate_scale: forget-gate scale ``s``; ``None`` uses a fixed ``momentum`` instead.
         momentum: fixed update rate when the gate is off.
+        statistics: ``batch`` or ``running``.
     """
 
     def __init__(self, num_features: int, eps: float = 1e-5, momentum: float = 0.1,
-                 gate_scale: Optional[float] = 1.0):
+                 gate_scale: Optional[float] = 1.0, statistics: str = "batch"):
         super().__init__(num_features, eps=eps, momentum=momentum)
+        if statistics not in STATISTICS:
+            raise ValueError("statistics must be one of %s, got %r" % (STATISTICS, statistics))
         self.gate_scale = gate_scale
+        self.statistics = statistics
         self._last_rate = torch.zeros(())
 
     @property
@@ -83,14 +95,16 @@ class RunningStatNorm2d(nn.BatchNorm2d):
         return float(self._last_rate)
 
     @classmethod
-    def from_batchnorm(cls, bn: nn.BatchNorm2d, gate_scale: Optional[float] = 1.0):
+    def from_batchnorm(cls, bn: nn.BatchNorm2d, gate_scale: Optional[float] = 1.0,
+                       statistics: str = "batch"):
         """A copy of ``bn`` (weights and running statistics) with lean normalisation."""
-        new = cls(bn.num_features, bn.eps, bn.momentum or 0.1, gate_scale)
+        new = cls(bn.num_features, bn.eps, bn.momentum or 0.1, gate_scale, statistics)
         new.load_state_dict(bn.state_dict(), strict=False)
         return new.to(bn.weight.device)
 
     @torch.no_grad()
-    def _update_statistics(self, x: torch.Tensor) -> None:
+    def _update_statistics(self, x: torch.Tensor):
+        """Update the running statistics from ``x``; return the batch's (mean, var, finite)."""
         dims = [0] + list(range(2, x.dim()))
         # E[x^2] - E[x]^2: several times faster than var_mean over these dims on the CPU
         mean = x.mean(dims)
@@ -105,19 +119,25 @@ class RunningStatNorm2d(nn.BatchNorm2d):
         self.running_mean.lerp_(torch.where(finite, mean, self.running_mean), rate)
         self.running_var.lerp_(torch.where(finite, var, self.running_var), rate)
         self._last_rate = rate
+        return mean, var, finite
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        mean, var = self.running_mean, self.running_var
         if self.training and x.numel() > x.shape[1]:
-            self._update_statistics(x)
-        invstd = torch.rsqrt(self.running_var + self.eps)
-        return _AffineWithConstantStats.apply(x, self.weight, self.bias, self.running_mean, invstd)
+            batch_mean, batch_var, finite = self._update_statistics(x)
+            if self.statistics == "batch":
+                mean = torch.where(finite, batch_mean, self.running_mean)
+                var = torch.where(finite, batch_var, self.running_var)
+        invstd = torch.rsqrt(var + self.eps)
+        return _AffineWithConstantStats.apply(x, self.weight, self.bias, mean, invstd)
 
 
-def convert_batchnorm(model: nn.Module, gate_scale: Optional[float] = 1.0) -> nn.Module:
+def convert_batchnorm(model: nn.Module, gate_scale: Optional[float] = 1.0,
+                      statistics: str = "batch") -> nn.Module:
     """Replace every ``nn.BatchNorm2d`` in ``model`` (in place) by a ``RunningStatNorm2d`` copy."""
     for name, child in list(model.named_children()):
         if isinstance(child, nn.BatchNorm2d) and not isinstance(child, RunningStatNorm2d):
-            setattr(model, name, RunningStatNorm2d.from_batchnorm(child, gate_scale))
+            setattr(model, name, RunningStatNorm2d.from_batchnorm(child, gate_scale, statistics))
         else:
-            convert_batchnorm(child, gate_scale)
+            convert_batchnorm(child, gate_scale, statistics)
     return model

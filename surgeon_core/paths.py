@@ -9,6 +9,7 @@ from .errors import DataNotFound
 SHARED_ENV = "SURGEON_SHARED_DIR"
 DATA_ENV = "SURGEON_DATA_DIR"
 MODELS_ENV = "SURGEON_MODELS_DIR"
+CACHE_ENV = "SURGEON_CACHE_DIR"
 
 _REPO_ROOT = Path(__file__).resolve().parent.parent
 
@@ -34,6 +35,12 @@ def models_dir() -> Path:
     """Folder holding the pretrained ``resnet*_cifar10.th`` checkpoints."""
     env = os.environ.get(MODELS_ENV)
     return Path(env) if env else shared_dir() / "models"
+
+
+def cache_dir() -> Path:
+    """Where generated data (CIFAR-10-C) is kept: ``$SURGEON_CACHE_DIR`` or ~/.cache/surgeon."""
+    env = os.environ.get(CACHE_ENV)
+    return Path(env) if env else Path.home() / ".cache" / "surgeon"
 
 
 def require_file(path: Path, what: str, env_hint: Optional[str] = None) -> Path:

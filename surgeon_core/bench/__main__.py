@@ -1,16 +1,20 @@
 """surgeon-bench: reproducible measurements of surgeon_core.
 
     surgeon-bench memory --arch resnet20 --batch-size 200 [--weights PATH] [--budget-mb 30] [--json]
+    surgeon-bench continual --arch resnet20 --methods source,bn,tent,surgeon --batch-size 200 \
+        --severity 5 [--limit N] [--corruption-dir DIR] --out DIR
 """
 
 import argparse
+import ast
 import dataclasses
 import json
 import logging
 import platform
 import sys
+import time
 from pathlib import Path
-from typing import List, Optional
+from typing import Dict, List, Optional
 
 from ..errors import SurgeonError
 
@@ -92,11 +96,93 @@ def _table(meta, results) -> str:
     return "\n".join(lines)
 
 
+def _add_continual(sub) -> None:
+    p = sub.add_parser("continual", help="continual CIFAR-10-C: error, measured cache, time")
+    p.add_argument("--arch", default="resnet20")
+    p.add_argument("--weights", type=Path, default=None)
+    p.add_argument("--methods", default="source,bn,tent,eata,cotta,mecta,static,surgeon")
+    p.add_argument("--batch-size", type=int, default=200)
+    p.add_argument("--severity", type=int, default=5, choices=(1, 2, 3, 4, 5))
+    p.add_argument("--limit", type=int, default=None, help="first N images of each corruption")
+    p.add_argument("--seed", type=int, default=1, help="stream shuffling seed")
+    p.add_argument("--data-seed", type=int, default=0, help="corruption generator seed")
+    p.add_argument("--corruption-dir", type=Path, default=None,
+                   help="released CIFAR-10-C layout; generated (and cached) when missing")
+    p.add_argument("--workers", type=int, default=2, help="processes generating corruptions")
+    p.add_argument("--set", action="append", default=[], metavar="METHOD.KEY=VALUE",
+                   help="override a method argument, e.g. surgeon.lr=1e-4 (repeatable)")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--out", type=Path, required=True)
+    p.set_defaults(func=_continual)
+
+
+def _parse_overrides(items: List[str]) -> Dict[str, Dict]:
+    out: Dict[str, Dict] = {}
+    for item in items:
+        key, sep, raw = item.partition("=")
+        method, dot, field = key.partition(".")
+        if not sep or not dot:
+            raise ValueError("--set takes METHOD.KEY=VALUE, got %r" % item)
+        try:
+            value = ast.literal_eval(raw)
+        except (ValueError, SyntaxError):
+            value = raw
+        out.setdefault(method, {})[field] = value
+    return out
+
+
+def _continual(args) -> int:
+    import torch
+    from tqdm import tqdm
+
+    from .. import paths
+    from ..data.cifar10c import build_cifar10c
+    from ..models import cifar_resnet_by_name, default_weights_path
+    from .continual import results_json, run_continual
+    from .report import markdown_table, save_plots
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    torch.manual_seed(args.seed)
+    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    overrides = _parse_overrides(args.set)
+    from ..methods import args_for
+
+    for name in methods:  # fail on a bad name or option before any long work
+        args_for(name, **overrides.get(name, {}))
+    weights = args.weights or default_weights_path(args.arch)
+    base = cifar_resnet_by_name(args.arch, weights)
+    folder = args.corruption_dir or paths.cache_dir() / (
+        "cifar10c-seed%d-n%d" % (args.data_seed, args.limit or 10000))
+    build_cifar10c(folder, limit=args.limit, seed=args.data_seed, workers=args.workers)
+    per_corruption = args.limit or 10000
+    steps = len(methods) * 15 * -(-per_corruption // args.batch_size)
+    start = time.perf_counter()
+    with tqdm(total=steps, unit="batch", disable=None) as bar:
+        runs = run_continual(base, methods, folder, args.severity, args.batch_size, args.limit,
+                             args.seed, torch.device(args.device), overrides, bar)
+    meta = {"arch": args.arch, "weights": str(weights), "batch_size": args.batch_size,
+            "severity": args.severity, "images_per_corruption": per_corruption,
+            "seed": args.seed, "data_seed": args.data_seed, "corruption_dir": str(folder),
+            "device": _device_name(torch.device(args.device)), "torch": torch.__version__,
+            "overrides": overrides, "wall_seconds": time.perf_counter() - start,
+            "command": "surgeon-bench " + " ".join(sys.argv[1:])}
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "results.json").write_text(json.dumps(results_json(runs, meta), indent=1))
+    table = markdown_table(runs, meta)
+    (args.out / "results.md").write_text(table + "\n")
+    save_plots(runs, args.out)
+    print(table)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="surgeon-bench", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
     _add_memory(sub)
+    _add_continual(sub)
     return parser
 
 
@@ -105,7 +191,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except (SurgeonError, KeyError, ValueError) as exc:
+    except (SurgeonError, KeyError, ValueError, TypeError) as exc:
         print("surgeon-bench: error: %s" % exc, file=sys.stderr)
         return 2
 

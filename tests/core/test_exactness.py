@@ -75,15 +75,21 @@ def test_pruned_weight_gradient_equals_hand_computation(layer, shape):
     assert not torch.allclose(got_w, dense_w)
 
 
-def test_lean_norm_gradients_match_a_reference_with_constant_statistics():
+@pytest.mark.parametrize("statistics", ["batch", "running"])
+def test_lean_norm_gradients_match_a_reference_with_constant_statistics(statistics):
     bn = nn.BatchNorm2d(4)
     with torch.no_grad():
         bn.weight.uniform_(0.5, 1.5)
         bn.bias.uniform_(-0.5, 0.5)
-    norm = RunningStatNorm2d.from_batchnorm(bn).train()
+    norm = RunningStatNorm2d.from_batchnorm(bn, statistics=statistics).train()
     x = torch.randn(8, 4, 5, 5, requires_grad=True)
     out = norm(x)
-    mean, var = norm.running_mean.clone(), norm.running_var.clone()
+    if statistics == "batch":
+        var, mean = torch.var_mean(x.detach(), dim=(0, 2, 3), correction=0)
+        torch.testing.assert_close(out, nn.functional.batch_norm(
+            x.detach(), None, None, norm.weight, norm.bias, True, 0.0, norm.eps))
+    else:
+        mean, var = norm.running_mean.clone(), norm.running_var.clone()
     grad = torch.randn_like(out)
     got = torch.autograd.grad(out, (x, norm.weight, norm.bias), grad)
     ref_x = x.detach().clone().requires_grad_(True)

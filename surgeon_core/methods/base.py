@@ -1,0 +1,118 @@
+"""What every TTA method shares: the step result, reset snapshots, the NaN guard, the meter.
+
+Usage (any registered method)::
+
+    method = get_method("tent")(model, TentArgs())
+    for x in stream:
+        result = method.step(x)          # logits from before this batch's update
+    method.reset()                       # back to the source weights, exactly
+"""
+
+import copy
+import time
+from dataclasses import dataclass
+from typing import Any, Dict, Iterable, List, Optional, Tuple
+
+import torch
+from torch import nn
+
+from ..capture import ActivationCapture, CapturePolicy, paper_bytes
+from ..engine import entropy
+
+__all__ = ["StepResult", "Method", "bn_modules", "use_batch_statistics", "entropy"]
+
+
+@dataclass
+class StepResult:
+    """One batch: the prediction logits (before the update) and what the update cost."""
+
+    logits: torch.Tensor
+    loss: float = 0.0
+    cache_bytes: int = 0          # measured, see NOTE [Cache bytes]
+    paper_bytes: int = 0          # the published code's convention
+    seconds: float = 0.0
+    updated: bool = False         # False when nothing was selected or the step was not finite
+    selected: Optional[int] = None
+
+
+def bn_modules(model: nn.Module) -> List[nn.modules.batchnorm._BatchNorm]:
+    return [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+
+
+def use_batch_statistics(model: nn.Module) -> None:
+    """Normalise with each test batch's statistics, in train and eval mode alike (tent's trick)."""
+    for m in bn_modules(model):
+        m.track_running_stats = False
+        m.running_mean = None
+        m.running_var = None
+
+
+class Method:
+    """Base of every method: owns the adapted model, its optimizer and one source snapshot.
+
+    Subclasses implement ``_adapt(x) -> StepResult``; ``step`` times it and guards the update.
+    """
+
+    name = "base"
+
+    def __init__(self, model: nn.Module, optimizer: Optional[torch.optim.Optimizer] = None):
+        self.model = model
+        self.optimizer = optimizer
+        self._source = self._snapshot()
+        self._meter: Optional[ActivationCapture] = None
+
+    def _snapshot(self) -> Dict[str, Any]:
+        state = {"model": copy.deepcopy(self.model.state_dict())}
+        if self.optimizer is not None:
+            state["optimizer"] = copy.deepcopy(self.optimizer.state_dict())
+        return state
+
+    def reset(self) -> None:
+        """Restore the weights, statistics and optimizer state captured at construction."""
+        self.model.load_state_dict(self._source["model"])
+        if self.optimizer is not None:
+            self.optimizer.load_state_dict(self._source["optimizer"])
+            self.optimizer.zero_grad(set_to_none=True)
+
+    def state_dict(self) -> Dict[str, Any]:
+        state = {"model": self.model.state_dict()}
+        if self.optimizer is not None:
+            state["optimizer"] = self.optimizer.state_dict()
+        return state
+
+    def load_state_dict(self, state: Dict[str, Any]) -> None:
+        self.model.load_state_dict(state["model"])
+        if self.optimizer is not None and "optimizer" in state:
+            self.optimizer.load_state_dict(state["optimizer"])
+
+    def step(self, x: torch.Tensor) -> StepResult:
+        start = time.perf_counter()
+        result = self._adapt(x)
+        result.seconds = time.perf_counter() - start
+        return result
+
+    def _adapt(self, x: torch.Tensor) -> StepResult:
+        raise NotImplementedError
+
+    def apply_update(self) -> bool:
+        """Optimizer step only if every gradient is finite: no NaN ever reaches the weights."""
+        params = [p for g in self.optimizer.param_groups for p in g["params"] if p.grad is not None]
+        finite = bool(params) and bool(torch.stack([torch.isfinite(p.grad).all()
+                                                    for p in params]).all())
+        if finite:
+            self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return finite
+
+    def metered_forward(self, fn, *args) -> Tuple[Any, int, int]:
+        """Run ``fn`` under a passthrough meter: plain autograd, its cache measured."""
+        if self._meter is None:
+            self._meter = ActivationCapture(self.model, CapturePolicy(passthrough=True))
+        with self._meter.record() as rec:
+            out = fn(*args)
+            layers = rec.layers()
+            return out, rec.cache_bytes(), paper_bytes(layers)
+
+
+def trainable(params: Iterable[nn.Parameter]) -> List[nn.Parameter]:
+    return [p for p in params if p.requires_grad]
