@@ -10,7 +10,7 @@ import json
 import logging
 import multiprocessing
 from pathlib import Path
-from typing import Iterable, Optional, Tuple
+from typing import Dict, Iterable, Optional, Tuple
 
 import numpy as np
 
@@ -29,13 +29,35 @@ def _manifest(folder: Path) -> dict:
     return json.loads(path.read_text()) if path.is_file() else {}
 
 
-def _generate(job: Tuple[np.ndarray, str, int, Path]) -> str:
-    images, name, seed, target = job
-    stacked = np.concatenate([corrupt(images, name, s, seed) for s in range(1, 6)])
+def _generate(job: Tuple[np.ndarray, str, int, int]) -> Tuple[str, int, np.ndarray]:
+    images, name, severity, seed = job
+    return name, severity, corrupt(images, name, severity, seed)
+
+
+def _save(target: Path, blocks) -> None:
     tmp = target.with_name(target.stem + ".tmp.npy")
-    np.save(tmp, stacked)
+    np.save(tmp, np.concatenate([blocks[s] for s in range(1, 6)]))
     tmp.replace(target)  # a crash never leaves a half-written file under the real name
-    return name
+
+
+class _Serial:
+    """A stand-in for a process pool when one worker is asked for."""
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+    @staticmethod
+    def imap_unordered(fn, jobs):
+        return map(fn, jobs)
+
+
+def _pool(workers: int, jobs: int):
+    if workers > 1 and jobs > 1:
+        return multiprocessing.get_context("spawn").Pool(min(workers, jobs))
+    return _Serial()
 
 
 def build_cifar10c(folder: Path, corruptions: Iterable[str] = CORRUPTIONS,
@@ -50,18 +72,18 @@ def build_cifar10c(folder: Path, corruptions: Iterable[str] = CORRUPTIONS,
     if manifest and {k: manifest.get(k) for k in wanted} != wanted:
         raise DataNotFound("%s holds CIFAR-10-C made with %s, not %s; use another --corruption-dir"
                            % (folder, {k: manifest.get(k) for k in wanted}, wanted))
-    jobs = [(images, name, seed, folder / ("%s.npy" % name)) for name in corruptions
-            if not (folder / ("%s.npy" % name)).is_file()]
+    names = [n for n in corruptions if not (folder / ("%s.npy" % n)).is_file()]
+    jobs = [(images, name, severity, seed) for name in names for severity in range(1, 6)]
     if jobs:
         logger.info("generating %d corruptions (5 severities x %d images) into %s",
-                    len(jobs), len(images), folder)
-    if workers > 1 and len(jobs) > 1:
-        with multiprocessing.get_context("spawn").Pool(min(workers, len(jobs))) as pool:
-            for name in pool.imap_unordered(_generate, jobs):
+                    len(names), len(images), folder)
+    blocks: Dict[str, Dict[int, np.ndarray]] = {name: {} for name in names}
+    with _pool(workers, len(jobs)) as pool:
+        for name, severity, out in pool.imap_unordered(_generate, jobs):
+            blocks[name][severity] = out
+            if len(blocks[name]) == 5:
+                _save(folder / ("%s.npy" % name), blocks.pop(name))
                 logger.info("generated %s", name)
-    else:
-        for job in jobs:
-            _generate(job)
     if not (folder / "labels.npy").is_file():
         np.save(folder / "labels.npy", np.tile(labels.astype(np.uint8), 5))
     (folder / _MANIFEST).write_text(json.dumps({**manifest, **wanted, "generator": "surgeon"}))

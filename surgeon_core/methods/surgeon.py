@@ -31,7 +31,8 @@ class SurgeonArgs:
     Attributes:
         lr: Adam learning rate; ``None`` picks the published code's (1e-3 for BN parameters,
             2.2e-5 when every weight trains).
-        params: ``all`` weights, ``bn`` affine, or ``bn_gamma`` (the published code's choice).
+        params: ``bn`` affine (default, as the published runs: BN-only at lr 1e-3), ``all``
+            weights, or ``bn_gamma`` (the published code's exact choice: beta never moves).
         lean_norm: running-statistics normalisation (NOTE [Lean normalisation]); False keeps
             train-mode BatchNorm exact.
         margin: CSS keeps samples with entropy below ``margin * ln C``.
@@ -41,7 +42,7 @@ class SurgeonArgs:
     """
 
     lr: Optional[float] = None
-    params: str = "all"
+    params: str = "bn"
     lean_norm: bool = True
     margin: float = 0.4
     consistency_weight: Optional[float] = None
@@ -108,12 +109,17 @@ class Surgeon(Method):
         self.args = args
         self.engine = SparseBackprop(model, args.engine_config())
         self._rng = random.Random(args.seed)
+        self._selected = 0
 
     def _forward_loss(self, model: nn.Module, x: torch.Tensor):
         logits = model(x)
-        loss = css_entropy(logits, self.args.margin)
+        threshold = self.args.margin * math.log(logits.shape[1])
+        self._selected = int((entropy(logits.detach()) < threshold).sum())
         weight = self.args.consistency_weight
         weight = 0.01 * logits.shape[1] if weight is None else weight
+        if self._selected == 0 and weight <= 0:  # nothing to learn from: no backward at all
+            return logits.new_zeros(()), logits
+        loss = css_entropy(logits, self.args.margin)
         if weight > 0:
             loss = loss + weight * consistency(logits, model(cotta_augment(x, self._rng)))
         return loss, logits
@@ -121,10 +127,8 @@ class Surgeon(Method):
     def _adapt(self, x: torch.Tensor) -> StepResult:
         report = self.engine.step(x, self._forward_loss)
         updated = not report.skipped and self.apply_update()
-        threshold = self.args.margin * math.log(report.logits.shape[1])
-        selected = int((entropy(report.logits) < threshold).sum())
         return StepResult(report.logits, report.loss, report.cache_bytes, report.paper_bytes,
-                          updated=updated, selected=selected)
+                          updated=updated, selected=self._selected)
 
 
 @dataclass(frozen=True)

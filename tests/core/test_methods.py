@@ -1,0 +1,100 @@
+import copy
+import math
+
+import pytest
+import torch
+
+from surgeon_core.data import load_cifar10, to_tensor
+from surgeon_core.data.corruptions import corrupt
+from surgeon_core.methods import UnknownMethod, args_for, get_method, list_methods
+from surgeon_core.models import cifar_resnet_by_name
+
+FAST = {"cotta": {"augmentations": 2}}
+
+
+@pytest.fixture(scope="module")
+def base(resnet20_weights):
+    return cifar_resnet_by_name("resnet20", resnet20_weights)
+
+
+@pytest.fixture(scope="module")
+def noisy():
+    images, labels = load_cifar10("test", limit=256)
+    return to_tensor(corrupt(images, "gaussian_noise", 5)), torch.from_numpy(labels)
+
+
+def _build(name, base, **overrides):
+    return get_method(name)(copy.deepcopy(base), args_for(name, **{**FAST.get(name, {}),
+                                                                   **overrides}))
+
+
+def _stream_error(method, x, y, batch=64):
+    wrong = 0
+    for i in range(0, len(x), batch):
+        result = method.step(x[i:i + batch])
+        assert result.logits.shape == (len(x[i:i + batch]), 10)
+        wrong += int((result.logits.argmax(1) != y[i:i + batch]).sum())
+    return 100.0 * wrong / len(x)
+
+
+def test_every_method_is_registered():
+    assert list_methods() == ["bn", "cotta", "eata", "mecta", "source", "static", "surgeon",
+                              "tent"]
+    with pytest.raises(UnknownMethod, match="known: bn, cotta"):
+        get_method("magic")
+
+
+@pytest.mark.parametrize("name", list_methods())
+def test_runs_end_to_end_and_reset_restores_the_source_exactly(name, base, noisy):
+    method = _build(name, base)
+    source = {k: v.clone() for k, v in method.model.state_dict().items()}
+    _stream_error(method, noisy[0][:128], noisy[1][:128])
+    changed = any(not torch.equal(v, method.model.state_dict()[k]) for k, v in source.items())
+    assert changed or name in ("source", "bn")
+    method.reset()
+    for k, v in source.items():
+        assert torch.equal(v, method.model.state_dict()[k]), k
+    assert all(torch.isfinite(p).all() for p in method.model.parameters())
+
+
+def test_bn_and_tent_beat_source_on_noise(base, noisy):
+    errors = {n: _stream_error(_build(n, base), *noisy) for n in ("source", "bn", "tent")}
+    assert errors["bn"] < errors["source"] - 15
+    assert errors["tent"] <= errors["bn"] + 2
+
+
+@pytest.mark.parametrize("name", [n for n in list_methods() if n not in ("source", "bn")])
+def test_a_nan_batch_never_reaches_the_weights(name, base, noisy):
+    method = _build(name, base)
+    x = noisy[0][:32].clone()
+    x[0, 0, 0, 0] = float("nan")
+    method.step(x)
+    assert all(torch.isfinite(p).all() for p in method.model.parameters())
+    method.step(noisy[0][32:64])  # and it keeps working afterwards
+    assert all(torch.isfinite(p).all() for p in method.model.parameters())
+
+
+@pytest.mark.parametrize("name, overrides", [("eata", {"margin": 0.0}),
+                                             ("surgeon", {"margin": 0.0, "consistency_weight": 0})])
+def test_an_empty_selection_updates_nothing(name, overrides, base, noisy):
+    method = _build(name, base, **overrides)
+    before = {k: v.clone() for k, v in method.model.state_dict().items() if v.is_floating_point()}
+    result = method.step(noisy[0][:32])
+    assert result.selected == 0 and not result.updated
+    params = dict(method.model.named_parameters())
+    for k in params:
+        assert torch.equal(params[k], before[k]), k
+
+
+def test_surgeon_holds_a_fraction_of_tents_cache(base, noisy):
+    tent = _build("tent", base).step(noisy[0][:64])
+    surgeon = _build("surgeon", base, consistency_weight=0).step(noisy[0][:64])
+    assert surgeon.cache_bytes < tent.cache_bytes / 5
+
+
+def test_bad_method_arguments_are_refused():
+    with pytest.raises(ValueError, match="params"):
+        args_for("surgeon", params="everything")
+    with pytest.raises(TypeError):
+        args_for("tent", learning_rate=1.0)
+    assert math.isclose(args_for("surgeon", params="bn").learning_rate(), 1e-3)
