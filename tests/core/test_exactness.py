@@ -1,5 +1,6 @@
 """Keep ratio 1 + lossless storage == plain autograd; pruning changes only weight gradients."""
 
+import copy
 import dataclasses
 
 import pytest
@@ -9,6 +10,8 @@ from torch import nn
 from surgeon_core.capture import ActivationCapture, CapturePolicy
 from surgeon_core.norm import RunningStatNorm2d, convert_batchnorm
 from surgeon_core.sparsity import select_topk
+
+from surgeon_core.models import resnet20
 
 from .models_zoo import MODELS
 
@@ -76,28 +79,41 @@ def test_pruned_weight_gradient_equals_hand_computation(layer, shape):
 
 
 @pytest.mark.parametrize("statistics", ["batch", "running"])
-def test_lean_norm_gradients_match_a_reference_with_constant_statistics(statistics):
+def test_lean_norm_gradients_match_their_reference(statistics):
+    # batch statistics: train-mode BatchNorm's gradient (the centred input gradient);
+    # running statistics: BatchNorm with those statistics held constant (MECTA-style)
     bn = nn.BatchNorm2d(4)
     with torch.no_grad():
         bn.weight.uniform_(0.5, 1.5)
         bn.bias.uniform_(-0.5, 0.5)
     norm = RunningStatNorm2d.from_batchnorm(bn, statistics=statistics).train()
     x = torch.randn(8, 4, 5, 5, requires_grad=True)
+    mean, var = norm.running_mean.clone(), norm.running_var.clone()
     out = norm(x)
+    ref_x = x.detach().clone().requires_grad_(True)
     if statistics == "batch":
-        var, mean = torch.var_mean(x.detach(), dim=(0, 2, 3), correction=0)
-        torch.testing.assert_close(out, nn.functional.batch_norm(
-            x.detach(), None, None, norm.weight, norm.bias, True, 0.0, norm.eps))
+        ref = nn.functional.batch_norm(ref_x, None, None, norm.weight, norm.bias, True, 0.0,
+                                       norm.eps)
     else:
         mean, var = norm.running_mean.clone(), norm.running_var.clone()
+        ref = nn.functional.batch_norm(ref_x, mean, var, norm.weight, norm.bias, False, 0.0,
+                                       norm.eps)
+    torch.testing.assert_close(out, ref)
     grad = torch.randn_like(out)
     got = torch.autograd.grad(out, (x, norm.weight, norm.bias), grad)
-    ref_x = x.detach().clone().requires_grad_(True)
-    ref = nn.functional.batch_norm(ref_x, mean, var, norm.weight, norm.bias, False, 0.0, norm.eps)
-    torch.testing.assert_close(out, ref)
     expected = torch.autograd.grad(ref, (ref_x, norm.weight, norm.bias), grad)
     for g, e in zip(got, expected):
         torch.testing.assert_close(g, e)
+
+
+def test_lean_norm_at_keep_one_equals_train_mode_batchnorm_on_a_whole_model():
+    plain = resnet20().train()
+    lean = convert_batchnorm(copy.deepcopy(plain))
+    x = torch.rand(4, 3, 32, 32)
+    _, expected = _grads(plain, x)
+    _, got = _grads(lean, x, ActivationCapture(lean, CapturePolicy.lossless()))
+    for key in expected:
+        torch.testing.assert_close(got[key], expected[key], rtol=1e-4, atol=1e-6, msg=key)
 
 
 def test_lean_norm_moves_statistics_toward_a_shifted_batch():
