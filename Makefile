@@ -5,19 +5,22 @@ VENV38 ?= .venv38
 TORCH ?= torch==2.14.1 torchvision==0.29.1
 TORCH38 ?= torch==2.0.1 torchvision==0.15.2
 PY38 = PYENV_VERSION=3.8.18 python3.8
+FROST = imagecorruptions==1.1.2   # only its frost textures are used (surgeon_core/data/frost.py)
 
-.PHONY: test test-py38 demo bench-memory lint clean
+.PHONY: test test-py38 demo bench-memory bench-continual clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(VENV)/bin/pip install --quiet $(TORCH)
-	$(VENV)/bin/pip install --quiet -e '.[torch,dev]'
+	$(VENV)/bin/pip install --quiet -e '.[torch,bench,dev]'
+	$(VENV)/bin/pip install --quiet --no-deps $(FROST)
 	touch $@
 
 $(VENV38)/.installed: pyproject.toml
 	$(PY38) -m venv $(VENV38)
 	$(VENV38)/bin/pip install --quiet $(TORCH38) 'numpy<2'
-	$(VENV38)/bin/pip install --quiet -e '.[torch,dev]'
+	$(VENV38)/bin/pip install --quiet -e '.[torch,bench,dev]'
+	$(VENV38)/bin/pip install --quiet --no-deps $(FROST)
 	touch $@
 
 test: $(VENV)/.installed
@@ -33,6 +36,11 @@ demo: $(VENV)/.installed
 
 bench-memory: $(VENV)/.installed
 	$(VENV)/bin/surgeon-bench memory --arch resnet20 --batch-size 200 --budget-mb 15 --json
+
+# The paper's table on this machine (long: see BENCHMARKS.md for wall times).
+bench-continual: $(VENV)/.installed
+	$(VENV)/bin/surgeon-bench continual --arch resnet20 --batch-size 200 --severity 5 \
+		--methods source,bn,tent,eata,cotta,mecta,static,surgeon --out bench-out/continual
 
 clean:
 	rm -rf $(VENV) $(VENV38) *.egg-info .pytest_cache
