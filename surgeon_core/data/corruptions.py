@@ -184,10 +184,12 @@ def _plasma_fractal(rng, mapsize=32, decay=3.0):
                 + np.roll(np.roll(corners, -1, 0), -1, 1)) / 4
         grid[half:mapsize:step, half:mapsize:step] = mean + rng.uniform(-wibble, wibble, mean.shape)
         centres = grid[half:mapsize:step, half:mapsize:step]
-        ltsum = corners + np.roll(corners, -1, 1) + centres + np.roll(centres, 1, 0)
-        grid[0:mapsize:step, half:mapsize:step] = ltsum / 4 + rng.uniform(-wibble, wibble, mean.shape)
-        ttsum = corners + np.roll(corners, -1, 0) + centres + np.roll(centres, 1, 1)
-        grid[half:mapsize:step, 0:mapsize:step] = ttsum / 4 + rng.uniform(-wibble, wibble, mean.shape)
+        edges_h = corners + np.roll(corners, -1, 1) + centres + np.roll(centres, 1, 0)
+        grid[0:mapsize:step, half:mapsize:step] = edges_h / 4 + rng.uniform(-wibble, wibble,
+                                                                            mean.shape)
+        edges_v = corners + np.roll(corners, -1, 0) + centres + np.roll(centres, 1, 1)
+        grid[half:mapsize:step, 0:mapsize:step] = edges_v / 4 + rng.uniform(-wibble, wibble,
+                                                                            mean.shape)
         step //= 2
         wibble /= decay
     grid -= grid.min()

@@ -1,4 +1,4 @@
-"""Frost textures for the frost corruption: the frost1..5 images of the ``imagecorruptions`` package.
+"""Frost textures for the frost corruption: frost1..5 of the ``imagecorruptions`` package.
 
 The package itself does not import on current libraries, so its data files are located through the
 installed distribution's file list and read with Pillow; the package's code is never imported.
