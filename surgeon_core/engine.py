@@ -113,6 +113,11 @@ class SparseBackprop:
         self._fixed: Optional[Tuple[int, float]] = None   # (batch, fixed bytes per sample)
         self.steps = 0
 
+    def forget(self) -> None:
+        """Drop learnt importance and sizes (after a model reset); the next step probes again."""
+        self._numel, self._grad_imp, self._fixed = {}, {}, None
+        self.steps = 0
+
     def set_budget(self, budget_bytes: Optional[int]) -> None:
         """Change the cache budget from the next step on (``None`` removes it)."""
         if budget_bytes is not None and not budget_bytes > 0:

@@ -111,6 +111,10 @@ class Surgeon(Method):
         self._rng = random.Random(args.seed)
         self._selected = 0
 
+    def reset(self) -> None:
+        super().reset()
+        self.engine.forget()
+
     def _forward_loss(self, model: nn.Module, x: torch.Tensor):
         logits = model(x)
         threshold = self.args.margin * math.log(logits.shape[1])

@@ -55,6 +55,8 @@ def test_runs_end_to_end_and_reset_restores_the_source_exactly(name, base, noisy
     for k, v in source.items():
         assert torch.equal(v, method.model.state_dict()[k]), k
     assert all(torch.isfinite(p).all() for p in method.model.parameters())
+    if hasattr(method, "engine"):
+        assert method.engine.steps == 0  # importance learnt on the old weights is dropped
 
 
 def test_bn_and_tent_beat_source_on_noise(base, noisy):
