@@ -34,6 +34,7 @@ class MethodRun:
     cache_bytes: List[int] = field(default_factory=list)
     paper_bytes: List[int] = field(default_factory=list)
     step_seconds: List[float] = field(default_factory=list)
+    keeps: List[float] = field(default_factory=list)
     peak_bytes: int = 0
     updates: int = 0
     wall_seconds: float = 0.0
@@ -49,6 +50,7 @@ class MethodRun:
                 "cache_mb_mean": statistics.mean(self.cache_bytes) / mb if self.cache_bytes else 0,
                 "paper_mb_mean": statistics.mean(self.paper_bytes) / mb if self.paper_bytes else 0,
                 "step_seconds_mean": statistics.mean(self.step_seconds) if self.step_seconds else 0,
+                "mean_keep": statistics.mean(self.keeps) if self.keeps else None,
                 "peak_mb": self.peak_bytes / mb, "updates": self.updates,
                 "wall_seconds": self.wall_seconds}
 
@@ -85,6 +87,8 @@ def run_method(name: str, base: nn.Module, corruption_dir: Path, severity: int, 
             run.paper_bytes.append(result.paper_bytes)
             run.step_seconds.append(result.seconds)
             run.updates += int(result.updated)
+            if result.mean_keep is not None:
+                run.keeps.append(result.mean_keep)
             run.peak_bytes = max(run.peak_bytes, peak())
             if progress is not None:
                 progress.update(1)

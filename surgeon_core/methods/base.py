@@ -33,6 +33,7 @@ class StepResult:
     seconds: float = 0.0
     updated: bool = False         # False when nothing was selected or the step was not finite
     selected: Optional[int] = None
+    mean_keep: Optional[float] = None   # sparse methods: mean keep ratio of the trained layers
 
 
 def bn_modules(model: nn.Module) -> List[nn.modules.batchnorm._BatchNorm]:

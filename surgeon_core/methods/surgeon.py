@@ -131,8 +131,10 @@ class Surgeon(Method):
     def _adapt(self, x: torch.Tensor) -> StepResult:
         report = self.engine.step(x, self._forward_loss)
         updated = not report.skipped and self.apply_update()
+        trained = [k for k in report.keep_ratios.values() if k > 0]
+        mean_keep = sum(trained) / len(trained) if trained else None
         return StepResult(report.logits, report.loss, report.cache_bytes, report.paper_bytes,
-                          updated=updated, selected=self._selected)
+                          updated=updated, selected=self._selected, mean_keep=mean_keep)
 
 
 @dataclass(frozen=True)
