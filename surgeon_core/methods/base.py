@@ -11,7 +11,7 @@ Usage (any registered method)::
 import copy
 import time
 from dataclasses import dataclass
-from typing import Any, Dict, Iterable, List, Optional, Tuple
+from typing import Any, Dict, List, Optional, Tuple
 
 import torch
 from torch import nn
@@ -113,7 +113,3 @@ class Method:
             out = fn(*args)
             layers = rec.layers()
             return out, rec.cache_bytes(), paper_bytes(layers)
-
-
-def trainable(params: Iterable[nn.Parameter]) -> List[nn.Parameter]:
-    return [p for p in params if p.requires_grad]
