@@ -92,6 +92,7 @@ class StepReport:
     seconds: float
     skipped: bool = False
     trained_layers: int = 0   # prunable layers that kept enough to train; 0 = budget starved
+    overall_keep: Optional[float] = None   # kept / prunable values over trainable layers
 
 
 class SparseBackprop:
@@ -179,7 +180,14 @@ class SparseBackprop:
         self.steps += 1
         return StepReport(float(loss.detach()), logits.detach(), cache, paper, plan.predicted_bytes,
                           plan.keep_ratios, layers, time.perf_counter() - start, skipped,
-                          len(trained))
+                          len(trained), self.overall_keep(plan.keep_ratios))
+
+    def overall_keep(self, ratios: Dict[str, float]) -> Optional[float]:
+        """Kept values over prunable values of the layers that train (the paper's sparsity)."""
+        trainable = weights_needing_grad(self._modules, self._numel)
+        sizes = {n: v for n, v in self._numel.items() if trainable[n] and n in ratios}
+        total = sum(sizes.values())
+        return sum(ratios[n] * v for n, v in sizes.items()) / total if total else None
 
     @contextlib.contextmanager
     def _skip_empty_layers(self, ratios: Dict[str, float]):

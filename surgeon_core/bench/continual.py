@@ -35,6 +35,7 @@ class MethodRun:
     paper_bytes: List[int] = field(default_factory=list)
     step_seconds: List[float] = field(default_factory=list)
     keeps: List[float] = field(default_factory=list)
+    overall_keeps: List[float] = field(default_factory=list)
     peak_bytes: int = 0
     updates: int = 0
     wall_seconds: float = 0.0
@@ -51,6 +52,8 @@ class MethodRun:
                 "paper_mb_mean": statistics.mean(self.paper_bytes) / mb if self.paper_bytes else 0,
                 "step_seconds_mean": statistics.mean(self.step_seconds) if self.step_seconds else 0,
                 "mean_keep": statistics.mean(self.keeps) if self.keeps else None,
+                "overall_keep": (statistics.mean(self.overall_keeps) if self.overall_keeps
+                                 else None),
                 "peak_mb": self.peak_bytes / mb, "updates": self.updates,
                 "wall_seconds": self.wall_seconds}
 
@@ -89,6 +92,8 @@ def run_method(name: str, base: nn.Module, corruption_dir: Path, severity: int, 
             run.updates += int(result.updated)
             if result.mean_keep is not None:
                 run.keeps.append(result.mean_keep)
+            if result.overall_keep is not None:
+                run.overall_keeps.append(result.overall_keep)
             run.peak_bytes = max(run.peak_bytes, peak())
             if progress is not None:
                 progress.update(1)

@@ -18,7 +18,8 @@ _SHORT = {"gaussian_noise": "gauss", "shot_noise": "shot", "impulse_noise": "imp
 def markdown_table(runs: List[MethodRun], meta: Dict) -> str:
     """Per-corruption error (%), mean error, cache MB (measured max/mean, paper mean), step s."""
     head = ["method"] + [_SHORT[c] for c in CORRUPTIONS] + [
-        "mean err", "cache MB max", "cache MB mean", "paper MB", "mean keep", "step s", "peak MB"]
+        "mean err", "cache MB max", "cache MB mean", "paper MB", "mean keep", "overall keep",
+        "step s", "peak MB"]
     lines = ["%s, batch %s, severity %s, %s images per corruption, %s, seed %s" % (
         meta.get("arch"), meta.get("batch_size"), meta.get("severity"),
         meta.get("images_per_corruption"), meta.get("device"), meta.get("seed")), "",
@@ -28,10 +29,14 @@ def markdown_table(runs: List[MethodRun], meta: Dict) -> str:
         cells = [run.method] + ["%.1f" % run.errors.get(c, float("nan")) for c in CORRUPTIONS]
         cells += ["**%.1f**" % s["mean_error"], "%.1f" % s["cache_mb_max"],
                   "%.1f" % s["cache_mb_mean"], "%.1f" % s["paper_mb_mean"],
-                  "-" if s["mean_keep"] is None else "%.3f" % s["mean_keep"],
+                  _ratio(s["mean_keep"]), _ratio(s["overall_keep"]),
                   "%.3f" % s["step_seconds_mean"], "%.0f" % s["peak_mb"]]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
+
+
+def _ratio(value) -> str:
+    return "-" if value is None else "%.3f" % value
 
 
 def save_plots(runs: List[MethodRun], out_dir: Path) -> List[Path]:

@@ -34,6 +34,7 @@ class StepResult:
     updated: bool = False         # False when nothing was selected or the step was not finite
     selected: Optional[int] = None
     mean_keep: Optional[float] = None   # sparse methods: mean keep ratio of the trained layers
+    overall_keep: Optional[float] = None   # sparse methods: kept / prunable values (trainable)
 
 
 def bn_modules(model: nn.Module) -> List[nn.modules.batchnorm._BatchNorm]:

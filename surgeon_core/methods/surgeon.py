@@ -134,7 +134,8 @@ class Surgeon(Method):
         trained = [k for k in report.keep_ratios.values() if k > 0]
         mean_keep = sum(trained) / len(trained) if trained else None
         return StepResult(report.logits, report.loss, report.cache_bytes, report.paper_bytes,
-                          updated=updated, selected=self._selected, mean_keep=mean_keep)
+                          updated=updated, selected=self._selected, mean_keep=mean_keep,
+                          overall_keep=report.overall_keep)
 
 
 @dataclass(frozen=True)

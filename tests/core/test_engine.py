@@ -81,3 +81,18 @@ def test_latest_gradient_importance_does_not_collapse_ratios(resnet20_weights, c
         means.append(sum(report.keep_ratios.values()) / len(report.keep_ratios))
     assert min(means[4:]) > 0.5 * means[0]
     assert engine.steps == 8
+
+
+def test_overall_keep_weights_layers_by_their_prunable_values():
+    model = convert_batchnorm(resnet20()).train()
+    static = SparseBackprop(model, EngineConfig(fixed_keep=0.3)).step(
+        torch.rand(8, 3, 32, 32), _entropy_loss)
+    assert static.overall_keep == pytest.approx(0.3)
+    engine = SparseBackprop(model)
+    report = engine.step(torch.rand(8, 3, 32, 32), _entropy_loss)
+    sizes = engine._numel
+    expected = (sum(report.keep_ratios[n] * v for n, v in sizes.items())
+                / sum(sizes.values()))
+    assert report.overall_keep == pytest.approx(expected)
+    assert report.overall_keep != pytest.approx(
+        sum(report.keep_ratios.values()) / len(report.keep_ratios))
