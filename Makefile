@@ -12,14 +12,14 @@ FROST = imagecorruptions==1.1.2   # only its frost textures are used (surgeon_co
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(VENV)/bin/pip install --quiet $(TORCH)
-	$(VENV)/bin/pip install --quiet -e '.[torch,bench,dev]'
+	$(VENV)/bin/pip install --quiet -e '.[torch,bench,dev,opencv]'
 	$(VENV)/bin/pip install --quiet --no-deps $(FROST)
 	touch $@
 
 $(VENV38)/.installed: pyproject.toml
 	$(PY38) -m venv $(VENV38)
 	$(VENV38)/bin/pip install --quiet $(TORCH38) 'numpy<2'
-	$(VENV38)/bin/pip install --quiet -e '.[torch,bench,dev]'
+	$(VENV38)/bin/pip install --quiet -e '.[torch,bench,dev,opencv]'
 	$(VENV38)/bin/pip install --quiet --no-deps $(FROST)
 	touch $@
 
@@ -30,9 +30,10 @@ test: $(VENV)/.installed
 test-py38: $(VENV38)/.installed
 	$(VENV38)/bin/python -m pytest -q
 
-# The main job on its embedded default: until the daemon lands, the memory benchmark on ResNet-20.
+# The main job on its embedded default: surgeond on the replay stream (clean, then corruptions),
+# ResNet-20 adapted by SURGEON under a cache budget beside the frozen model; about three minutes.
 demo: $(VENV)/.installed
-	$(VENV)/bin/surgeon-bench memory --arch resnet20 --batch-size 200 --budget-mb 15
+	$(VENV)/bin/surgeond demo --out demo-out
 
 bench-memory: $(VENV)/.installed
 	$(VENV)/bin/surgeon-bench memory --arch resnet20 --batch-size 200 --budget-mb 15 --json

@@ -1,0 +1,85 @@
+"""surgeond: ``run`` the daemon, ``config`` print or check a configuration, ``demo``."""
+
+import argparse
+import logging
+import signal
+import sys
+from pathlib import Path
+from typing import List, Optional
+
+from surgeon_core.errors import SurgeonError
+
+from .config import ConfigError, default_yaml, load_config
+
+__all__ = ["main"]
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="surgeond", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    run = sub.add_parser("run", help="run the daemon")
+    run.add_argument("--config", type=Path, help="YAML file (defaults for anything missing)")
+    run.add_argument("--set", action="append", default=[], metavar="SECTION.FIELD=VALUE")
+    run.add_argument("--view", action="store_true", help="live status line on stderr")
+    cfg = sub.add_parser("config", help="print the default config or check one")
+    cfg.add_argument("--print-default", action="store_true")
+    cfg.add_argument("--check", type=Path, metavar="FILE")
+    cfg.add_argument("--set", action="append", default=[], metavar="SECTION.FIELD=VALUE")
+    demo = sub.add_parser("demo", help="the embedded demo: replay, adaptation, summary, plot")
+    demo.add_argument("--out", type=Path, default=Path("demo-out"))
+    demo.add_argument("--set", action="append", default=[], metavar="SECTION.FIELD=VALUE")
+    return parser
+
+
+def _run(args) -> int:
+    from .service import Daemon
+    from .view import TerminalView, summary_text
+
+    config = load_config(args.config, args.set)
+    logging.getLogger().setLevel(config.log_level)
+    view = TerminalView() if args.view else None
+    daemon = Daemon(config, on_snapshot=view)
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: daemon.request_stop())
+    final = daemon.run()
+    if view is not None:
+        view.close()
+    print(summary_text(final))
+    return 0
+
+
+def _config(args) -> int:
+    if args.print_default:
+        sys.stdout.write(default_yaml())
+        return 0
+    if args.check is None and not args.set:
+        print("surgeond config: give --print-default or --check FILE", file=sys.stderr)
+        return 2
+    config = load_config(args.check, args.set)
+    print("configuration is valid (source %s, method %s)"
+          % (config.source.uri, config.learner.method))
+    return 0
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    args = _parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    try:
+        if args.command == "run":
+            return _run(args)
+        if args.command == "config":
+            return _config(args)
+        from .demo import run_demo
+
+        run_demo(args.out, args.set)
+        return 0
+    except ConfigError as exc:
+        print("surgeond: %s" % exc, file=sys.stderr)
+        return 2
+    except SurgeonError as exc:
+        print("surgeond: cannot start: %s" % exc, file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,216 @@
+"""The daemon's whole configuration: pydantic models, YAML file, environment and CLI overrides.
+
+Precedence, lowest first: the defaults here, the YAML file, ``SURGEON_<SECTION>__<FIELD>``
+environment variables, then ``--set section.field=value`` on the command line. Values in the
+last two are parsed as YAML scalars (``32``, ``0.5``, ``true``, ``null``, ``[a, b]``). Every
+model forbids unknown fields, so a typo is an error that names the field, never a silent
+default. ``load_config`` either returns a complete, valid config or raises ConfigError.
+"""
+
+import copy
+import os
+from pathlib import Path
+from typing import Any, Dict, List, Mapping, Optional
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from surgeon_core.errors import SurgeonError
+
+__all__ = ["ConfigError", "DaemonConfig", "load_config", "default_yaml", "ENV_PREFIX"]
+
+ENV_PREFIX = "SURGEON_"
+DEFAULT_SOURCE = ("replay://cifar10?schedule=clean:600,gaussian_noise:1500,fog:1500,"
+                  "contrast:1500&severity=5&fps=0&seed=0")
+
+
+class ConfigError(SurgeonError, ValueError):
+    """The configuration is invalid; the message names every bad field."""
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class SourceConfig(_Section):
+    """Where frames come from (URI schemes: see daemon/sources)."""
+
+    uri: str = Field(DEFAULT_SOURCE, description="csi://N, v4l2:///dev/videoN, rtsp://, file://, "
+                     "dir://, gst://<pipeline>, replay://cifar10?..., synthetic://")
+    width: int = Field(1280, ge=16, description="capture width (camera sources)")
+    height: int = Field(720, ge=16, description="capture height (camera sources)")
+    fps: int = Field(30, ge=1, le=240, description="requested camera frame rate")
+    backend: str = Field("auto", pattern="^(auto|gstreamer|opencv)$",
+                         description="auto: GStreamer when OpenCV has it, else OpenCV's own")
+    rtsp_latency_ms: int = Field(200, ge=0)
+    decoder: str = Field("auto", description="GStreamer H.264 decoder; auto: nvv4l2decoder on "
+                         "Jetson, avdec_h264 elsewhere")
+    read_timeout_s: float = Field(3.0, gt=0, description="no frame for this long: rebuild")
+    reconnect_initial_s: float = Field(0.5, gt=0)
+    reconnect_max_s: float = Field(30.0, gt=0)
+
+
+class ModelConfig(_Section):
+    arch: str = Field("resnet20", description="resnet20/32/44/56/110 (CIFAR)")
+    weights: Optional[str] = Field(None, description="state dict file; default: the shared "
+                                   "models directory (SURGEON_MODELS_DIR)")
+    input_size: int = Field(32, ge=8, description="frames are resized to this square size")
+    device: str = Field("auto", pattern="^(auto|cpu|cuda(:[0-9]+)?)$")
+
+
+class LearnerConfig(_Section):
+    enabled: bool = True
+    method: str = Field("surgeon", description="any registered method (surgeon_core.methods)")
+    method_args: Dict[str, Any] = Field(default_factory=dict,
+                                        description="overrides of the method's defaults")
+    batch_size: int = Field(64, ge=2)
+    min_batch_size: int = Field(8, ge=2, description="out of memory halves the batch down to this")
+    buffer_size: int = Field(512, ge=2, description="ring buffer of recent frames")
+    fresh_frames: int = Field(32, ge=1, description="new frames needed before the next step")
+    publish_every: int = Field(1, ge=1, description="copy weights to serving every k steps")
+    good_every: int = Field(20, ge=1, description="snapshot a rollback state every k steps")
+    collapse_entropy: float = Field(0.02, ge=0, le=1, description="mean entropy / ln C below this")
+    collapse_class_share: float = Field(0.95, gt=0, le=1,
+                                        description="... with this share of one class: collapse")
+
+    @field_validator("min_batch_size")
+    @classmethod
+    def _min_not_above_batch(cls, value, info):
+        batch = info.data.get("batch_size")
+        if batch is not None and value > batch:
+            raise ValueError("min_batch_size (%d) must not exceed batch_size (%d)" % (value, batch))
+        return value
+
+
+class MemoryConfig(_Section):
+    budget_mb: Optional[float] = Field(None, gt=0, description="hard cap on the activation cache")
+    available_share: float = Field(0.25, gt=0, le=1,
+                                   description="share of available memory the cache may use")
+    reserve_mb: float = Field(256.0, ge=0, description="available memory never planned on")
+    poll_s: float = Field(5.0, gt=0, description="re-read memory and re-plan the budget")
+    tegrastats: str = Field("auto", pattern="^(auto|on|off)$")
+    tegrastats_path: str = "tegrastats"
+    jtop: bool = Field(False, description="read jetson-stats' service (optional, AGPL)")
+
+
+class TelemetryConfig(_Section):
+    interval_s: float = Field(1.0, gt=0)
+    window: int = Field(4096, ge=16, description="latency samples kept for percentiles")
+    jsonl: Optional[str] = Field(None, description="append snapshots to this file")
+    compare_source: bool = Field(False, description="also run the frozen source model on "
+                                 "labelled frames (replay) to report both accuracies")
+
+
+class OutputConfig(_Section):
+    predictions: Optional[str] = Field(None, description="JSONL file of per-frame predictions")
+
+
+class DaemonConfig(_Section):
+    source: SourceConfig = Field(default_factory=SourceConfig)
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    learner: LearnerConfig = Field(default_factory=LearnerConfig)
+    memory: MemoryConfig = Field(default_factory=MemoryConfig)
+    telemetry: TelemetryConfig = Field(default_factory=TelemetryConfig)
+    output: OutputConfig = Field(default_factory=OutputConfig)
+    threads: int = Field(0, ge=0, description="torch CPU threads; 0 leaves torch's default")
+    duration_s: Optional[float] = Field(None, gt=0, description="stop after this long")
+    max_frames: Optional[int] = Field(None, ge=1, description="stop after this many frames")
+    log_level: str = Field("INFO", pattern="^(DEBUG|INFO|WARNING|ERROR)$")
+
+
+def _describe(error: ValidationError) -> str:
+    lines = []
+    for item in error.errors():
+        where = ".".join(str(part) for part in item["loc"]) or "(top level)"
+        got = "" if item["type"] == "missing" else " (got %r)" % (item.get("input"),)
+        lines.append("  %s: %s%s" % (where, item["msg"], got))
+    return "invalid configuration:\n" + "\n".join(lines)
+
+
+def _set_path(tree: Dict[str, Any], dotted: str, value: Any, origin: str) -> None:
+    parts = [p for p in dotted.split(".") if p]
+    if not parts:
+        raise ConfigError("%s: empty setting name" % origin)
+    node = tree
+    for part in parts[:-1]:
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise ConfigError("%s: %s is not a section" % (origin, part))
+        node = child
+    node[parts[-1]] = value
+
+
+def _scalar(text: str, origin: str) -> Any:
+    try:
+        return yaml.safe_load(text) if text.strip() else text
+    except yaml.YAMLError as exc:
+        raise ConfigError("%s: cannot parse %r: %s" % (origin, text, exc)) from None
+
+
+def env_overrides(environ: Mapping[str, str]) -> List[tuple]:
+    """``SURGEON_LEARNER__BATCH_SIZE=32`` -> ``("learner.batch_size", 32)``; other SURGEON_*
+    variables (data and model directories) are not config and are ignored here."""
+    found = []
+    for key, text in sorted(environ.items()):
+        if key.startswith(ENV_PREFIX) and "__" in key:
+            dotted = key[len(ENV_PREFIX):].lower().replace("__", ".")
+            found.append((dotted, _scalar(text, key)))
+    return found
+
+
+def read_yaml(path: Path) -> Dict[str, Any]:
+    try:
+        text = Path(path).read_text()
+    except OSError as exc:
+        raise ConfigError("cannot read config %s: %s" % (path, exc.strerror or exc)) from None
+    try:
+        tree = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise ConfigError("config %s is not valid YAML: %s" % (path, exc)) from None
+    if tree is None:
+        return {}
+    if not isinstance(tree, dict):
+        raise ConfigError("config %s must be a mapping of sections, got %s"
+                          % (path, type(tree).__name__))
+    return tree
+
+
+def load_config(path: Optional[Path] = None, overrides: Optional[List[str]] = None,
+                environ: Optional[Mapping[str, str]] = None) -> DaemonConfig:
+    """File, then environment, then ``section.field=value`` overrides; validated as a whole."""
+    tree = copy.deepcopy(read_yaml(path)) if path is not None else {}
+    environ = os.environ if environ is None else environ
+    for dotted, value in env_overrides(environ):
+        _set_path(tree, dotted, value, "environment")
+    for item in overrides or []:
+        name, sep, text = item.partition("=")
+        if not sep:
+            raise ConfigError("--set %r: expected section.field=value" % item)
+        _set_path(tree, name.strip(), _scalar(text, "--set " + name), "--set " + item)
+    try:
+        return DaemonConfig.model_validate(tree)
+    except ValidationError as exc:
+        raise ConfigError(_describe(exc)) from None
+
+
+def default_yaml() -> str:
+    """The full default config as commented YAML, to start a config file from."""
+    lines = ["# surgeond configuration: every field with its default.",
+             "# Override any field with SURGEON_<SECTION>__<FIELD>=... or --set section.field=..."]
+    for name, field in DaemonConfig.model_fields.items():
+        value = getattr(DaemonConfig(), name)
+        if isinstance(value, BaseModel):
+            lines.append("%s:" % name)
+            for sub, info in type(value).model_fields.items():
+                if info.description:
+                    lines.append("  # %s" % info.description)
+                lines.append("  " + _yaml_line(sub, getattr(value, sub)))
+        else:
+            if field.description:
+                lines.append("# %s" % field.description)
+            lines.append(_yaml_line(name, value))
+    return "\n".join(lines) + "\n"
+
+
+def _yaml_line(key: str, value: Any) -> str:
+    return yaml.safe_dump({key: value}, default_flow_style=True, width=1000).strip()[1:-1]

@@ -1,0 +1,273 @@
+"""The background learner: a ring buffer of recent frames, steps under a memory budget,
+weights published to serving, rollback on NaN or collapse.
+
+NOTE [Learner health]
+A step whose logits are not finite means the weights themselves are poisoned (the methods'
+update guard keeps non-finite gradients out, so this is corruption from outside: a bad
+checkpoint, a bit flip, a bug). A collapse is entropy falling toward zero with predictions
+piling onto one class for ``COLLAPSE_STEPS`` steps in a row: the classic failure of entropy
+minimisation. Either rolls the learner back to the last good snapshot (taken every
+``good_every`` healthy steps), or to the source weights when that snapshot failed too, and is
+counted. Nothing unhealthy is ever published to serving.
+"""
+
+import collections
+import copy
+import logging
+import math
+import threading
+import time
+from typing import Callable, Deque, Optional
+
+import torch
+
+from surgeon_core.errors import BudgetExceeded
+
+from .memory import MB, is_out_of_memory
+from .serving import ServingModel, publish_weights
+from .telemetry import Telemetry
+
+__all__ = ["RingBuffer", "Learner", "COLLAPSE_STEPS"]
+
+log = logging.getLogger("surgeond.learner")
+COLLAPSE_STEPS = 3
+
+
+class RingBuffer:
+    """The latest ``size`` preprocessed frames (uint8 CHW), with a count of all ever added."""
+
+    def __init__(self, size: int):
+        self._frames: Deque[torch.Tensor] = collections.deque(maxlen=size)
+        self._lock = threading.Lock()
+        self.added = 0
+
+    def push(self, frame: torch.Tensor) -> None:
+        with self._lock:
+            self._frames.append(frame)
+            self.added += 1
+
+    def __len__(self) -> int:
+        return len(self._frames)
+
+    def latest(self, n: int) -> torch.Tensor:
+        with self._lock:
+            frames = list(self._frames)[-n:]
+        return torch.stack(frames)
+
+
+class Learner:
+    """Runs ``method.step`` on batches of recent frames in its own thread.
+
+    Args:
+        method: a surgeon_core method (its ``model`` is the learner copy).
+        serving: the serving copy that receives published weights.
+        config: LearnerConfig.
+        telemetry: where counters and gauges go.
+        budget_fn: returns (budget bytes, reason) -- the memory policy, re-read every poll.
+        poll_s: seconds between budget re-reads.
+    """
+
+    def __init__(self, method, serving: ServingModel, config, telemetry: Telemetry,
+                 device: torch.device,
+                 budget_fn: Optional[Callable[[], tuple]] = None, poll_s: float = 5.0):
+        self.method, self.serving, self.config = method, serving, config
+        self.telemetry, self.device = telemetry, device
+        self.budget_fn, self.poll_s = budget_fn, poll_s
+        self.buffer = RingBuffer(config.buffer_size)
+        self.batch_size = config.batch_size
+        self.steps = 0
+        self.paused_reason: Optional[str] = None     # why the learner is not stepping
+        self.user_paused = False
+        self._budget_cap: Optional[int] = None        # operator's cap (set_budget_cap)
+        self._budget_bytes: Optional[int] = None
+        self._last_poll = -math.inf
+        self._used_until = 0
+        self._collapse_run = 0
+        self._healthy_since_good = 0
+        self._good = self._snapshot()
+        self._good_failed = False
+        self._pairs = serving.pairs_with(method.model)
+        self._stop = threading.Event()
+        self._wake = threading.Event()
+        self._thread: Optional[threading.Thread] = None
+
+    # -- control -------------------------------------------------------------------------
+    def start(self) -> "Learner":
+        self._thread = threading.Thread(target=self._run, name="learner", daemon=True)
+        self._thread.start()
+        return self
+
+    def stop(self, timeout: float = 30.0) -> None:
+        self._stop.set()
+        self._wake.set()
+        if self._thread is not None:
+            self._thread.join(timeout)
+
+    def pause(self, paused: bool = True) -> None:
+        self.user_paused = paused
+        self._wake.set()
+
+    def set_budget_cap(self, megabytes: Optional[float]) -> None:
+        """An operator's cap on the cache, applied from the next step."""
+        self._budget_cap = None if megabytes is None else int(megabytes * MB)
+        self._last_poll = -math.inf
+        self._wake.set()
+
+    def offer(self, frame: torch.Tensor) -> None:
+        self.buffer.push(frame)
+        self._wake.set()
+
+    @property
+    def budget_bytes(self) -> Optional[int]:
+        return self._budget_bytes
+
+    # -- loop ----------------------------------------------------------------------------
+    def _run(self) -> None:
+        try:
+            self._loop()
+        except Exception as exc:  # noqa: BLE001 - serving goes on; the reason is reported
+            log.exception("learner stopped")
+            self._pause_for("learner crashed: %s: %s" % (type(exc).__name__, exc))
+
+    def _loop(self) -> None:
+        while not self._stop.is_set():
+            self._refresh_budget()
+            if not self._ready():
+                self._wake.wait(0.05)
+                self._wake.clear()
+                continue
+            self._step()
+
+    def _ready(self) -> bool:
+        if self.user_paused or (self.paused_reason and not self._budget_bytes):
+            return False
+        fresh = self.buffer.added - self._used_until
+        return len(self.buffer) >= self.batch_size and fresh >= self.config.fresh_frames
+
+    def _refresh_budget(self) -> None:
+        now = time.monotonic()
+        if now - self._last_poll < self.poll_s:
+            return
+        self._last_poll = now
+        budget, reason = (None, "no memory policy") if self.budget_fn is None else self.budget_fn()
+        if self._budget_cap is not None and (budget is None or self._budget_cap < budget):
+            budget, reason = self._budget_cap, "operator cap %.1f MB" % (self._budget_cap / MB)
+        self._budget_bytes = budget
+        if budget == 0:
+            self._pause_for("no memory for the cache: " + reason)
+            return
+        if self.paused_reason and self.paused_reason.startswith("no memory"):
+            self._resume()
+        engine = getattr(self.method, "engine", None)
+        if engine is not None:
+            engine.set_budget(budget)
+        self.telemetry.set(budget_mb=None if budget is None else budget / MB,
+                           budget_reason=reason)
+
+    def _pause_for(self, reason: str) -> None:
+        if self.paused_reason != reason:
+            log.warning("learner paused: %s", reason)
+            self.telemetry.count("learner_pauses")
+        self.paused_reason = reason
+        self.telemetry.set(learner_paused=reason)
+
+    def _resume(self) -> None:
+        log.info("learner resumed")
+        self.paused_reason = None
+        self.telemetry.set(learner_paused=None)
+
+    def _step(self) -> None:
+        self._used_until = self.buffer.added
+        x = self.buffer.latest(self.batch_size).to(self.device).float().div_(255.0)
+        try:
+            result = self.method.step(x)
+        except BudgetExceeded as exc:
+            self._shrink("budget below the floor at batch %d: %s" % (self.batch_size, exc))
+            return
+        except (RuntimeError, MemoryError) as exc:
+            if not is_out_of_memory(exc):
+                raise
+            self._out_of_memory(exc)
+            return
+        self.steps += 1
+        if self.paused_reason:
+            self._resume()
+        self.telemetry.stage("adapt", result.seconds)
+        self._report(result)
+        if not self._healthy(result):
+            return
+        if self.steps % self.config.publish_every == 0:
+            publish_weights(self._pairs, self.serving.lock)
+            self.telemetry.count("publishes")
+        self._good_failed = False
+        self._healthy_since_good += 1
+        if self._healthy_since_good >= self.config.good_every:
+            self._good, self._healthy_since_good = self._snapshot(), 0
+
+    def _shrink(self, why: str) -> None:
+        """Halve the batch; at the minimum, pause with the reason until the budget changes."""
+        if self.batch_size > self.config.min_batch_size:
+            self.batch_size = max(self.config.min_batch_size, self.batch_size // 2)
+            log.warning("%s; batch now %d", why, self.batch_size)
+            self.telemetry.count("batch_shrinks")
+            self.telemetry.set(batch_size=self.batch_size)
+        else:
+            self._pause_for(why)
+            self._budget_bytes = 0   # wait for the next budget reading
+
+    def _out_of_memory(self, exc: BaseException) -> None:
+        self.telemetry.count("out_of_memory")
+        self.method.optimizer.zero_grad(set_to_none=True)
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
+        engine = getattr(self.method, "engine", None)
+        if engine is not None and self._budget_bytes:
+            self._budget_cap = self._budget_bytes // 2
+            self._last_poll = -math.inf
+        self._shrink("out of memory (%s)" % str(exc).splitlines()[0][:120])
+
+    def _report(self, result) -> None:
+        probs = result.logits.float().softmax(1)
+        entropy = float(-(probs * probs.clamp_min(1e-12).log()).sum(1).mean())
+        self.telemetry.count("steps")
+        self.telemetry.count("updates", int(result.updated))
+        self.telemetry.set(loss=result.loss, entropy=entropy, cache_mb=result.cache_bytes / MB,
+                           paper_mb=result.paper_bytes / MB, mean_keep=result.mean_keep,
+                           overall_keep=result.overall_keep, batch_size=self.batch_size,
+                           selected=result.selected, learner_steps=self.steps)
+
+    def _healthy(self, result) -> bool:
+        if not bool(torch.isfinite(result.logits).all()):
+            self._rollback("non-finite logits: the learner's weights are poisoned")
+            return False
+        probs = result.logits.float().softmax(1)
+        classes = probs.shape[1]
+        entropy = float(-(probs * probs.clamp_min(1e-12).log()).sum(1).mean()) / math.log(classes)
+        top_share = float(probs.argmax(1).bincount(minlength=classes).max()) / probs.shape[0]
+        collapsing = (entropy < self.config.collapse_entropy
+                      and top_share >= self.config.collapse_class_share)
+        self._collapse_run = self._collapse_run + 1 if collapsing else 0
+        if self._collapse_run >= COLLAPSE_STEPS:
+            self._rollback("collapse: entropy %.3f of ln C, %.0f%% one class"
+                           % (entropy, 100 * top_share))
+            return False
+        return True
+
+    def _rollback(self, why: str) -> None:
+        if self._good_failed:   # failed again straight after a rollback: the snapshot is bad
+            self.method.reset()
+            self._good = self._snapshot()
+            target = "source weights"
+        else:
+            self.method.load_state_dict(copy.deepcopy(self._good))
+            target = "last good state"
+        log.warning("rollback to %s: %s", target, why)
+        self.telemetry.count("rollbacks")
+        self.telemetry.set(last_rollback="%s (%s)" % (why, target))
+        self._good_failed = True
+        self._collapse_run = 0
+        self._healthy_since_good = 0
+        publish_weights(self._pairs, self.serving.lock)
+
+    def _snapshot(self):
+        return copy.deepcopy(self.method.state_dict())

@@ -1,0 +1,191 @@
+"""Wiring and lifecycle: build everything from a config, serve frames, stop cleanly.
+
+Construction does every check that can fail (URI, data, weights, method, devices) before any
+thread starts, so a bad config never leaves a half-working daemon. ``run`` serves frames on the
+calling thread until the stream ends, a limit is reached or ``request_stop`` (SIGTERM) is called.
+"""
+
+import copy
+import logging
+import threading
+import time
+from pathlib import Path
+from typing import Callable, Dict, Optional
+
+import torch
+
+from surgeon_core.methods import args_for, get_method
+from surgeon_core.models import cifar_resnet_by_name, default_weights_path
+from surgeon_core.paths import require_file
+
+from .config import ConfigError, DaemonConfig
+from .learner import Learner
+from .memory import MB, BudgetPolicy, MemoryProbe
+from .serving import Preprocessor, ServingModel, describe_prediction, to_uint8
+from .sources import Grabber, UnknownSource, source_factory
+from .telemetry import JsonlWriter, Telemetry
+
+__all__ = ["Daemon", "resolve_device", "build_method"]
+
+log = logging.getLogger("surgeond")
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("model.device is %s but CUDA is not available" % name)
+    return device
+
+
+def _load_model(config: DaemonConfig) -> torch.nn.Module:
+    arch = config.model.arch
+    weights = Path(config.model.weights) if config.model.weights else default_weights_path(arch)
+    require_file(weights, "weights for %s" % arch)
+    return cifar_resnet_by_name(arch, weights)
+
+
+def build_method(config: DaemonConfig, model: torch.nn.Module):
+    """The configured method on a copy of ``model``; refuses methods serving cannot follow."""
+    name = config.learner.method
+    try:
+        args = args_for(name, **config.learner.method_args)
+        method = get_method(name)(copy.deepcopy(model), args)
+    except (TypeError, ValueError, KeyError) as exc:
+        raise ConfigError("learner.method %s: %s" % (name, exc)) from None
+    norms = [m for m in method.model.modules()
+             if isinstance(m, torch.nn.modules.batchnorm._NormBase)]
+    if any(m.running_mean is None for m in norms):
+        raise ConfigError("learner.method %s normalises with each test batch's statistics, which "
+                          "per-frame serving cannot use; use surgeon, static or mecta" % name)
+    return method
+
+
+class Daemon:
+    """The service: grabber -> serving (this thread) -> ring buffer -> learner thread."""
+
+    def __init__(self, config: DaemonConfig,
+                 on_snapshot: Optional[Callable[[Dict], None]] = None):
+        self.config = config
+        if config.threads:
+            torch.set_num_threads(config.threads)
+        self.device = resolve_device(config.model.device)
+        try:
+            self.factory = source_factory(config.source.uri, config.source)
+        except UnknownSource as exc:
+            raise ConfigError("source.uri: %s" % exc) from None
+        model = _load_model(config).to(self.device)
+        self.telemetry = Telemetry(config.telemetry.window)
+        self.method = build_method(config, model)
+        self.serving = ServingModel(copy.deepcopy(self.method.model))
+        self.source_model = (ServingModel(copy.deepcopy(model))
+                             if config.telemetry.compare_source else None)
+        self.preprocess = Preprocessor(config.model.input_size, self.device)
+        mem = config.memory
+        self.probe = MemoryProbe(str(self.device), mem.tegrastats, mem.tegrastats_path, mem.jtop)
+        self.policy = BudgetPolicy(None if mem.budget_mb is None else int(mem.budget_mb * MB),
+                                   mem.available_share, int(mem.reserve_mb * MB))
+        self.learner = Learner(self.method, self.serving, config.learner, self.telemetry,
+                               self.device, self._budget, mem.poll_s)
+        self.grabber = Grabber(self.factory, config.source.read_timeout_s,
+                               config.source.reconnect_initial_s, config.source.reconnect_max_s)
+        self.predictions = JsonlWriter(config.output.predictions)
+        self.telemetry_log = JsonlWriter(config.telemetry.jsonl)
+        self.on_snapshot = on_snapshot
+        self._stop = threading.Event()
+        self.frames = 0
+        self._domain: Optional[str] = None
+
+    def _budget(self):
+        sample = self.probe.read()
+        budget, reason = self.policy.budget(sample)
+        self.telemetry.set(memory_available_mb=sample.available / MB,
+                           memory_source=sample.source, lfb_blocks=sample.lfb_blocks,
+                           process_rss_mb=None if sample.process_rss is None
+                           else sample.process_rss / MB)
+        return budget, reason
+
+    def request_stop(self) -> None:
+        self._stop.set()
+
+    def snapshot(self) -> Dict:
+        self.telemetry.set(source=self.grabber.stats(), learner_steps=self.learner.steps)
+        return self.telemetry.snapshot()
+
+    def run(self) -> Dict:
+        """Serve until the stream ends, a limit is hit or a stop is requested; the last snapshot."""
+        self.grabber.start()
+        if self.config.learner.enabled:
+            self.learner.start()
+        reporter = threading.Thread(target=self._report_loop, name="telemetry", daemon=True)
+        reporter.start()
+        deadline = (time.monotonic() + self.config.duration_s) if self.config.duration_s else None
+        try:
+            while not self._stop.is_set():
+                if deadline is not None and time.monotonic() >= deadline:
+                    break
+                if self.config.max_frames and self.frames >= self.config.max_frames:
+                    break
+                frame = self.grabber.get(0.2)
+                if frame is None:
+                    if self.grabber.ended:
+                        break
+                    continue
+                self._serve(frame)
+        finally:
+            self._stop.set()
+            self.grabber.stop()
+            self.learner.stop()
+            reporter.join(2.0)
+            final = self.snapshot()
+            self.telemetry_log.write(final)
+            self.telemetry_log.close()
+            self.predictions.close()
+            self.probe.close()
+        return final
+
+    def _serve(self, frame) -> None:
+        start = time.monotonic()
+        capture_s = max(0.0, start - frame.timestamp)
+        try:
+            x = self.preprocess(frame.image)
+        except ValueError as exc:
+            self.telemetry.count("bad_frames")
+            log.warning("frame %d dropped: %s", frame.index, exc)
+            return
+        prep_s = time.monotonic() - start
+        logits, infer_s = self.serving.predict(x)
+        self.frames += 1
+        learning = self.config.learner.enabled and not (self.learner.user_paused
+                                                        or self.learner.paused_reason)
+        self.telemetry.stage("infer_learner_on" if learning else "infer_learner_off", infer_s)
+        self.telemetry.frame({"capture": capture_s, "preprocess": prep_s, "infer": infer_s})
+        if self.config.learner.enabled:
+            self.learner.offer(to_uint8(x))
+        prediction = describe_prediction(logits)
+        if frame.domain != self._domain:
+            self._domain = frame.domain
+            self.telemetry.set(domain=frame.domain)
+        if frame.label is not None:
+            self._score(frame, x, prediction["class"])
+        self.predictions.write({"frame": frame.index, "time": time.time(), **prediction,
+                                **({"label": frame.label, "domain": frame.domain}
+                                   if frame.label is not None else {})})
+
+    def _score(self, frame, x, predicted: int) -> None:
+        self.telemetry.labelled("adapted", frame.domain, predicted == frame.label)
+        if self.source_model is not None:
+            logits, _ = self.source_model.predict(x)
+            self.telemetry.labelled("source", frame.domain, int(logits.argmax(1)) == frame.label)
+
+    def _report_loop(self) -> None:
+        while not self._stop.wait(self.config.telemetry.interval_s):
+            snap = self.snapshot()
+            self.telemetry_log.write(snap)
+            if self.on_snapshot is not None:
+                try:
+                    self.on_snapshot(snap)
+                except Exception:  # noqa: BLE001 - a view must never stop the daemon
+                    log.exception("telemetry view failed")
+

@@ -1,0 +1,101 @@
+"""Cameras, streams and video files through cv2.VideoCapture (GStreamer when OpenCV has it).
+
+OpenCV is imported on first use: on Jetson it must be the system build (with GStreamer), never
+PyPI's wheel, and the daemon must start without it when no camera source is configured.
+"""
+
+import time
+from typing import Optional
+
+import numpy as np
+
+from .base import CaptureError, EndOfStream, Frame, FrameSource
+
+__all__ = ["OpenCVSource", "FileSource", "gstreamer_available"]
+
+
+def gstreamer_available() -> bool:
+    """True when this OpenCV was built with GStreamer ("GStreamer: YES" in its build info)."""
+    try:
+        import cv2
+    except ImportError:
+        return False
+    for line in cv2.getBuildInformation().splitlines():
+        if line.strip().startswith("GStreamer:"):
+            return "YES" in line
+    return False
+
+
+class OpenCVSource(FrameSource):
+    """One VideoCapture: a GStreamer pipeline string, a device path or a URL/file.
+
+    Args:
+        uri: what the user configured (for messages).
+        target: the pipeline, device or URL handed to VideoCapture.
+        api: ``gstreamer``, ``v4l2``, ``ffmpeg`` or ``any``.
+        live: camera or network stream (drops stale frames) rather than a file.
+    """
+
+    def __init__(self, uri: str, target: str, api: str, live: bool = True,
+                 width: Optional[int] = None, height: Optional[int] = None):
+        super().__init__(uri)
+        self.target, self.api, self.live = target, api, live
+        self.width, self.height = width, height
+        self._cap = None
+        self._index = 0
+
+    def open(self) -> None:
+        import cv2
+
+        apis = {"gstreamer": cv2.CAP_GSTREAMER, "v4l2": cv2.CAP_V4L2,
+                "ffmpeg": cv2.CAP_FFMPEG, "any": cv2.CAP_ANY}
+        cap = cv2.VideoCapture(self.target, apis[self.api])
+        if not cap.isOpened():
+            cap.release()
+            raise CaptureError("cannot open %s (%s backend)" % (self.uri, self.api))
+        if self.api == "v4l2" and self.width and self.height:
+            cap.set(cv2.CAP_PROP_FRAME_WIDTH, self.width)
+            cap.set(cv2.CAP_PROP_FRAME_HEIGHT, self.height)
+        self._cap = cap
+
+    def read(self) -> Frame:
+        if self._cap is None:
+            raise CaptureError("%s is not open" % self.uri)
+        ok, image = self._cap.read()
+        if not ok or image is None:
+            if not self.live:
+                raise EndOfStream(self.uri)
+            raise CaptureError("%s: read failed (stream ended or device lost)" % self.uri)
+        if image.ndim == 2:
+            image = np.repeat(image[:, :, None], 3, axis=2)
+        elif image.shape[2] == 4:
+            image = np.ascontiguousarray(image[:, :, :3])
+        frame = Frame(image, self._index, time.monotonic())
+        self._index += 1
+        return frame
+
+    def close(self) -> None:
+        cap, self._cap = self._cap, None
+        if cap is not None:
+            cap.release()
+
+    def describe(self) -> str:
+        return "%s via %s" % (self.uri, self.api)
+
+
+class FileSource(OpenCVSource):
+    """A video file; with ``loop`` it reopens at the end instead of ending the stream."""
+
+    def __init__(self, uri: str, target: str, api: str, loop: bool = False):
+        super().__init__(uri, target, api, live=False)
+        self.loop = loop
+
+    def read(self) -> Frame:
+        try:
+            return super().read()
+        except EndOfStream:
+            if not self.loop:
+                raise
+            self.close()
+            self.open()
+            return super().read()

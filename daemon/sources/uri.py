@@ -1,0 +1,98 @@
+"""Source URIs to source factories (DESIGN.md decision 6, after jetson-utils' URI scheme).
+
+    csi://0                       nvarguscamerasrc (Jetson CSI camera, GStreamer only)
+    v4l2:///dev/video0            USB camera (GStreamer v4l2src, else OpenCV's V4L2)
+    rtsp://host:8554/stream       network stream (rtspsrc, else OpenCV's FFmpeg)
+    file://clip.mp4               video file (decodebin, else OpenCV's own); ?loop=1 repeats
+    dir://frames/                 image files in name order; ?fps=10&loop=1
+    gst://<pipeline> ! appsink    any GStreamer pipeline ending in an appsink
+    replay://cifar10?schedule=clean:600,fog:1500&severity=5&fps=30
+    synthetic://?width=64&height=64&fps=30&frames=1000
+
+A factory builds a fresh, unopened source each call: reconnecting means rebuilding.
+"""
+
+from typing import Callable, Dict
+from urllib.parse import parse_qsl, urlsplit
+
+from .base import FrameSource
+from .directory import DirectorySource
+from .opencv import FileSource, OpenCVSource, gstreamer_available
+from .pipelines import csi_pipeline, file_pipeline, rtsp_pipeline, v4l2_pipeline
+from .replay import ReplaySource
+from .synthetic import SyntheticSource
+
+__all__ = ["source_factory", "SCHEMES", "UnknownSource"]
+
+SCHEMES = ("csi", "v4l2", "rtsp", "rtsps", "file", "dir", "gst", "replay", "synthetic")
+
+SourceFactory = Callable[[], FrameSource]
+
+
+class UnknownSource(ValueError):
+    """The URI names no known scheme or is malformed."""
+
+
+def _use_gstreamer(backend: str) -> bool:
+    if backend == "opencv":
+        return False
+    has = gstreamer_available()
+    if backend == "gstreamer" and not has:
+        raise UnknownSource("source.backend is gstreamer but this OpenCV was built without it "
+                            "(on Jetson use the system OpenCV, not PyPI's opencv-python)")
+    return has
+
+
+def source_factory(uri: str, settings) -> SourceFactory:
+    """A factory for ``uri``; ``settings`` is a SourceConfig. Checks the URI now, opens later."""
+    scheme, sep, rest = uri.partition("://")
+    if not sep or scheme not in SCHEMES:
+        raise UnknownSource("source %r: expected one of %s"
+                            % (uri, ", ".join(s + "://" for s in SCHEMES)))
+    if scheme == "gst":
+        if "appsink" not in rest:
+            raise UnknownSource("gst:// pipeline must end in an appsink: %r" % rest)
+        _use_gstreamer("gstreamer")
+        return lambda: OpenCVSource(uri, rest, "gstreamer", live=True)
+    parts = urlsplit(uri)
+    params: Dict[str, str] = dict(parse_qsl(parts.query))
+    location = parts.netloc + parts.path
+    if scheme == "synthetic":
+        SyntheticSource(uri, params)   # validate now
+        return lambda: SyntheticSource(uri, params)
+    if scheme == "replay":
+        first = ReplaySource(uri, parts.netloc, params)   # loads the data: fail at start-up
+        made = [first]
+        return lambda: made.pop() if made else ReplaySource(uri, parts.netloc, params)
+    if scheme == "dir":
+        return lambda: DirectorySource(uri, location, params)
+    if not location:
+        raise UnknownSource("source %r names no device, address or file" % uri)
+    return _camera_factory(scheme, uri, location, params, settings)
+
+
+def _camera_factory(scheme, uri, location, params, settings) -> SourceFactory:
+    gst = _use_gstreamer(settings.backend)
+    w, h, fps = settings.width, settings.height, settings.fps
+    if scheme == "csi":
+        if not location.isdigit():
+            raise UnknownSource("csi:// takes a sensor number, e.g. csi://0, got %r" % uri)
+        if not gst:
+            raise UnknownSource("csi:// needs OpenCV with GStreamer (the Jetson system build)")
+        return lambda: OpenCVSource(uri, csi_pipeline(int(location), w, h, fps), "gstreamer")
+    if scheme == "v4l2":
+        if gst:
+            return lambda: OpenCVSource(uri, v4l2_pipeline(location, w, h, fps), "gstreamer")
+        return lambda: OpenCVSource(uri, location, "v4l2", width=w, height=h)
+    if scheme in ("rtsp", "rtsps"):
+        latency = settings.rtsp_latency_ms
+        if gst:
+            return lambda: OpenCVSource(uri, rtsp_pipeline(uri, latency, settings.decoder),
+                                        "gstreamer")
+        return lambda: OpenCVSource(uri, uri, "ffmpeg")
+    # file://
+    loop = params.get("loop", "0") in ("1", "true", "yes")
+    if gst:
+        return lambda: FileSource(uri, file_pipeline(location), "gstreamer", loop)
+    return lambda: FileSource(uri, location, "any", loop)
+

@@ -1,0 +1,143 @@
+"""Counters, per-stage latency percentiles and snapshots (JSONL now; PUB with the control plane).
+
+Threads write (serving, learner, grabber); the snapshot reader copies under one lock. Latency
+percentiles are over the last ``window`` samples of each stage, so they follow the present.
+"""
+
+import collections
+import json
+import threading
+import time
+from pathlib import Path
+from typing import Any, Deque, Dict, List, Optional
+
+import numpy as np
+
+__all__ = ["LatencyWindow", "Telemetry", "JsonlWriter", "STAGES"]
+
+STAGES = ("capture", "preprocess", "infer", "adapt")
+# serving inference split by whether the learner was stepping-eligible at the time
+SERVING_SPLIT = ("infer_learner_on", "infer_learner_off")
+
+
+class LatencyWindow:
+    """The latest ``size`` durations of one stage, in seconds."""
+
+    def __init__(self, size: int):
+        self._samples: Deque[float] = collections.deque(maxlen=size)
+        self.count = 0
+
+    def add(self, seconds: float) -> None:
+        self._samples.append(seconds)
+        self.count += 1
+
+    def percentiles_ms(self) -> Dict[str, Optional[float]]:
+        if not self._samples:
+            return {"p50": None, "p95": None, "p99": None, "n": 0}
+        values = np.percentile(np.fromiter(self._samples, float), [50, 95, 99]) * 1000.0
+        return {"p50": round(float(values[0]), 3), "p95": round(float(values[1]), 3),
+                "p99": round(float(values[2]), 3), "n": self.count}
+
+
+class _Accuracy:
+    """Online accuracy of labelled frames, overall and per replay segment (domain)."""
+
+    def __init__(self):
+        self.right: Dict[str, int] = collections.Counter()
+        self.seen: Dict[str, int] = collections.Counter()
+
+    def add(self, domain: str, correct: bool) -> None:
+        for key in ("all", domain):
+            self.seen[key] += 1
+            self.right[key] += int(correct)
+
+    def as_dict(self) -> Dict[str, Dict[str, float]]:
+        return {k: {"accuracy": self.right[k] / n, "frames": n} for k, n in self.seen.items()}
+
+
+class Telemetry:
+    """Everything the daemon reports; ``snapshot()`` is a JSON-ready dict."""
+
+    def __init__(self, window: int = 4096):
+        self._lock = threading.Lock()
+        self.started = time.monotonic()
+        self.latency = {stage: LatencyWindow(window) for stage in STAGES + SERVING_SPLIT}
+        self.counters: Dict[str, int] = collections.Counter()
+        self.gauges: Dict[str, Any] = {}
+        self.accuracy = {"adapted": _Accuracy(), "source": _Accuracy()}
+        self._frame_times: Deque[float] = collections.deque(maxlen=window)
+
+    def frame(self, stage_seconds: Dict[str, float]) -> None:
+        with self._lock:
+            self.counters["frames"] += 1
+            self._frame_times.append(time.monotonic())
+            for stage, seconds in stage_seconds.items():
+                self.latency[stage].add(seconds)
+
+    def stage(self, name: str, seconds: float) -> None:
+        with self._lock:
+            self.latency[name].add(seconds)
+
+    def count(self, name: str, n: int = 1) -> None:
+        with self._lock:
+            self.counters[name] += n
+
+    def set(self, **values: Any) -> None:
+        with self._lock:
+            self.gauges.update(values)
+
+    def labelled(self, model: str, domain: Optional[str], correct: bool) -> None:
+        with self._lock:
+            self.accuracy[model].add(domain or "unknown", correct)
+
+    def fps(self, span_s: float = 5.0) -> float:
+        now = time.monotonic()
+        recent = [t for t in self._frame_times if now - t <= span_s]
+        if len(recent) < 2:
+            return 0.0
+        return (len(recent) - 1) / max(1e-9, recent[-1] - recent[0])
+
+    def snapshot(self) -> Dict[str, Any]:
+        with self._lock:
+            snap = {"time": time.time(), "uptime_s": round(time.monotonic() - self.started, 3),
+                    "fps": round(self.fps(), 2), "counters": dict(self.counters),
+                    "latency_ms": {s: w.percentiles_ms() for s, w in self.latency.items()}}
+            snap.update(json.loads(json.dumps(self.gauges, default=_plain)))
+            if self.accuracy["adapted"].seen:
+                snap["accuracy"] = {k: a.as_dict() for k, a in self.accuracy.items() if a.seen}
+            return snap
+
+
+def _plain(value: Any) -> Any:
+    if isinstance(value, (np.floating, np.integer)):
+        return value.item()
+    return str(value)
+
+
+class JsonlWriter:
+    """Appends one JSON object per line; flushes each line so a crash loses at most one."""
+
+    def __init__(self, path: Optional[str]):
+        self.path = Path(path) if path else None
+        self._file = None
+        self._lock = threading.Lock()
+        if self.path is not None:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self._file = open(self.path, "a", buffering=1)
+
+    def write(self, record: Dict[str, Any]) -> None:
+        if self._file is None:
+            return
+        line = json.dumps(record, default=_plain)
+        with self._lock:
+            self._file.write(line + "\n")
+
+    def write_many(self, records: List[Dict[str, Any]]) -> None:
+        for record in records:
+            self.write(record)
+
+    def close(self) -> None:
+        with self._lock:
+            if self._file is not None:
+                self._file.close()
+                self._file = None

@@ -1,0 +1,155 @@
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from daemon.config import ConfigError, load_config
+from daemon.learner import COLLAPSE_STEPS
+from daemon.memory import MB
+from daemon.service import Daemon
+
+REPLAY = "replay://cifar10?schedule=clean:64,gaussian_noise:4000&severity=5&seed=0"
+
+
+def _config(*extra):
+    return load_config(None, ["source.uri=" + REPLAY, "learner.batch_size=16",
+                              "learner.fresh_frames=8", "learner.min_batch_size=4",
+                              "memory.poll_s=0.05", "telemetry.interval_s=0.2",
+                              "threads=1"] + list(extra), environ={})
+
+
+class _Running:
+    """A daemon serving in a background thread, stopped on exit."""
+
+    def __init__(self, config):
+        self.daemon = Daemon(config)
+        self.final = None
+        self.thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self):
+        self.final = self.daemon.run()
+
+    def __enter__(self):
+        self.thread.start()
+        return self.daemon
+
+    def __exit__(self, *exc):
+        self.daemon.request_stop()
+        self.thread.join(30)
+        assert not self.thread.is_alive()
+
+
+def _wait(predicate, timeout=60.0):
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.02)
+
+
+def _finite(model):
+    return all(bool(torch.isfinite(t).all()) for t in model.state_dict().values()
+               if t.is_floating_point())
+
+
+@pytest.mark.parametrize("uri", [REPLAY, "synthetic://?width=48&height=40&fps=100"])
+def test_surgeond_serves_then_stops_cleanly_on_sigterm(tmp_path, uri):
+    predictions = tmp_path / "pred.jsonl"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "daemon.cli", "run", "--set", "source.uri=" + uri,
+         "--set", "output.predictions=%s" % predictions, "--set", "learner.batch_size=16",
+         "--set", "learner.fresh_frames=8", "--set", "threads=1"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        env=dict(os.environ, PYTHONUNBUFFERED="1"))
+    try:
+        _wait(lambda: predictions.exists() and len(predictions.read_text().splitlines()) > 50,
+              timeout=90)
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 0, err
+    assert "frames" in out and "infer" in out
+    lines = predictions.read_text().splitlines()
+    assert len(lines) > 50 and '"class"' in lines[-1]
+
+
+def test_injected_nan_rolls_back_and_serving_never_keeps_it():
+    with _Running(_config()) as daemon:
+        _wait(lambda: daemon.learner.steps >= 2)
+        with torch.no_grad():
+            next(daemon.method.model.parameters()).fill_(float("nan"))
+        _wait(lambda: daemon.telemetry.counters["rollbacks"] >= 1)
+        steps = daemon.learner.steps
+        _wait(lambda: daemon.learner.steps >= steps + 2)
+        assert _finite(daemon.method.model) and _finite(daemon.serving.model)
+    assert "non-finite" in daemon.telemetry.gauges["last_rollback"]
+
+
+def test_a_lower_budget_is_honoured_within_a_few_steps():
+    with _Running(_config("memory.budget_mb=4")) as daemon:
+        _wait(lambda: daemon.learner.steps >= 3)
+        assert daemon.telemetry.gauges["cache_mb"] <= 4.0
+        daemon.learner.set_budget_cap(0.8)
+        start = daemon.learner.steps
+        _wait(lambda: daemon.learner.steps >= start + 3)
+        assert daemon.telemetry.gauges["cache_mb"] <= 0.8
+        assert daemon.telemetry.gauges["budget_mb"] == pytest.approx(0.8)
+
+
+def test_no_memory_pauses_the_learner_and_says_why():
+    config = _config("memory.reserve_mb=100000000")
+    with _Running(config) as daemon:
+        _wait(lambda: daemon.learner.paused_reason is not None)
+        time.sleep(0.3)
+        assert daemon.learner.steps == 0 and daemon.frames > 0
+    assert "reserve" in daemon.learner.paused_reason
+
+
+def test_out_of_memory_halves_the_batch_then_pauses(monkeypatch):
+    daemon = Daemon(_config())
+    tegra_oom = RuntimeError("NVML_SUCCESS == r INTERNAL ASSERT FAILED at CUDACachingAllocator")
+
+    def oom(x):
+        raise tegra_oom
+
+    monkeypatch.setattr(daemon.method, "step", oom)
+    learner = daemon.learner
+    for _ in range(40):
+        learner.buffer.push(torch.zeros(3, 32, 32, dtype=torch.uint8))
+    learner._step()
+    learner._step()
+    assert learner.batch_size == 4 and daemon.telemetry.counters["out_of_memory"] == 2
+    assert learner.paused_reason is None
+    learner._step()                       # at the minimum batch: pause, with the reason
+    assert "out of memory" in learner.paused_reason and not learner._ready()
+
+
+def test_collapse_rolls_back_to_the_last_good_state():
+    daemon = Daemon(_config())
+    learner = daemon.learner
+    confident = torch.full((16, 10), -20.0)
+    confident[:, 3] = 20.0
+    result = SimpleNamespace(logits=confident)
+    verdicts = [learner._healthy(result) for _ in range(COLLAPSE_STEPS)]
+    assert verdicts == [True] * (COLLAPSE_STEPS - 1) + [False]
+    assert daemon.telemetry.counters["rollbacks"] == 1
+    varied = SimpleNamespace(logits=torch.randn(16, 10))
+    assert all(learner._healthy(varied) for _ in range(2 * COLLAPSE_STEPS))
+
+
+def test_methods_that_need_batch_statistics_are_refused():
+    with pytest.raises(ConfigError, match="per-frame serving"):
+        Daemon(_config("learner.method=tent"))
+    with pytest.raises(ConfigError, match="learner.method"):
+        Daemon(_config("learner.method=nonsense"))
+
+
+def test_budget_is_reported_in_megabytes():
+    daemon = Daemon(_config("memory.budget_mb=3"))
+    budget, why = daemon._budget()
+    assert budget == 3 * MB and "cap" in why
