@@ -7,7 +7,15 @@ TORCH38 ?= torch==2.0.1 torchvision==0.15.2
 PY38 = PYENV_VERSION=3.8.18 python3.8
 FROST = imagecorruptions==1.1.2   # only its frost textures are used (surgeon_core/data/frost.py)
 
-.PHONY: test test-py38 demo bench-memory bench-continual clean
+.PHONY: test test-py38 test-gst gst-debs demo bench-memory bench-continual clean
+
+# The GStreamer lane: Debian's python3-opencv is built with GStreamer (PyPI's wheels are not),
+# as Jetson's system OpenCV is; these packages also serve a local RTSP stream for the tests.
+GSTVENV ?= .venv-gst
+SYSPY = /usr/bin/python3
+GST_DEBS = python3-opencv python3-gi python3-venv python3-yaml python3-psutil python3-scipy \
+	python3-numpy gstreamer1.0-tools gstreamer1.0-plugins-base gstreamer1.0-plugins-good \
+	gstreamer1.0-plugins-bad gstreamer1.0-libav gstreamer1.0-rtsp gir1.2-gst-rtsp-server-1.0
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -23,12 +31,26 @@ $(VENV38)/.installed: pyproject.toml
 	$(VENV38)/bin/pip install --quiet --no-deps $(FROST)
 	touch $@
 
+$(GSTVENV)/.installed: pyproject.toml
+	$(SYSPY) -m venv --system-site-packages $(GSTVENV)
+	$(GSTVENV)/bin/pip install --quiet --no-deps -e .
+	$(GSTVENV)/bin/pip install --quiet 'pydantic>=2' 'pytest>=7' 'pytest-timeout>=2.1'
+	touch $@
+
 test: $(VENV)/.installed
 	$(VENV)/bin/python -m pytest -q
 
 # The JetPack 5 generation: Python 3.8 with torch 2.0 (the Xavier NX ceiling).
 test-py38: $(VENV38)/.installed
 	$(VENV38)/bin/python -m pytest -q
+
+gst-debs:
+	apt-get install -y -q $(GST_DEBS)
+
+# Real pipelines (gst://, file via decodebin, RTSP that dies and returns) with no torch.
+test-gst: $(GSTVENV)/.installed
+	SURGEON_REQUIRE_GSTREAMER=1 $(GSTVENV)/bin/python -m pytest -q tests/daemon/test_gstreamer.py \
+		tests/daemon/test_sources.py tests/daemon/test_tegrastats.py
 
 # The main job on its embedded default: surgeond on the replay stream (clean, then corruptions),
 # ResNet-20 adapted by SURGEON under a cache budget beside the frozen model; about three minutes.
@@ -44,4 +66,4 @@ bench-continual: $(VENV)/.installed
 		--methods source,bn,tent,eata,cotta,mecta,static,surgeon --out bench-out/continual
 
 clean:
-	rm -rf $(VENV) $(VENV38) *.egg-info .pytest_cache
+	rm -rf $(VENV) $(VENV38) $(GSTVENV) *.egg-info .pytest_cache

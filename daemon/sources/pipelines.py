@@ -45,4 +45,6 @@ def rtsp_pipeline(url: str, latency_ms: int, decoder: str = "auto") -> str:
 
 
 def file_pipeline(path: str) -> str:
-    return "filesrc location=%s ! decodebin ! %s ! %s" % (path, TO_BGR, APPSINK)
+    # a file is not live: back-pressure instead of dropping, so every frame is served
+    return "filesrc location=%s ! decodebin ! %s ! appsink sync=false max-buffers=4" % (
+        path, TO_BGR)
