@@ -28,7 +28,27 @@ def _parser() -> argparse.ArgumentParser:
     demo = sub.add_parser("demo", help="the embedded demo: replay, adaptation, summary, plot")
     demo.add_argument("--out", type=Path, default=Path("demo-out"))
     demo.add_argument("--set", action="append", default=[], metavar="SECTION.FIELD=VALUE")
+    bench = sub.add_parser("bench", help="serving latency with the learner off/on, budget cut")
+    bench.add_argument("--out", type=Path, default=Path("bench-out/daemon.json"))
+    bench.add_argument("--fps", type=int, default=60)
+    bench.add_argument("--off-s", type=float, default=30)
+    bench.add_argument("--on-s", type=float, default=45)
+    bench.add_argument("--low-s", type=float, default=30)
+    bench.add_argument("--budget-mb", type=float, default=8)
+    bench.add_argument("--low-mb", type=float, default=3)
+    bench.add_argument("--set", action="append", default=[], metavar="SECTION.FIELD=VALUE")
     return parser
+
+
+def _bench(args) -> int:
+    import json
+
+    from .bench import run_bench
+
+    result = run_bench(args.out, args.fps, args.off_s, args.on_s, args.low_s, args.budget_mb,
+                       args.low_mb, args.set)
+    print(json.dumps(result, indent=1))
+    return 0
 
 
 def _run(args) -> int:
@@ -69,6 +89,8 @@ def main(argv: Optional[List[str]] = None) -> int:
             return _run(args)
         if args.command == "config":
             return _config(args)
+        if args.command == "bench":
+            return _bench(args)
         from .demo import run_demo
 
         run_demo(args.out, args.set)

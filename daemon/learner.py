@@ -90,6 +90,8 @@ class Learner:
         self._stop = threading.Event()
         self._wake = threading.Event()
         self._thread: Optional[threading.Thread] = None
+        # (step, measured cache bytes, budget bytes in force) of recent steps
+        self.step_log: Deque[tuple] = collections.deque(maxlen=100_000)
 
     # -- control -------------------------------------------------------------------------
     def start(self) -> "Learner":
@@ -194,6 +196,7 @@ class Learner:
             self._resume()
         self.telemetry.stage("adapt", result.seconds)
         self._report(result)
+        self.step_log.append((self.steps, result.cache_bytes, self._budget_bytes))
         if not self._healthy(result):
             return
         if self.steps % self.config.publish_every == 0:

@@ -115,6 +115,7 @@ class Daemon:
 
     def run(self) -> Dict:
         """Serve until the stream ends, a limit is hit or a stop is requested; the last snapshot."""
+        self._warm_up()
         self.grabber.start()
         if self.config.learner.enabled:
             self.learner.start()
@@ -144,6 +145,14 @@ class Daemon:
             self.predictions.close()
             self.probe.close()
         return final
+
+    def _warm_up(self, runs: int = 3) -> None:
+        """First calls allocate and pick kernels; keep them out of the latency figures."""
+        size = self.config.model.input_size
+        x = torch.zeros(1, 3, size, size, device=self.device)
+        for model in filter(None, (self.serving, self.source_model)):
+            for _ in range(runs):
+                model.predict(x)
 
     def _serve(self, frame) -> None:
         start = time.monotonic()

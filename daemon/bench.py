@@ -1,0 +1,76 @@
+"""`surgeond bench`: serving latency with the learner off and on, and a mid-run budget cut, in
+one daemon run on the replay stream (results in BENCHMARKS.md with this command).
+
+Phases: learner paused (serving alone), learner running at the configured budget, learner
+running after the budget is lowered. Serving latency percentiles are split by whether the learner
+was running when the frame was served; every step's measured cache is checked against the budget
+in force when it was planned.
+"""
+
+import json
+import threading
+import time
+from pathlib import Path
+from typing import Dict, List, Optional
+
+from .config import load_config
+from .memory import MB
+from .service import Daemon
+
+__all__ = ["run_bench"]
+
+STREAM = ("replay://cifar10?schedule=clean:500,gaussian_noise:100000&severity=5&fps=%d&seed=0")
+
+
+def _phases(daemon: Daemon, off_s: float, on_s: float, low_mb: float, marks: Dict) -> None:
+    learner = daemon.learner
+    learner.pause(True)
+    time.sleep(off_s)
+    learner.pause(False)
+    marks["on_at_step"] = learner.steps
+    time.sleep(on_s)
+    marks["cut_at_step"] = learner.steps
+    learner.set_budget_cap(low_mb)
+
+
+def _budget_check(step_log: List[tuple], cut_step: int) -> Dict:
+    over = [(s, c, b) for s, c, b in step_log if b is not None and c > b]
+    after = [(s, c, b) for s, c, b in step_log if s > cut_step]
+    settle = next((s - cut_step for s, c, b in after if b is not None and c <= b
+                   and b == after[-1][2]), None)
+    return {"steps": len(step_log), "steps_over_budget": len(over),
+            "max_cache_over_budget": max((c / b for _, c, b in step_log if b), default=None),
+            "steps_to_honour_cut": settle,
+            "cache_mb_before_cut": [round(c / MB, 2) for s, c, _ in step_log
+                                    if cut_step - 3 < s <= cut_step],
+            "cache_mb_after_cut": [round(c / MB, 2) for s, c, _ in after[:5]]}
+
+
+def run_bench(out: Path, fps: int = 60, off_s: float = 30, on_s: float = 45,
+              low_s: float = 30, budget_mb: float = 8, low_mb: float = 3,
+              overrides: Optional[List[str]] = None) -> Dict:
+    config = load_config(None, ["source.uri=" + STREAM % fps, "memory.budget_mb=%g" % budget_mb,
+                                "duration_s=%g" % (off_s + on_s + low_s), "memory.poll_s=1"]
+                         + list(overrides or []))
+    daemon = Daemon(config)
+    marks: Dict = {}
+    control = threading.Thread(target=_phases, args=(daemon, off_s, on_s, low_mb, marks),
+                               daemon=True)
+    control.start()
+    final = daemon.run()
+    control.join(1)
+    lat = final["latency_ms"]
+    result = {"fps_requested": fps, "frames": final["counters"].get("frames", 0),
+              "drops": final.get("source", {}).get("drops"),
+              "serving_ms_learner_off": lat["infer_learner_off"],
+              "serving_ms_learner_on": lat["infer_learner_on"],
+              "adapt_step_ms": lat["adapt"], "budget_mb": budget_mb, "low_budget_mb": low_mb,
+              "budget": _budget_check(list(daemon.learner.step_log),
+                                      marks.get("cut_at_step", 0)),
+              "device": str(daemon.device), "threads": config.threads}
+    off, on = result["serving_ms_learner_off"], result["serving_ms_learner_on"]
+    if off.get("p99") and on.get("p99"):
+        result["p99_ratio_on_over_off"] = round(on["p99"] / off["p99"], 2)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=1))
+    return result
