@@ -199,6 +199,9 @@ class Learner:
         self.step_log.append((self.steps, result.cache_bytes, self._budget_bytes))
         if not self._healthy(result):
             return
+        if self._starved(result):
+            self._shrink("budget starved: %.1f MB leaves no layer enough to train at batch %d"
+                         % ((self._budget_bytes or 0) / MB, self.batch_size))
         if self.steps % self.config.publish_every == 0:
             publish_weights(self._pairs, self.serving.lock)
             self.telemetry.count("publishes")
@@ -206,6 +209,11 @@ class Learner:
         self._healthy_since_good += 1
         if self._healthy_since_good >= self.config.good_every:
             self._good, self._healthy_since_good = self._snapshot(), 0
+
+    def _starved(self, result) -> bool:
+        """A sparse step under a budget that kept too little in every layer to train any."""
+        sparse = getattr(self.method, "engine", None) is not None
+        return sparse and bool(self._budget_bytes) and result.mean_keep is None
 
     def _shrink(self, why: str) -> None:
         """Halve the batch; at the minimum, pause with the reason until the budget changes."""

@@ -153,3 +153,17 @@ def test_budget_is_reported_in_megabytes():
     daemon = Daemon(_config("memory.budget_mb=3"))
     budget, why = daemon._budget()
     assert budget == 3 * MB and "cap" in why
+
+
+def test_a_budget_that_trains_nothing_shrinks_the_batch(monkeypatch):
+    daemon = Daemon(_config("memory.budget_mb=8"))
+    learner = daemon.learner
+    learner._refresh_budget()
+    nothing_trained = SimpleNamespace(logits=torch.randn(16, 10), loss=0.1, cache_bytes=1000,
+                                      paper_bytes=0, mean_keep=None, overall_keep=0.0,
+                                      updated=False, selected=0, seconds=0.01)
+    monkeypatch.setattr(daemon.method, "step", lambda x: nothing_trained)
+    for _ in range(40):
+        learner.buffer.push(torch.zeros(3, 32, 32, dtype=torch.uint8))
+    learner._step()
+    assert learner.batch_size == 8 and daemon.telemetry.counters["batch_shrinks"] == 1
