@@ -1,0 +1,14 @@
+from daemon.bench import _budget_check
+from daemon.memory import MB
+
+
+def test_budget_check_counts_overruns_and_steps_to_honour_a_cut():
+    log = [(1, 7 * MB, 8 * MB), (2, 7.9 * MB, 8 * MB), (3, 7.9 * MB, 8 * MB),   # cut after 3
+           (4, 2.5 * MB, 3 * MB), (5, 2.9 * MB, 3 * MB)]
+    check = _budget_check(log, cut_step=3)
+    assert check["steps_over_budget"] == 0 and check["steps_to_honour_cut"] == 1
+    assert check["cache_mb_after_cut"] == [2.5, 2.9]
+    late = log[:3] + [(4, 7.9 * MB, 3 * MB), (5, 2.9 * MB, 3 * MB)]
+    check = _budget_check(late, cut_step=3)
+    assert check["steps_over_budget"] == 1 and check["steps_to_honour_cut"] == 2
+    assert check["max_cache_over_budget"] > 2.6
