@@ -27,10 +27,11 @@ from .memory import MB, is_out_of_memory
 from .serving import ServingModel, publish_weights
 from .telemetry import Telemetry
 
-__all__ = ["RingBuffer", "Learner", "COLLAPSE_STEPS"]
+__all__ = ["RingBuffer", "Learner", "COLLAPSE_STEPS", "RECOVER_STEPS"]
 
 log = logging.getLogger("surgeond.learner")
 COLLAPSE_STEPS = 3
+RECOVER_STEPS = 100   # clean steps after a shrink before the batch and budget grow back
 
 
 class RingBuffer:
@@ -79,6 +80,8 @@ class Learner:
         self.paused_reason: Optional[str] = None     # why the learner is not stepping
         self.user_paused = False
         self._budget_cap: Optional[int] = None        # operator's cap (set_budget_cap)
+        self._oom_cap: Optional[int] = None           # halved budget after an out-of-memory
+        self._clean_steps = 0                         # steps since the last shrink
         self._budget_bytes: Optional[int] = None
         self._last_poll = -math.inf
         self._used_until = 0
@@ -152,8 +155,9 @@ class Learner:
             return
         self._last_poll = now
         budget, reason = (None, "no memory policy") if self.budget_fn is None else self.budget_fn()
-        if self._budget_cap is not None and (budget is None or self._budget_cap < budget):
-            budget, reason = self._budget_cap, "operator cap %.1f MB" % (self._budget_cap / MB)
+        for cap, who in ((self._budget_cap, "operator cap"), (self._oom_cap, "after OOM")):
+            if cap is not None and (budget is None or cap < budget):
+                budget, reason = cap, "%s %.1f MB" % (who, cap / MB)
         self._budget_bytes = budget
         if budget == 0:
             self._pause_for("no memory for the cache: " + reason)
@@ -202,6 +206,8 @@ class Learner:
         if self._starved(result):
             self._shrink("budget starved: %.1f MB leaves no layer enough to train at batch %d"
                          % ((self._budget_bytes or 0) / MB, self.batch_size))
+        else:
+            self._maybe_recover()
         if self.steps % self.config.publish_every == 0:
             publish_weights(self._pairs, self.serving.lock)
             self.telemetry.count("publishes")
@@ -215,8 +221,22 @@ class Learner:
         sparse = getattr(self.method, "engine", None) is not None
         return sparse and bool(self._budget_bytes) and result.mean_keep is None
 
+    def _maybe_recover(self) -> None:
+        """After RECOVER_STEPS clean steps, double the batch back and drop the OOM cap."""
+        self._clean_steps += 1
+        shrunk = self.batch_size < self.config.batch_size or self._oom_cap is not None
+        if not shrunk or self._clean_steps < RECOVER_STEPS:
+            return
+        self.batch_size = min(self.config.batch_size, self.batch_size * 2)
+        self._oom_cap, self._clean_steps = None, 0
+        self._last_poll = -math.inf
+        log.info("%d clean steps: batch back to %d", RECOVER_STEPS, self.batch_size)
+        self.telemetry.count("batch_regrowths")
+        self.telemetry.set(batch_size=self.batch_size)
+
     def _shrink(self, why: str) -> None:
         """Halve the batch; at the minimum, pause with the reason until the budget changes."""
+        self._clean_steps = 0
         if self.batch_size > self.config.min_batch_size:
             self.batch_size = max(self.config.min_batch_size, self.batch_size // 2)
             log.warning("%s; batch now %d", why, self.batch_size)
@@ -233,7 +253,7 @@ class Learner:
             torch.cuda.empty_cache()
         engine = getattr(self.method, "engine", None)
         if engine is not None and self._budget_bytes:
-            self._budget_cap = self._budget_bytes // 2
+            self._oom_cap = self._budget_bytes // 2
             self._last_poll = -math.inf
         self._shrink("out of memory (%s)" % str(exc).splitlines()[0][:120])
 

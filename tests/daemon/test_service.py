@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from daemon.config import ConfigError, load_config
-from daemon.learner import COLLAPSE_STEPS
+from daemon.learner import COLLAPSE_STEPS, RECOVER_STEPS
 from daemon.memory import MB
 from daemon.service import Daemon
 
@@ -167,3 +167,27 @@ def test_a_budget_that_trains_nothing_shrinks_the_batch(monkeypatch):
         learner.buffer.push(torch.zeros(3, 32, 32, dtype=torch.uint8))
     learner._step()
     assert learner.batch_size == 8 and daemon.telemetry.counters["batch_shrinks"] == 1
+
+
+def test_after_clean_steps_the_batch_and_budget_grow_back(monkeypatch):
+    daemon = Daemon(_config("memory.budget_mb=8"))
+    learner = daemon.learner
+    learner._refresh_budget()
+    for _ in range(40):
+        learner.buffer.push(torch.zeros(3, 32, 32, dtype=torch.uint8))
+    monkeypatch.setattr(daemon.method, "step", lambda x: (_ for _ in ()).throw(
+        RuntimeError("CUDA out of memory")))
+    learner._step()
+    assert learner.batch_size == 8 and learner._oom_cap == 4 * MB
+    learner._last_poll = -float("inf")
+    learner._refresh_budget()
+    assert learner.budget_bytes == 4 * MB                # the OOM halved the budget
+    healthy = SimpleNamespace(logits=torch.randn(8, 10), loss=0.1, cache_bytes=1000,
+                              paper_bytes=0, mean_keep=0.3, overall_keep=0.2, updated=True,
+                              selected=8, seconds=0.01)
+    monkeypatch.setattr(daemon.method, "step", lambda x: healthy)
+    for _ in range(RECOVER_STEPS):
+        learner._step()
+    assert learner.batch_size == 16 and learner._oom_cap is None
+    learner._refresh_budget()
+    assert learner.budget_bytes == 8 * MB
