@@ -217,9 +217,11 @@ class Learner:
             self._good, self._healthy_since_good = self._snapshot(), 0
 
     def _starved(self, result) -> bool:
-        """A sparse step under a budget that kept too little in every layer to train any."""
+        """A sparse step under a budget that kept too little in every prunable layer to train any
+        (``overall_keep`` is None where nothing is prunable, e.g. a quantised x_hat)."""
         sparse = getattr(self.method, "engine", None) is not None
-        return sparse and bool(self._budget_bytes) and result.mean_keep is None
+        return (sparse and bool(self._budget_bytes) and result.mean_keep is None
+                and result.overall_keep is not None)
 
     def _maybe_recover(self) -> None:
         """After RECOVER_STEPS clean steps, double the batch back and drop the OOM cap."""

@@ -22,12 +22,25 @@ statistics the input gradient therefore gets train-mode BatchNorm's own correcti
 whose two per-channel means are dL/dbeta / n and dL/dgamma / n. Only the last term reads x_hat, and
 it reads the pruned copy: exact at keep 1, and magnitude pruning drops only the small |x_hat| whose
 term is small. A layer that caches nothing still gets the mean correction.
+
+NOTE [Quantised x_hat]
+With batch statistics, x_hat is standardised per channel, so a fixed quantiser for a unit Gaussian
+fits every layer with no scale to store. ``xhat_bits=1`` keeps its sign (+-0.7979 = E|z|: 1/32 of
+fp32), ``2`` adds a magnitude bit (Lloyd-Max levels 0.4528 and 1.5104: 1/16), ``0`` keeps x_hat
+itself for the capture policy to prune at the layer's keep ratio (the paper's dynamic sparsity).
+Quantised, every layer keeps both its gamma gradient and the input-gradient correction: none is
+frozen by a near-zero keep ratio. Measured on continual CIFAR-10-C (BENCHMARKS.md), ResNet-20 at
+batch 200: the sign alone gives lower error at less measured cache than pruning x_hat, because a
+pruned layer at keep ~0 loses its gamma update and the x_hat term of its input gradient.
+The codes are saved as uint8, which the capture layer stores as they are and counts.
 """
 
 from typing import Optional
 
 import torch
 from torch import nn
+
+from .sparsity import dequantize_standard, quantize_standard
 
 __all__ = ["RunningStatNorm2d", "convert_batchnorm", "forget_gate_rate"]
 
@@ -53,20 +66,29 @@ class _LeanAffine(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, x, weight, bias, mean, invstd, center):
+    def forward(ctx, x, weight, bias, mean, invstd, center, bits):
         shape = (1, -1) + (1,) * (x.dim() - 2)
-        ctx.shape, ctx.center = shape, center
-        if not ctx.needs_input_grad[1]:  # gamma frozen: nothing to cache, one fused pass
+        ctx.shape, ctx.center, ctx.codes = shape, center, None
+        # quantised x_hat is cheap enough to keep the correction even where gamma is frozen
+        wanted = ctx.needs_input_grad[1] or (bits > 0 and center and ctx.needs_input_grad[0])
+        if not wanted:  # nothing to cache: one fused pass
             scale = weight * invstd
-            ctx.save_for_backward(None, weight, invstd)
+            ctx.save_for_backward(None, None, weight, invstd)
             return torch.addcmul((bias - mean * scale).view(shape), x, scale.view(shape))
         x_hat = torch.addcmul((-mean * invstd).view(shape), x, invstd.view(shape))
-        ctx.save_for_backward(x_hat, weight, invstd)
+        if bits > 0:
+            ctx.codes = (x.shape, x.numel(), x.dtype)
+            ctx.save_for_backward(*quantize_standard(x_hat, bits), weight, invstd)
+        else:
+            ctx.save_for_backward(x_hat, None, weight, invstd)
         return torch.addcmul(bias.view(shape), x_hat, weight.view(shape))
 
     @staticmethod
     def backward(ctx, grad):
-        x_hat, weight, invstd = ctx.saved_tensors
+        x_hat, big, weight, invstd = ctx.saved_tensors
+        if ctx.codes is not None:
+            shape, numel, dtype = ctx.codes
+            x_hat = dequantize_standard(x_hat, big, numel, dtype).view(shape)
         dims = [0] + list(range(2, grad.dim()))
         grad_b = grad.sum(dims)
         grad_w = (grad * x_hat).sum(dims) if x_hat is not None else None
@@ -79,10 +101,12 @@ class _LeanAffine(torch.autograd.Function):
                 if grad_w is not None:
                     g = g - x_hat * (grad_w / count).view(ctx.shape)
             grad_x = g * (weight * invstd).view(ctx.shape)
-        return (grad_x, grad_w, grad_b if ctx.needs_input_grad[2] else None, None, None, None)
+        return (grad_x, grad_w if ctx.needs_input_grad[1] else None,
+                grad_b if ctx.needs_input_grad[2] else None, None, None, None, None)
 
 
 STATISTICS = ("batch", "running")
+XHAT_BITS = (0, 1, 2)
 
 
 class RunningStatNorm2d(nn.BatchNorm2d):
@@ -98,15 +122,20 @@ class RunningStatNorm2d(nn.BatchNorm2d):
         gate_scale: forget-gate scale ``s``; ``None`` uses a fixed ``momentum`` instead.
         momentum: fixed update rate when the gate is off.
         statistics: ``batch`` or ``running``.
+        xhat_bits: 0 (x_hat kept for the capture policy), 1 or 2 (NOTE [Quantised x_hat]).
     """
 
     def __init__(self, num_features: int, eps: float = 1e-5, momentum: float = 0.1,
-                 gate_scale: Optional[float] = 1.0, statistics: str = "batch"):
+                 gate_scale: Optional[float] = 1.0, statistics: str = "batch",
+                 xhat_bits: int = 0):
         super().__init__(num_features, eps=eps, momentum=momentum)
         if statistics not in STATISTICS:
             raise ValueError("statistics must be one of %s, got %r" % (STATISTICS, statistics))
+        if xhat_bits not in XHAT_BITS:
+            raise ValueError("xhat_bits must be one of %s, got %r" % (XHAT_BITS, xhat_bits))
         self.gate_scale = gate_scale
         self.statistics = statistics
+        self.xhat_bits = xhat_bits
         self._last_rate = torch.zeros(())
 
     @property
@@ -116,9 +145,9 @@ class RunningStatNorm2d(nn.BatchNorm2d):
 
     @classmethod
     def from_batchnorm(cls, bn: nn.BatchNorm2d, gate_scale: Optional[float] = 1.0,
-                       statistics: str = "batch"):
+                       statistics: str = "batch", xhat_bits: int = 0):
         """A copy of ``bn`` (weights and running statistics) with lean normalisation."""
-        new = cls(bn.num_features, bn.eps, bn.momentum or 0.1, gate_scale, statistics)
+        new = cls(bn.num_features, bn.eps, bn.momentum or 0.1, gate_scale, statistics, xhat_bits)
         new.load_state_dict(bn.state_dict(), strict=False)
         return new.to(bn.weight.device)
 
@@ -150,15 +179,17 @@ class RunningStatNorm2d(nn.BatchNorm2d):
                 var = torch.where(finite, batch_var, self.running_var)
         invstd = torch.rsqrt(var + self.eps)
         center = self.training and self.statistics == "batch"
-        return _LeanAffine.apply(x, self.weight, self.bias, mean, invstd, center)
+        bits = self.xhat_bits if center else 0   # running statistics: x_hat is not standardised
+        return _LeanAffine.apply(x, self.weight, self.bias, mean, invstd, center, bits)
 
 
 def convert_batchnorm(model: nn.Module, gate_scale: Optional[float] = 1.0,
-                      statistics: str = "batch") -> nn.Module:
+                      statistics: str = "batch", xhat_bits: int = 0) -> nn.Module:
     """Replace every ``nn.BatchNorm2d`` in ``model`` (in place) by a ``RunningStatNorm2d`` copy."""
     for name, child in list(model.named_children()):
         if isinstance(child, nn.BatchNorm2d) and not isinstance(child, RunningStatNorm2d):
-            setattr(model, name, RunningStatNorm2d.from_batchnorm(child, gate_scale, statistics))
+            setattr(model, name, RunningStatNorm2d.from_batchnorm(child, gate_scale, statistics,
+                                                                  xhat_bits))
         else:
-            convert_batchnorm(child, gate_scale, statistics)
+            convert_batchnorm(child, gate_scale, statistics, xhat_bits)
     return model

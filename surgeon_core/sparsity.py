@@ -152,6 +152,32 @@ def unpack_bits(bits: torch.Tensor, numel: int) -> torch.Tensor:
     return table.index_select(0, bits.int()).view(-1)[:numel]
 
 
+# Lloyd-Max quantisers of a unit Gaussian (NOTE [Quantised x_hat] in norm.py): 1 bit keeps the
+# sign at +-E|z|; 2 bits add "is |z| above 0.9816", with levels 0.4528 and 1.5104.
+STANDARD_LEVELS = {1: (0.7979, 0.7979), 2: (0.4528, 1.5104)}
+STANDARD_SPLIT = 0.9816
+
+
+def quantize_standard(x: torch.Tensor, bits: int):
+    """Packed codes of an (about) unit-variance tensor: (sign bits, magnitude bits or None)."""
+    if bits not in STANDARD_LEVELS:
+        raise ValueError("bits must be 1 or 2, got %r" % (bits,))
+    with torch.no_grad():
+        sign = pack_bits(x > 0)
+        return sign, (pack_bits(x.abs() > STANDARD_SPLIT) if bits == 2 else None)
+
+
+def dequantize_standard(sign: torch.Tensor, big: Optional[torch.Tensor], numel: int,
+                        dtype: torch.dtype) -> torch.Tensor:
+    """A flat tensor of ``numel`` reconstruction levels from ``quantize_standard``'s codes."""
+    small, large = STANDARD_LEVELS[1 if big is None else 2]
+    signs = unpack_bits_as(sign, numel, _bit_table(sign.device, dtype) * 2 - 1)
+    if big is None:
+        return signs * small
+    magnitude = unpack_bits_as(big, numel, small + (large - small) * _bit_table(big.device, dtype))
+    return signs * magnitude
+
+
 def _self_check() -> None:
     probe = torch.rand(1003) > 0.5
     if not torch.equal(unpack_bits(pack_bits(probe), probe.numel()), probe):

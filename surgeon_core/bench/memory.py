@@ -12,7 +12,7 @@ import dataclasses
 import statistics
 import time
 from dataclasses import asdict, dataclass
-from typing import Callable, Dict, List, Optional
+from typing import Dict, List, Optional
 
 import torch
 from torch import nn
@@ -100,7 +100,9 @@ def _tent_model(model: nn.Module) -> nn.Module:
 
 
 def _runners(base: nn.Module, budget: Optional[int], engine_config: EngineConfig) -> List[_Runner]:
-    fresh: Callable[[], nn.Module] = lambda: copy.deepcopy(base).train()
+    def fresh() -> nn.Module:
+        return copy.deepcopy(base).train()
+
     lean = convert_batchnorm(fresh())
     runners = [
         _Runner("full", "all weights, plain autograd, train-mode BN", fresh()),

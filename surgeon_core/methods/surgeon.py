@@ -16,7 +16,7 @@ from torch import nn
 
 from ..capture import CapturePolicy
 from ..engine import EngineConfig, SparseBackprop, budget_or_none
-from ..norm import convert_batchnorm
+from ..norm import XHAT_BITS, convert_batchnorm
 from .augment import cotta_augment
 from .base import Method, StepResult, bn_modules, entropy
 from .registry import register
@@ -35,6 +35,9 @@ class SurgeonArgs:
             weights, or ``bn_gamma`` (the published code's exact choice: beta never moves).
         lean_norm: running-statistics normalisation (NOTE [Lean normalisation]); False keeps
             train-mode BatchNorm exact.
+        xhat_bits: how the lean norm keeps x_hat (NOTE [Quantised x_hat]): 1 (default) its sign,
+            2 a 2-bit code, 0 x_hat itself pruned at the layer's dynamic keep ratio (the paper's
+            activation sparsity; ``static`` compares against this).
         margin: CSS keeps samples with entropy below ``margin * ln C``.
         consistency_weight: CR weight; ``None`` is the published 0.01 * C; 0 turns CR off.
         variant, keep_floor, probe_every, fixed_keep, value_dtype: see EngineConfig/CapturePolicy.
@@ -44,6 +47,7 @@ class SurgeonArgs:
     lr: Optional[float] = None
     params: str = "bn"
     lean_norm: bool = True
+    xhat_bits: int = 1
     margin: float = 0.4
     consistency_weight: Optional[float] = None
     variant: str = "paper"
@@ -57,6 +61,8 @@ class SurgeonArgs:
     def __post_init__(self):
         if self.params not in PARAM_SETS:
             raise ValueError("params must be one of %s, got %r" % (PARAM_SETS, self.params))
+        if self.xhat_bits not in XHAT_BITS:
+            raise ValueError("xhat_bits must be one of %s, got %r" % (XHAT_BITS, self.xhat_bits))
         if self.lr is not None and not self.lr > 0:
             raise ValueError("lr must be > 0, got %r" % (self.lr,))
 
@@ -75,7 +81,7 @@ class SurgeonArgs:
 def configure_model(model: nn.Module, args: SurgeonArgs) -> nn.Module:
     """Lean or train-mode normalisation, then mark the chosen parameter set trainable."""
     if args.lean_norm:
-        convert_batchnorm(model)
+        convert_batchnorm(model, xhat_bits=args.xhat_bits)
     model.train().requires_grad_(args.params == "all")
     if args.params != "all":
         for m in bn_modules(model):
@@ -143,6 +149,7 @@ class StaticArgs(SurgeonArgs):
     """The static-sparsity baseline: SURGEON's machinery with one keep ratio for every layer."""
 
     fixed_keep: Optional[float] = 0.1
+    xhat_bits: int = 0   # the ratios must act on x_hat itself
 
 
 @register("static")

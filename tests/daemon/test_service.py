@@ -167,6 +167,8 @@ def test_a_budget_that_trains_nothing_shrinks_the_batch(monkeypatch):
         learner.buffer.push(torch.zeros(3, 32, 32, dtype=torch.uint8))
     learner._step()
     assert learner.batch_size == 8 and daemon.telemetry.counters["batch_shrinks"] == 1
+    nothing_prunable = SimpleNamespace(mean_keep=None, overall_keep=None)   # quantised x_hat
+    assert not learner._starved(nothing_prunable)
 
 
 def test_after_clean_steps_the_batch_and_budget_grow_back(monkeypatch):
