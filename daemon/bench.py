@@ -1,8 +1,9 @@
 """`surgeond bench`: serving latency with the learner off and on, and a mid-run budget cut, in
 one daemon run on the replay stream (results in BENCHMARKS.md with this command).
 
-Phases: learner paused (serving alone), learner running at the configured budget, learner
-running after the budget is lowered. Serving latency percentiles are split by whether the learner
+Phases: learner running at the configured budget, learner paused (serving alone), learner
+running again after the budget is lowered. The paused phase comes second so that start-up
+(first allocations, the source's first chunks) does not land in it. Serving latency percentiles are split by whether the learner
 was running when the frame was served; every step's measured cache is checked against the budget
 in force when it was planned.
 """
@@ -24,13 +25,12 @@ STREAM = ("replay://cifar10?schedule=clean:500,gaussian_noise:100000&severity=5&
 
 def _phases(daemon: Daemon, off_s: float, on_s: float, low_mb: float, marks: Dict) -> None:
     learner = daemon.learner
+    time.sleep(on_s)
     learner.pause(True)
     time.sleep(off_s)
-    learner.pause(False)
-    marks["on_at_step"] = learner.steps
-    time.sleep(on_s)
     marks["cut_at_step"] = learner.steps
     learner.set_budget_cap(low_mb)
+    learner.pause(False)
 
 
 def _budget_check(step_log: List[tuple], cut_step: int) -> Dict:
