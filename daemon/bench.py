@@ -3,9 +3,9 @@ one daemon run on the replay stream (results in BENCHMARKS.md with this command)
 
 Phases: learner running at the configured budget, learner paused (serving alone), learner
 running again after the budget is lowered. The paused phase comes second so that start-up
-(first allocations, the source's first chunks) does not land in it. Serving latency percentiles are split by whether the learner
-was running when the frame was served; every step's measured cache is checked against the budget
-in force when it was planned.
+(first allocations, the source's first chunks) does not land in it. Serving latency
+percentiles are split by whether the learner was running when the frame was served; every
+step's measured cache is checked against the budget in force when it was planned.
 """
 
 import json
