@@ -21,6 +21,7 @@ from typing import Callable, Deque, Optional
 
 import torch
 
+from surgeon_core.engine import entropy as sample_entropy
 from surgeon_core.errors import BudgetExceeded
 
 from .memory import MB, is_out_of_memory
@@ -260,11 +261,9 @@ class Learner:
         self._shrink("out of memory (%s)" % str(exc).splitlines()[0][:120])
 
     def _report(self, result) -> None:
-        probs = result.logits.float().softmax(1)
-        entropy = float(-(probs * probs.clamp_min(1e-12).log()).sum(1).mean())
         self.telemetry.count("steps")
         self.telemetry.count("updates", int(result.updated))
-        self.telemetry.set(loss=result.loss, entropy=entropy, cache_mb=result.cache_bytes / MB,
+        self.telemetry.set(loss=result.loss, cache_mb=result.cache_bytes / MB,
                            paper_mb=result.paper_bytes / MB, mean_keep=result.mean_keep,
                            overall_keep=result.overall_keep, batch_size=self.batch_size,
                            selected=result.selected, learner_steps=self.steps)
@@ -273,10 +272,12 @@ class Learner:
         if not bool(torch.isfinite(result.logits).all()):
             self._rollback("non-finite logits: the learner's weights are poisoned")
             return False
-        probs = result.logits.float().softmax(1)
-        classes = probs.shape[1]
-        entropy = float(-(probs * probs.clamp_min(1e-12).log()).sum(1).mean()) / math.log(classes)
-        top_share = float(probs.argmax(1).bincount(minlength=classes).max()) / probs.shape[0]
+        logits = result.logits.float()
+        classes = logits.shape[1]
+        mean_entropy = float(sample_entropy(logits).mean())
+        self.telemetry.set(entropy=mean_entropy)
+        entropy = mean_entropy / math.log(classes)
+        top_share = float(logits.argmax(1).bincount(minlength=classes).max()) / logits.shape[0]
         collapsing = (entropy < self.config.collapse_entropy
                       and top_share >= self.config.collapse_class_share)
         self._collapse_run = self._collapse_run + 1 if collapsing else 0

@@ -13,6 +13,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from surgeon_core.engine import entropy as sample_entropy
+
 __all__ = ["Preprocessor", "ServingModel", "publish_weights", "to_uint8", "describe_prediction"]
 
 
@@ -72,8 +74,7 @@ class ServingModel:
 
 
 def describe_prediction(logits: torch.Tensor) -> Dict[str, float]:
-    probs = logits.softmax(1)[0]
-    conf, cls = probs.max(0)
-    entropy = float(-(probs * probs.clamp_min(1e-12).log()).sum())
+    conf, cls = logits.softmax(1)[0].max(0)
+    entropy = float(sample_entropy(logits)[0])
     return {"class": int(cls), "confidence": round(float(conf), 4),
             "entropy": round(entropy, 4)}

@@ -9,7 +9,7 @@ import json
 import threading
 import time
 from pathlib import Path
-from typing import Any, Deque, Dict, List, Optional
+from typing import Any, Deque, Dict, Optional
 
 import numpy as np
 
@@ -131,10 +131,6 @@ class JsonlWriter:
         line = json.dumps(record, default=_plain)
         with self._lock:
             self._file.write(line + "\n")
-
-    def write_many(self, records: List[Dict[str, Any]]) -> None:
-        for record in records:
-            self.write(record)
 
     def close(self) -> None:
         with self._lock:
