@@ -7,7 +7,7 @@ TORCH38 ?= torch==2.0.1 torchvision==0.15.2
 PY38 = PYENV_VERSION=3.8.18 python3.8
 FROST = imagecorruptions==1.1.2   # only its frost textures are used (surgeon_core/data/frost.py)
 
-.PHONY: test test-py38 test-gst gst-debs demo bench-memory bench-continual clean
+.PHONY: test test-py38 test-gst gst-debs demo stress bench-memory bench-continual clean
 
 # The GStreamer lane: Debian's python3-opencv is built with GStreamer (PyPI's wheels are not),
 # as Jetson's system OpenCV is; these packages also serve a local RTSP stream for the tests.
@@ -43,6 +43,10 @@ test: $(VENV)/.installed
 # The JetPack 5 generation: Python 3.8 with torch 2.0 (the Xavier NX ceiling).
 test-py38: $(VENV38)/.installed
 	$(VENV38)/bin/python -m pytest -q
+
+# 50 rounds of kill -9 during checkpoint saves and restart (the suite runs 3); about 4 minutes.
+stress: $(VENV)/.installed
+	SURGEON_KILL_ROUNDS=50 $(VENV)/bin/python -m pytest -q tests/daemon/test_kill.py
 
 gst-debs:
 	apt-get install -y -q $(GST_DEBS)

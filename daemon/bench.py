@@ -50,7 +50,10 @@ def run_bench(out: Path, fps: int = 60, off_s: float = 30, on_s: float = 45,
               low_s: float = 30, budget_mb: float = 8, low_mb: float = 3,
               overrides: Optional[List[str]] = None) -> Dict:
     config = load_config(None, ["source.uri=" + STREAM % fps, "memory.budget_mb=%g" % budget_mb,
-                                "duration_s=%g" % (off_s + on_s + low_s), "memory.poll_s=1"]
+                                "duration_s=%g" % (off_s + on_s + low_s), "memory.poll_s=1",
+                                "control.enabled=false", "checkpoints.resume=none",
+                                "checkpoints.directory=%s" % (out.parent / "checkpoints"),
+                                "checkpoints.on_exit=false"]
                          + list(overrides or []))
     daemon = Daemon(config)
     marks: Dict = {}

@@ -1,4 +1,5 @@
-"""surgeond: ``run`` the daemon, ``config`` print or check a configuration, ``demo``."""
+"""surgeond: ``run`` the daemon, ``config`` print or check a configuration, ``demo``, and the
+daemon benchmarks ``bench`` and ``bench-control``."""
 
 import argparse
 import logging
@@ -37,6 +38,12 @@ def _parser() -> argparse.ArgumentParser:
     bench.add_argument("--budget-mb", type=float, default=8)
     bench.add_argument("--low-mb", type=float, default=3)
     bench.add_argument("--set", action="append", default=[], metavar="SECTION.FIELD=VALUE")
+    flood = sub.add_parser("bench-control", help="serving latency under a flood of bad requests")
+    flood.add_argument("--out", type=Path, default=Path("bench-out/control.json"))
+    flood.add_argument("--fps", type=int, default=60)
+    flood.add_argument("--quiet-s", type=float, default=20)
+    flood.add_argument("--flood-s", type=float, default=20)
+    flood.add_argument("--set", action="append", default=[], metavar="SECTION.FIELD=VALUE")
     return parser
 
 
@@ -47,6 +54,16 @@ def _bench(args) -> int:
 
     result = run_bench(args.out, args.fps, args.off_s, args.on_s, args.low_s, args.budget_mb,
                        args.low_mb, args.set)
+    print(json.dumps(result, indent=1))
+    return 0
+
+
+def _bench_control(args) -> int:
+    import json
+
+    from .bench_control import run_control_bench
+
+    result = run_control_bench(args.out, args.fps, args.quiet_s, args.flood_s, args.set)
     print(json.dumps(result, indent=1))
     return 0
 
@@ -91,6 +108,8 @@ def main(argv: Optional[List[str]] = None) -> int:
             return _config(args)
         if args.command == "bench":
             return _bench(args)
+        if args.command == "bench-control":
+            return _bench_control(args)
         from .demo import run_demo
 
         run_demo(args.out, args.set)

@@ -13,7 +13,8 @@ from pathlib import Path
 from typing import Any, Dict, List, Mapping, Optional
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import (BaseModel, ConfigDict, Field, ValidationError, field_validator,
+                      model_validator)
 
 from surgeon_core.errors import SurgeonError
 
@@ -105,6 +106,47 @@ class OutputConfig(_Section):
     predictions: Optional[str] = Field(None, description="JSONL file of per-frame predictions")
 
 
+class ControlConfig(_Section):
+    """The ZMQ control plane (docs/PROTOCOL.md)."""
+
+    enabled: bool = True
+    runtime_dir: Optional[str] = Field(None, description="where the ipc sockets live; default: "
+                                       "$RUNTIME_DIRECTORY, $XDG_RUNTIME_DIR/surgeon or "
+                                       "/tmp/surgeon-<uid>")
+    endpoint: Optional[str] = Field(None, description="ROUTER for requests; default "
+                                    "ipc://<runtime_dir>/control.sock")
+    pub_endpoint: Optional[str] = Field(None, description="PUB for telemetry and events; default "
+                                        "ipc://<runtime_dir>/telemetry.sock")
+    socket_access: str = Field("owner", pattern="^(owner|group)$",
+                               description="who may use the ipc sockets besides root")
+    curve_server_cert: Optional[str] = Field(None, description="the server's secret certificate "
+                                             "(surgeonctl keygen); required off loopback")
+    curve_clients_dir: Optional[str] = Field(None, description="public certificates of allowed "
+                                             "clients; none: any client that knows the server key")
+    max_message_bytes: int = Field(65536, ge=1024, description="larger requests get TOO_LARGE")
+    publish_predictions: bool = Field(True, description="a 'prediction' message per frame")
+
+    @model_validator(mode="after")
+    def _no_open_tcp(self):
+        from .control.security import require_safe_endpoint
+
+        for endpoint in (self.endpoint, self.pub_endpoint):
+            if endpoint:
+                require_safe_endpoint(endpoint, self.curve_server_cert is not None)
+        return self
+
+
+class CheckpointConfig(_Section):
+    """Checkpoints of the learner's state (daemon/checkpoints.py)."""
+
+    directory: Optional[str] = Field(None, description="default: $STATE_DIRECTORY/checkpoints or "
+                                     "~/.local/state/surgeon/checkpoints")
+    keep_last: int = Field(5, ge=1, description="automatic checkpoints kept; named ones stay")
+    every_s: Optional[float] = Field(None, gt=0, description="save automatically this often")
+    on_exit: bool = Field(True, description="save one when stopped by SIGTERM or shutdown")
+    resume: str = Field("newest", description="at start: newest (valid), none, or a name")
+
+
 class DaemonConfig(_Section):
     source: SourceConfig = Field(default_factory=SourceConfig)
     model: ModelConfig = Field(default_factory=ModelConfig)
@@ -112,6 +154,8 @@ class DaemonConfig(_Section):
     memory: MemoryConfig = Field(default_factory=MemoryConfig)
     telemetry: TelemetryConfig = Field(default_factory=TelemetryConfig)
     output: OutputConfig = Field(default_factory=OutputConfig)
+    control: ControlConfig = Field(default_factory=ControlConfig)
+    checkpoints: CheckpointConfig = Field(default_factory=CheckpointConfig)
     threads: int = Field(0, ge=0, description="torch CPU threads; 0 leaves torch's default")
     duration_s: Optional[float] = Field(None, gt=0, description="stop after this long")
     max_frames: Optional[int] = Field(None, ge=1, description="stop after this many frames")

@@ -27,9 +27,16 @@ DEMO_SETTINGS = [
 
 
 def run_demo(out_dir: Path, overrides: Optional[List[str]] = None) -> Dict:
+    out_dir = out_dir.resolve()
     out_dir.mkdir(parents=True, exist_ok=True)
-    log_file = "telemetry.jsonl=%s" % (out_dir / "telemetry.jsonl")
-    config = load_config(None, DEMO_SETTINGS + [log_file] + list(overrides or []))
+    # its own sockets and checkpoints, and always from the source weights, so that a second
+    # run shows the same story and a service on this machine is left alone
+    private = ["telemetry.jsonl=%s" % (out_dir / "telemetry.jsonl"),
+               "control.runtime_dir=%s" % (out_dir / "run"),
+               "checkpoints.directory=%s" % (out_dir / "checkpoints"), "checkpoints.resume=none"]
+    config = load_config(None, DEMO_SETTINGS + private + list(overrides or []))
+    print("watch it from another shell: surgeonctl --endpoint ipc://%s/control.sock watch"
+          % (out_dir / "run"))
     view, history = TerminalView(), []
 
     def on_snapshot(snap):

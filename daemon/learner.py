@@ -13,11 +13,12 @@ counted. Nothing unhealthy is ever published to serving.
 
 import collections
 import copy
+import dataclasses
 import logging
 import math
 import threading
 import time
-from typing import Callable, Deque, Optional
+from typing import Any, Callable, Deque, Dict, Optional
 
 import torch
 
@@ -93,6 +94,7 @@ class Learner:
         self._pairs = serving.pairs_with(method.model)
         self._stop = threading.Event()
         self._wake = threading.Event()
+        self._exclusive = threading.RLock()   # a step, or an operator's change of state
         self._thread: Optional[threading.Thread] = None
         # (step, measured cache bytes, budget bytes in force) of recent steps
         self.step_log: Deque[tuple] = collections.deque(maxlen=100_000)
@@ -110,7 +112,76 @@ class Learner:
             self._thread.join(timeout)
 
     def pause(self, paused: bool = True) -> None:
+        if paused != self.user_paused:
+            self.telemetry.event("learner.paused" if paused else "learner.resumed",
+                                 reason="operator")
         self.user_paused = paused
+        self._wake.set()
+
+    @property
+    def running(self) -> bool:
+        return self._thread is not None and self._thread.is_alive()
+
+    # -- state, for checkpoints and resets (each waits for a step in progress) ------------
+    def export_state(self) -> Dict[str, Any]:
+        with self._exclusive:
+            return copy.deepcopy(self.method.state_dict())
+
+    def import_state(self, state: Dict[str, Any], steps: Optional[int] = None) -> str:
+        """Load a checkpoint's state, publish it to serving; a note if the optimizer's failed."""
+        with self._exclusive:
+            note = self._load_state(state)
+            if steps is not None:
+                self.steps = steps
+            self._after_state_change()
+        return note
+
+    def _load_state(self, state: Dict[str, Any]) -> str:
+        model_state = state.get("model")
+        if not isinstance(model_state, dict):
+            raise ValueError("the checkpoint holds no model state")
+        _check_tensors(self.method.model.state_dict(), model_state)
+        self.method.model.load_state_dict(model_state)
+        optimizer = getattr(self.method, "optimizer", None)
+        if optimizer is None or "optimizer" not in state:
+            return ""
+        try:
+            optimizer.load_state_dict(state["optimizer"])
+        except (ValueError, KeyError, TypeError) as exc:
+            optimizer.load_state_dict(self.method._source["optimizer"])
+            return "optimizer state not restored (%s); it starts afresh" % exc
+        return ""
+
+    def reset_to_source(self) -> None:
+        """The source weights, statistics and optimizer state, exactly; also in serving."""
+        with self._exclusive:
+            self.method.reset()
+            self._after_state_change()
+
+    def set_lr(self, lr: float) -> None:
+        optimizer = getattr(self.method, "optimizer", None)
+        if optimizer is None:
+            raise ValueError("method %s has no optimizer" % self.method.name)
+        with self._exclusive:
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+
+    def set_method_option(self, name: str, value: float) -> None:
+        """A method option read at every step (margin, consistency weight, keep floor)."""
+        with self._exclusive:
+            self.method.args = dataclasses.replace(self.method.args, **{name: value})
+            engine = getattr(self.method, "engine", None)
+            if engine is not None and hasattr(engine.config, name):
+                engine.config = dataclasses.replace(engine.config, **{name: value})
+
+    def _after_state_change(self) -> None:
+        self._good, self._good_failed = self._snapshot(), False
+        self._collapse_run = self._healthy_since_good = 0
+        publish_weights(self._pairs, self.serving.lock)
+
+    def replan(self) -> None:
+        """Re-read the memory policy before the next step (its settings changed)."""
+        self._last_poll = -math.inf
         self._wake.set()
 
     def set_budget_cap(self, megabytes: Optional[float]) -> None:
@@ -142,7 +213,8 @@ class Learner:
                 self._wake.wait(0.05)
                 self._wake.clear()
                 continue
-            self._step()
+            with self._exclusive:
+                self._step()
 
     def _ready(self) -> bool:
         if self.user_paused or (self.paused_reason and not self._budget_bytes):
@@ -159,6 +231,9 @@ class Learner:
         for cap, who in ((self._budget_cap, "operator cap"), (self._oom_cap, "after OOM")):
             if cap is not None and (budget is None or cap < budget):
                 budget, reason = cap, "%s %.1f MB" % (who, cap / MB)
+        if _changed(self._budget_bytes, budget):
+            self.telemetry.event("budget.changed", budget_mb=None if budget is None
+                                 else round(budget / MB, 3), reason=reason)
         self._budget_bytes = budget
         if budget == 0:
             self._pause_for("no memory for the cache: " + reason)
@@ -175,6 +250,7 @@ class Learner:
         if self.paused_reason != reason:
             log.warning("learner paused: %s", reason)
             self.telemetry.count("learner_pauses")
+            self.telemetry.event("learner.paused", reason=reason)
         self.paused_reason = reason
         self.telemetry.set(learner_paused=reason)
 
@@ -182,6 +258,7 @@ class Learner:
         log.info("learner resumed")
         self.paused_reason = None
         self.telemetry.set(learner_paused=None)
+        self.telemetry.event("learner.resumed", reason="memory")
 
     def _step(self) -> None:
         self._used_until = self.buffer.added
@@ -298,6 +375,7 @@ class Learner:
         log.warning("rollback to %s: %s", target, why)
         self.telemetry.count("rollbacks")
         self.telemetry.set(last_rollback="%s (%s)" % (why, target))
+        self.telemetry.event("learner.rollback", reason=why, target=target)
         self._good_failed = True
         self._collapse_run = 0
         self._healthy_since_good = 0
@@ -305,3 +383,24 @@ class Learner:
 
     def _snapshot(self):
         return copy.deepcopy(self.method.state_dict())
+
+
+def _changed(old: Optional[int], new: Optional[int], tolerance: float = 0.05) -> bool:
+    """A budget change worth an event: None <-> a value, or more than ``tolerance`` apart."""
+    if old is None or new is None:
+        return old != new
+    return abs(new - old) > tolerance * max(old, new, 1)
+
+
+def _check_tensors(current: Dict[str, torch.Tensor], incoming: Dict[str, Any]) -> None:
+    """Refuse a state that would load partly: names, shapes and finiteness, before any copy."""
+    missing, extra = current.keys() - incoming.keys(), incoming.keys() - current.keys()
+    if missing or extra:
+        raise ValueError("model state differs: missing %s, unexpected %s"
+                         % (sorted(missing)[:5], sorted(extra)[:5]))
+    for key, tensor in current.items():
+        value = incoming[key]
+        if not isinstance(value, torch.Tensor) or value.shape != tensor.shape:
+            raise ValueError("%s: expected a tensor of shape %s" % (key, tuple(tensor.shape)))
+        if value.is_floating_point() and not bool(torch.isfinite(value).all()):
+            raise ValueError("%s holds non-finite values" % key)

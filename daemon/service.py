@@ -1,8 +1,10 @@
 """Wiring and lifecycle: build everything from a config, serve frames, stop cleanly.
 
-Construction does every check that can fail (URI, data, weights, method, devices) before any
-thread starts, so a bad config never leaves a half-working daemon. ``run`` serves frames on the
-calling thread until the stream ends, a limit is reached or ``request_stop`` (SIGTERM) is called.
+Construction does every check that can fail (URI, data, weights, method, devices, checkpoint
+directory) before any thread starts, so a bad config never leaves a half-working daemon, and
+resumes from the configured checkpoint. ``run`` binds the control sockets, serves frames on the
+calling thread until the stream ends, a limit is reached or ``request_stop`` (SIGTERM, the
+``shutdown`` command) is called, then saves a checkpoint when configured.
 """
 
 import copy
@@ -18,9 +20,11 @@ from surgeon_core.methods import args_for, get_method
 from surgeon_core.models import cifar_resnet_by_name, default_weights_path
 from surgeon_core.paths import require_file
 
+from .checkpoints import CheckpointStore, default_directory, model_fingerprint
 from .config import ConfigError, DaemonConfig
 from .learner import Learner
 from .memory import MB, BudgetPolicy, MemoryProbe
+from .operations import Operations, OperationError
 from .serving import Preprocessor, ServingModel, describe_prediction, to_uint8
 from .sources import Grabber, UnknownSource, source_factory
 from .telemetry import JsonlWriter, Telemetry
@@ -96,6 +100,33 @@ class Daemon:
         self._stop = threading.Event()
         self.frames = 0
         self._domain: Optional[str] = None
+        self.ops = self._operations()
+        self.control = None
+        self.grabber.on_state = self._on_source_state
+
+    def _operations(self) -> Operations:
+        """Checkpoints and the operator's view; resumes the configured checkpoint."""
+        cfg = self.config.checkpoints
+        fingerprint = model_fingerprint(self.config.model.arch, self.method.model.state_dict())
+        store = CheckpointStore(Path(cfg.directory) if cfg.directory else default_directory(),
+                                fingerprint, cfg.keep_last)
+        ops = Operations(self, store, fingerprint)
+        name, problems = ops.resume(cfg.resume)
+        for problem in problems:
+            log.warning("checkpoint not resumed: %s", problem)
+        if name is not None:
+            log.info("resumed from checkpoint %s (%d steps)", name, self.learner.steps)
+        elif cfg.resume != "none":
+            log.info("starting from the source weights%s", " (no usable checkpoint)"
+                     if problems or cfg.resume != "newest" else "")
+        self.telemetry.set(resumed_from=name)
+        return ops
+
+    def _on_source_state(self, old: str, new: str) -> None:
+        kinds = {"streaming": "source.up", "backoff": "source.down", "ended": "source.ended"}
+        if new in kinds:
+            self.telemetry.event(kinds[new], source=self.grabber.description, previous=old,
+                                 error=self.grabber.last_error)
 
     def _budget(self):
         sample = self.probe.read()
@@ -113,9 +144,18 @@ class Daemon:
         self.telemetry.set(source=self.grabber.stats(), learner_steps=self.learner.steps)
         return self.telemetry.snapshot()
 
+    def _start_control(self) -> None:
+        if not self.config.control.enabled:
+            return
+        from .control.server import ControlServer
+
+        self.control = ControlServer(self.config.control, self.ops, self.telemetry).start()
+        self.telemetry.listen(self.control.on_event)
+
     def run(self) -> Dict:
         """Serve until the stream ends, a limit is hit or a stop is requested; the last snapshot."""
         self._warm_up()
+        self._start_control()
         self.grabber.start()
         if self.config.learner.enabled:
             self.learner.start()
@@ -139,12 +179,35 @@ class Daemon:
             self.grabber.stop()
             self.learner.stop()
             reporter.join(2.0)
+            self._checkpoint_on_exit()
             final = self.snapshot()
             self.telemetry_log.write(final)
             self.telemetry_log.close()
             self.predictions.close()
             self.probe.close()
+            if self.control is not None:
+                self.control.publish("telemetry", final)
+                self.control.stop()
         return final
+
+    def _checkpoint_on_exit(self) -> None:
+        if not self.config.checkpoints.on_exit or self.learner.steps == 0:
+            return
+        try:
+            entry = self.ops.save_checkpoint(None)
+            log.info("saved checkpoint %s on the way out", entry["name"])
+        except (OperationError, OSError) as exc:
+            log.error("no checkpoint on exit: %s", exc)
+
+    def _periodic_checkpoint(self) -> None:
+        every = self.config.checkpoints.every_s
+        if not every or time.monotonic() - self._last_auto_save < every:
+            return
+        self._last_auto_save = time.monotonic()
+        try:
+            self.ops.save_checkpoint(None)
+        except (OperationError, OSError) as exc:
+            log.error("periodic checkpoint failed: %s", exc)
 
     def _warm_up(self, runs: int = 3) -> None:
         """First calls allocate and pick kernels; keep them out of the latency figures."""
@@ -178,9 +241,12 @@ class Daemon:
             self.telemetry.set(domain=frame.domain)
         if frame.label is not None:
             self._score(frame, x, prediction["class"])
-        self.predictions.write({"frame": frame.index, "time": time.time(), **prediction,
-                                **({"label": frame.label, "domain": frame.domain}
-                                   if frame.label is not None else {})})
+        record = {"frame": frame.index, "time": time.time(), **prediction,
+                  **({"label": frame.label, "domain": frame.domain}
+                     if frame.label is not None else {})}
+        self.predictions.write(record)
+        if self.control is not None and self.config.control.publish_predictions:
+            self.control.publish("prediction", record)
 
     def _score(self, frame, x, predicted: int) -> None:
         self.telemetry.labelled("adapted", frame.domain, predicted == frame.label)
@@ -189,9 +255,13 @@ class Daemon:
             self.telemetry.labelled("source", frame.domain, int(logits.argmax(1)) == frame.label)
 
     def _report_loop(self) -> None:
+        self._last_auto_save = time.monotonic()
         while not self._stop.wait(self.config.telemetry.interval_s):
             snap = self.snapshot()
             self.telemetry_log.write(snap)
+            if self.control is not None:
+                self.control.publish("telemetry", snap)
+            self._periodic_checkpoint()
             if self.on_snapshot is not None:
                 try:
                     self.on_snapshot(snap)

@@ -1,7 +1,9 @@
-"""Counters, per-stage latency percentiles and snapshots (JSONL now; PUB with the control plane).
+"""Counters, per-stage latency percentiles, snapshots and events.
 
 Threads write (serving, learner, grabber); the snapshot reader copies under one lock. Latency
 percentiles are over the last ``window`` samples of each stage, so they follow the present.
+Events (a rollback, a pause, a source going down) go to every listener, e.g. the control
+plane's PUB socket; listeners must return at once.
 """
 
 import collections
@@ -9,7 +11,7 @@ import json
 import threading
 import time
 from pathlib import Path
-from typing import Any, Deque, Dict, Optional
+from typing import Any, Callable, Deque, Dict, List, Optional
 
 import numpy as np
 
@@ -66,6 +68,17 @@ class Telemetry:
         self.gauges: Dict[str, Any] = {}
         self.accuracy = {"adapted": _Accuracy(), "source": _Accuracy()}
         self._frame_times: Deque[float] = collections.deque(maxlen=window)
+        self._listeners: List[Callable[[str, Dict[str, Any]], None]] = []
+
+    def listen(self, listener: Callable[[str, Dict[str, Any]], None]) -> None:
+        self._listeners.append(listener)
+
+    def event(self, kind: str, /, **fields: Any) -> None:
+        """Something an operator should hear about at once, e.g. ``learner.rollback``."""
+        self.count("events")
+        payload = dict(fields, event=kind, time=time.time())
+        for listener in list(self._listeners):
+            listener(kind, payload)
 
     def frame(self, stage_seconds: Dict[str, float]) -> None:
         with self._lock:
@@ -77,6 +90,12 @@ class Telemetry:
     def stage(self, name: str, seconds: float) -> None:
         with self._lock:
             self.latency[name].add(seconds)
+
+    def clear_latency(self) -> None:
+        """Start every latency window afresh (a benchmark's next phase)."""
+        with self._lock:
+            for window in self.latency.values():
+                window._samples.clear()
 
     def count(self, name: str, n: int = 1) -> None:
         with self._lock:

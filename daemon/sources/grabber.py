@@ -51,6 +51,8 @@ class Grabber:
         self._generation = 0
         self._heartbeat = time.monotonic()
         self._stop = threading.Event()
+        self._restart = threading.Event()
+        self.on_state: Optional[Callable[[str, str], None]] = None   # (old, new), must not block
         self._supervisor: Optional[threading.Thread] = None
         self.state = SourceState.CONNECTING
         self.live = True
@@ -95,6 +97,10 @@ class Grabber:
         if self._supervisor is not None:
             self._supervisor.join(timeout)
 
+    def restart(self) -> None:
+        """Rebuild the source now (an operator's request), skipping any backoff."""
+        self._restart.set()
+
     def stats(self) -> dict:
         return {"state": self.state, "frames": self.frames, "drops": self.drops,
                 "reconnects": self.reconnects, "failures": self.failures,
@@ -119,24 +125,42 @@ class Grabber:
             threading.Thread(target=source.close, name="release", daemon=True).start()
             if outcome == "ended" or self._stop.is_set():
                 return
+            with self._cond:
+                self._generation += 1   # a late read from the old attempt is now ignored
+            if outcome == "restart":
+                log.info("source %s: restarting on request", self.description)
+                backoff = self.backoff_initial_s
+                self.reconnects += 1
+                continue
             if outcome == "streamed":
                 backoff = self.backoff_initial_s
             self.failures += 1
             with self._cond:
-                self._generation += 1   # a late read from the old attempt is now ignored
                 self._set_state(SourceState.BACKOFF)
             log.warning("source %s: %s; rebuilding in %.1f s", self.description,
                         self.last_error, backoff)
-            if self._stop.wait(backoff):
+            if self._wait_backoff(backoff):
                 return
             backoff = min(backoff * 2, self.backoff_max_s)
             self.reconnects += 1
+
+    def _wait_backoff(self, seconds: float) -> bool:
+        """Sleep out a backoff; True when stopped, False when done or a restart cut it short."""
+        deadline = time.monotonic() + seconds
+        while time.monotonic() < deadline and not self._restart.is_set():
+            if self._stop.wait(min(0.05, max(0.0, deadline - time.monotonic()))):
+                return True
+        self._restart.clear()
+        return self._stop.is_set()
 
     def _watch(self, reader: threading.Thread, generation: int) -> str:
         """Wait for the reader to end or stall: 'ended', 'failed' or 'streamed' (then failed)."""
         streamed = False
         while not self._stop.is_set():
             reader.join(0.05)
+            if self._restart.is_set():
+                self._restart.clear()
+                return "restart"
             with self._cond:
                 streamed = streamed or self.state == SourceState.STREAMING
                 if self.state == SourceState.ENDED:
@@ -191,4 +215,6 @@ class Grabber:
     def _set_state(self, state: str) -> None:
         if state != self.state and self.state != SourceState.STOPPED:
             log.info("source %s: %s -> %s", self.description, self.state, state)
-            self.state = state
+            old, self.state = self.state, state
+            if self.on_state is not None:
+                self.on_state(old, state)

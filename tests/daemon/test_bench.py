@@ -12,3 +12,15 @@ def test_budget_check_counts_overruns_and_steps_to_honour_a_cut():
     check = _budget_check(late, cut_step=3)
     assert check["steps_over_budget"] == 1 and check["steps_to_honour_cut"] == 2
     assert check["max_cache_over_budget"] > 2.6
+
+
+def test_control_bench_answers_every_flooded_request(tmp_path):
+    from daemon.bench_control import run_control_bench
+
+    result = run_control_bench(tmp_path / "control.json", fps=30, quiet_s=1.5, flood_s=3,
+                               overrides=["threads=1"])
+    flood = result["flood"]
+    assert flood["replies"] == flood["sent"] > 100 and flood["error_replies"] == flood["replies"]
+    assert result["quiet"]["frames"] > 0 and flood["frames"] > 0
+    assert result["ping_ms_during_flood"]["n"] > 0 and result["warning_lines_logged"] <= 2
+    assert (tmp_path / "control.json").is_file()

@@ -2,54 +2,22 @@ import os
 import signal
 import subprocess
 import sys
-import threading
 import time
 from types import SimpleNamespace
 
 import pytest
 import torch
 
-from daemon.config import ConfigError, load_config
+from daemon.config import ConfigError
 from daemon.learner import COLLAPSE_STEPS, RECOVER_STEPS
 from daemon.memory import MB
 from daemon.service import Daemon
 
-REPLAY = "replay://cifar10?schedule=clean:64,gaussian_noise:4000&severity=5&seed=0"
+from .running import REPLAY, Running as _Running, small_config, wait_for as _wait
 
 
 def _config(*extra):
-    return load_config(None, ["source.uri=" + REPLAY, "learner.batch_size=16",
-                              "learner.fresh_frames=8", "learner.min_batch_size=4",
-                              "memory.poll_s=0.05", "telemetry.interval_s=0.2",
-                              "threads=1"] + list(extra), environ={})
-
-
-class _Running:
-    """A daemon serving in a background thread, stopped on exit."""
-
-    def __init__(self, config):
-        self.daemon = Daemon(config)
-        self.final = None
-        self.thread = threading.Thread(target=self._run, daemon=True)
-
-    def _run(self):
-        self.final = self.daemon.run()
-
-    def __enter__(self):
-        self.thread.start()
-        return self.daemon
-
-    def __exit__(self, *exc):
-        self.daemon.request_stop()
-        self.thread.join(30)
-        assert not self.thread.is_alive()
-
-
-def _wait(predicate, timeout=60.0):
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        assert time.monotonic() < deadline, "timed out"
-        time.sleep(0.02)
+    return small_config(*extra)
 
 
 def _finite(model):

@@ -1,0 +1,1 @@
+"""The ZMQ control plane: protocol, server, one module per command, client, surgeonctl."""

@@ -1,0 +1,338 @@
+"""The control plane's thread: one ROUTER for requests, one PUB for telemetry and events.
+
+NOTE [Control threads]
+ZMQ sockets are not thread-safe, so the control thread owns both sockets. Other threads hand it
+messages to publish through a bounded queue (full: the message is dropped and counted, never
+waited on). Short commands run on the control thread; long ones (checkpoint save and load,
+reset) run one at a time on a job thread so that a slow disk or a learner step in progress
+never delays pings or telemetry. The reply to a long command is sent when the job finishes
+(ROUTER replies may go out in any order), or at once as ``accepted`` with a ``job`` id when the
+request asked for ``"mode": "accept"``; completion is always published as ``event.job``.
+
+A retried request (same ``id``, e.g. surgeonctl's lazy-pirate retry after a timeout) gets the
+cached reply, or joins the job already running, so it never runs twice.
+"""
+
+import collections
+import logging
+import queue
+import threading
+import time
+from typing import Any, Dict, List, Optional, Tuple
+
+import zmq
+
+from surgeon_core.errors import SurgeonError
+
+from .commands import COMMANDS, argument_models
+from .protocol import (ErrorCode, ProtocolError, build_union, encode, error_reply, ok_reply,
+                       parse_request, request_id)
+from .security import bind_endpoint, load_server_cert
+
+__all__ = ["ControlServer", "ControlError", "endpoints_for"]
+
+log = logging.getLogger("surgeond.control")
+HARD_LIMIT_FACTOR = 16      # libzmq drops (and disconnects) beyond this many times the limit
+JOB_QUEUE = 8
+PUBLISH_QUEUE = 10_000
+REPLY_CACHE = 512
+
+
+class ControlError(SurgeonError):
+    """The control plane cannot start (endpoint taken, forbidden, or keys unreadable)."""
+
+
+def endpoints_for(config) -> Tuple[str, str]:
+    from .security import default_runtime_dir
+
+    runtime = config.runtime_dir or str(default_runtime_dir())
+    return (config.endpoint or "ipc://%s/control.sock" % runtime,
+            config.pub_endpoint or "ipc://%s/telemetry.sock" % runtime)
+
+
+class _QuietLog:
+    """Logs the first bad request of each ``period`` s and how many followed, never more."""
+
+    def __init__(self, period: float = 60.0):
+        self.period, self._next, self._muted = period, 0.0, 0
+
+    def bad(self, code: str, message: str) -> None:
+        now = time.monotonic()
+        if now < self._next:
+            self._muted += 1
+            return
+        extra = " (%d more since the last report)" % self._muted if self._muted else ""
+        log.warning("bad control request: %s: %s%s", code, message[:200], extra)
+        self._next, self._muted = now + self.period, 0
+
+
+class ControlServer:
+    """Binds on ``start`` (so a taken or forbidden endpoint fails the daemon's start) and
+    serves until ``stop``.
+
+    Args:
+        config: ControlConfig.
+        ops: daemon.operations.Operations, what the commands act on.
+        telemetry: counters for requests and errors.
+    """
+
+    def __init__(self, config, ops, telemetry):
+        self.config, self.ops, self.telemetry = config, ops, telemetry
+        self.endpoint, self.pub_endpoint = endpoints_for(config)
+        self._adapter = build_union(argument_models())
+        self._context = zmq.Context()
+        self._auth = None
+        self._router: Optional[zmq.Socket] = None
+        self._pub: Optional[zmq.Socket] = None
+        self._outbox: "queue.Queue[Tuple[str, Dict]]" = queue.Queue(PUBLISH_QUEUE)
+        self._jobs: "queue.Queue[Optional[Tuple]]" = queue.Queue(JOB_QUEUE)
+        self._done: "queue.Queue[Tuple]" = queue.Queue()
+        self._inflight: Dict[str, List[Optional[List[bytes]]]] = {}   # id -> envelopes waiting
+        self._replies: "collections.OrderedDict[str, bytes]" = collections.OrderedDict()
+        self._stop = threading.Event()
+        self._threads: List[threading.Thread] = []
+        self._quiet = _QuietLog()
+        self.dropped_publishes = 0
+
+    # -- lifecycle -----------------------------------------------------------------------
+    def start(self) -> "ControlServer":
+        try:
+            self._bind()
+        except (zmq.ZMQError, OSError, ValueError, ControlError) as exc:
+            self._close_sockets()
+            if self._auth is not None:
+                self._auth.stop()
+            self._context.term()
+            raise ControlError("control socket %s: %s" % (self.endpoint, exc)) from None
+        for target, name in ((self._serve, "control"), (self._work, "control-jobs")):
+            thread = threading.Thread(target=target, name=name, daemon=True)
+            thread.start()
+            self._threads.append(thread)
+        log.info("control on %s, telemetry on %s%s", self.endpoint, self.pub_endpoint,
+                 " (CURVE)" if self._auth else "")
+        return self
+
+    def _bind(self) -> None:
+        access = self.config.socket_access
+        self._refuse_if_answered()
+        self._router = self._context.socket(zmq.ROUTER)
+        self._pub = self._context.socket(zmq.PUB)
+        self._router.setsockopt(zmq.MAXMSGSIZE, self.config.max_message_bytes *
+                                HARD_LIMIT_FACTOR)
+        self._router.setsockopt(zmq.ROUTER_HANDOVER, 1)   # a retrying client may reuse its id
+        for sock in (self._router, self._pub):
+            sock.setsockopt(zmq.LINGER, 500)
+        self._pub.setsockopt(zmq.SNDHWM, 1000)
+        if self.config.curve_server_cert:
+            self._enable_curve()
+        bind_endpoint(self._router, self.endpoint, access)
+        bind_endpoint(self._pub, self.pub_endpoint, access)
+
+    def _refuse_if_answered(self) -> None:
+        """Binding an ipc path another daemon listens on would silently steal its socket."""
+        from .security import ipc_path
+
+        path = ipc_path(self.endpoint)
+        if path is None or not path.exists():
+            return
+        probe = self._context.socket(zmq.DEALER)
+        probe.setsockopt(zmq.LINGER, 0)
+        try:
+            probe.connect(self.endpoint)
+            probe.send(encode({"v": 1, "id": "probe", "cmd": "ping"}))
+            if probe.poll(300):
+                raise ControlError("another daemon already answers on %s" % self.endpoint)
+        finally:
+            probe.close()
+
+    def _enable_curve(self) -> None:
+        from zmq.auth.thread import ThreadAuthenticator
+
+        public, secret = load_server_cert(self.config.curve_server_cert)
+        self._auth = ThreadAuthenticator(self._context)
+        self._auth.start()
+        clients = self.config.curve_clients_dir
+        self._auth.configure_curve(domain="*", location=clients if clients else
+                                   zmq.auth.CURVE_ALLOW_ANY)
+        for sock in (self._router, self._pub):
+            sock.curve_secretkey, sock.curve_publickey, sock.curve_server = secret, public, True
+
+    def stop(self, timeout: float = 5.0) -> None:
+        self._stop.set()
+        try:
+            self._jobs.put_nowait(None)
+        except queue.Full:
+            pass
+        for thread in self._threads:
+            thread.join(timeout)
+        self._close_sockets()
+        if self._auth is not None:
+            self._auth.stop()
+        self._context.term()
+        self._remove_ipc_files()
+
+    def _close_sockets(self) -> None:
+        for sock in (self._router, self._pub):
+            if sock is not None:
+                sock.close()
+
+    def _remove_ipc_files(self) -> None:
+        from .security import ipc_path
+
+        for endpoint in (self.endpoint, self.pub_endpoint):
+            path = ipc_path(endpoint)
+            if path is not None and path.is_socket():
+                path.unlink()
+
+    # -- publishing (any thread) ---------------------------------------------------------
+    def publish(self, topic: str, payload: Dict[str, Any]) -> None:
+        try:
+            self._outbox.put_nowait((topic, payload))
+        except queue.Full:
+            self.dropped_publishes += 1
+
+    def on_event(self, name: str, payload: Dict[str, Any]) -> None:
+        self.publish("event." + name, payload)
+
+    # -- the control thread --------------------------------------------------------------
+    def _serve(self) -> None:
+        poller = zmq.Poller()
+        poller.register(self._router, zmq.POLLIN)
+        while not self._stop.is_set():
+            if dict(poller.poll(20)).get(self._router):
+                self._receive_burst()
+            self._send_finished_jobs()
+            self._flush_outbox()
+        self._send_finished_jobs()
+        self._flush_outbox()
+
+    def _receive_burst(self, limit: int = 256) -> None:
+        for _ in range(limit):
+            try:
+                frames = self._router.recv_multipart(zmq.NOBLOCK, copy=True)
+            except zmq.Again:
+                return
+            self._handle(frames)
+
+    def _handle(self, frames: List[bytes]) -> None:
+        """[identity, (empty,) payload]: DEALER and REQ clients alike."""
+        self.telemetry.count("control_requests")
+        envelope, payload = frames[:-1], frames[-1]
+        if len(frames) < 2 or len(frames) > 3 or (len(frames) == 3 and frames[1] != b""):
+            self._fail(frames[:1] + ([b""] if len(frames) > 2 else []), None,
+                       ErrorCode.BAD_REQUEST, "one JSON frame per request")
+            return
+        if len(payload) > self.config.max_message_bytes:
+            self._fail(envelope, None, ErrorCode.TOO_LARGE, "request of %d bytes over the %d "
+                       "byte limit" % (len(payload), self.config.max_message_bytes))
+            return
+        try:
+            request = parse_request(payload, self._adapter, COMMANDS)
+        except ProtocolError as exc:
+            self._fail(envelope, request_id(payload), exc.code, exc.message)
+            return
+        self._dispatch(envelope, request)
+
+    def _dispatch(self, envelope: List[bytes], request) -> None:
+        rid = request.id
+        if rid in self._replies:
+            self._send(envelope, self._replies[rid])
+            return
+        if rid in self._inflight:           # a retry of a job still running: answer both
+            self._inflight[rid].append(envelope)
+            return
+        module = COMMANDS[request.cmd]
+        if not module.LONG:
+            self._reply(envelope, rid, *self._execute(module, request.args))
+            return
+        waiting = [envelope] if request.mode == "wait" else []
+        try:
+            self._jobs.put_nowait((rid, request.cmd, module, request.args))
+        except queue.Full:
+            self._fail(envelope, rid, ErrorCode.BUSY, "%d operations already queued; try again"
+                       % JOB_QUEUE)
+            return
+        self._inflight[rid] = waiting
+        if not waiting:
+            self._reply(envelope, rid, True, {"accepted": True, "job": rid, "cmd": request.cmd})
+
+    def _execute(self, module, args) -> Tuple[bool, Dict[str, Any]]:
+        from ..checkpoints import CheckpointError
+        from ..config import ConfigError
+        from ..operations import OperationError
+
+        try:
+            return True, module.run(self.ops, args)
+        except (OperationError, CheckpointError) as exc:
+            return False, {"code": exc.code, "message": str(exc)}
+        except ConfigError as exc:
+            return False, {"code": ErrorCode.INVALID_ARGS, "message": str(exc)}
+        except Exception as exc:  # noqa: BLE001 - a failing command must not stop the plane
+            log.exception("command %s failed", module.NAME)
+            return False, {"code": ErrorCode.INTERNAL, "message": "%s: %s"
+                           % (type(exc).__name__, exc)}
+
+    def _reply(self, envelope: List[bytes], rid: str, ok: bool, body: Dict[str, Any]) -> None:
+        message = self._result_message(rid, ok, body)
+        self._remember(rid, message)
+        self._send(envelope, message)
+
+    def _result_message(self, rid: str, ok: bool, body: Dict[str, Any]) -> bytes:
+        if ok:
+            return encode(ok_reply(rid, body))
+        self.telemetry.count("control_errors")
+        return encode(error_reply(rid, body["code"], body["message"]))
+
+    def _fail(self, envelope: List[bytes], rid: Optional[str], code: str, message: str) -> None:
+        self.telemetry.count("control_errors")
+        self._quiet.bad(code, message)
+        self._send(envelope, encode(error_reply(rid, code, message)))
+
+    def _remember(self, rid: str, message: bytes) -> None:
+        self._replies[rid] = message
+        while len(self._replies) > REPLY_CACHE:
+            self._replies.popitem(last=False)
+
+    def _send(self, envelope: List[bytes], message: bytes) -> None:
+        try:
+            self._router.send_multipart(envelope + [message], zmq.NOBLOCK)
+        except zmq.ZMQError:   # the client went away (or its queue is full): nothing to do
+            self.telemetry.count("control_unsent")
+
+    def _send_finished_jobs(self) -> None:
+        while True:
+            try:
+                rid, cmd, ok, body = self._done.get_nowait()
+            except queue.Empty:
+                return
+            message = self._result_message(rid, ok, body)
+            for envelope in self._inflight.pop(rid, []):
+                self._send(envelope, message)
+            self._remember(rid, message)
+            self._publish_now("event.job", {"event": "job", "job": rid, "cmd": cmd, "ok": ok,
+                                            ("result" if ok else "error"): body,
+                                            "time": time.time()})
+
+    def _flush_outbox(self, limit: int = 1000) -> None:
+        for _ in range(limit):
+            try:
+                topic, payload = self._outbox.get_nowait()
+            except queue.Empty:
+                return
+            self._publish_now(topic, payload)
+
+    def _publish_now(self, topic: str, payload: Dict[str, Any]) -> None:
+        try:
+            self._pub.send_multipart([topic.encode(), encode(payload)], zmq.NOBLOCK)
+        except zmq.ZMQError:
+            self.dropped_publishes += 1
+
+    # -- the job thread ------------------------------------------------------------------
+    def _work(self) -> None:
+        while True:
+            job = self._jobs.get()
+            if job is None or self._stop.is_set():
+                return
+            rid, cmd, module, args = job
+            ok, body = self._execute(module, args)
+            self._done.put((rid, cmd, ok, body))
