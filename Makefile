@@ -46,7 +46,7 @@ test-py38: $(VENV38)/.installed
 
 # 50 rounds of kill -9 during checkpoint saves and restart (the suite runs 3); about 4 minutes.
 stress: $(VENV)/.installed
-	SURGEON_KILL_ROUNDS=50 $(VENV)/bin/python -m pytest -q tests/daemon/test_kill.py
+	SURGEON_KILL_ROUNDS=50 $(VENV)/bin/python -m pytest -q --timeout 1800 tests/daemon/test_kill.py
 
 gst-debs:
 	apt-get install -y -q $(GST_DEBS)

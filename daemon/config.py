@@ -144,7 +144,8 @@ class CheckpointConfig(_Section):
     keep_last: int = Field(5, ge=1, description="automatic checkpoints kept; named ones stay")
     every_s: Optional[float] = Field(None, gt=0, description="save automatically this often")
     on_exit: bool = Field(True, description="save one when stopped by SIGTERM or shutdown")
-    resume: str = Field("newest", description="at start: newest (valid), none, or a name")
+    resume: str = Field("newest", pattern=r"^(newest|none|[A-Za-z0-9][A-Za-z0-9_.-]{0,63})$",
+                        description="at start: newest (valid), none, or a name")
 
 
 class DaemonConfig(_Section):

@@ -95,12 +95,14 @@ class Learner:
         self._stop = threading.Event()
         self._wake = threading.Event()
         self._exclusive = threading.RLock()   # a step, or an operator's change of state
+        self._beat = time.monotonic()          # the loop's last round (systemd's watchdog)
         self._thread: Optional[threading.Thread] = None
         # (step, measured cache bytes, budget bytes in force) of recent steps
         self.step_log: Deque[tuple] = collections.deque(maxlen=100_000)
 
     # -- control -------------------------------------------------------------------------
     def start(self) -> "Learner":
+        self._beat = time.monotonic()
         self._thread = threading.Thread(target=self._run, name="learner", daemon=True)
         self._thread.start()
         return self
@@ -206,8 +208,13 @@ class Learner:
             log.exception("learner stopped")
             self._pause_for("learner crashed: %s: %s" % (type(exc).__name__, exc))
 
+    def beat_age(self) -> Optional[float]:
+        """Seconds since the loop last went round; None when the learner never started."""
+        return None if self._thread is None else time.monotonic() - self._beat
+
     def _loop(self) -> None:
         while not self._stop.is_set():
+            self._beat = time.monotonic()
             self._refresh_budget()
             if not self._ready():
                 self._wake.wait(0.05)

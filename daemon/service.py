@@ -24,7 +24,9 @@ from .checkpoints import CheckpointStore, default_directory, model_fingerprint
 from .config import ConfigError, DaemonConfig
 from .learner import Learner
 from .memory import MB, BudgetPolicy, MemoryProbe
+from .health import Health
 from .operations import Operations, OperationError
+from .sdnotify import Notifier
 from .serving import Preprocessor, ServingModel, describe_prediction, to_uint8
 from .sources import Grabber, UnknownSource, source_factory
 from .telemetry import JsonlWriter, Telemetry
@@ -102,6 +104,9 @@ class Daemon:
         self._domain: Optional[str] = None
         self.ops = self._operations()
         self.control = None
+        self.notifier = Notifier()
+        self.health: Optional[Health] = None
+        self._serve_beat = time.monotonic()
         self.grabber.on_state = self._on_source_state
 
     def _operations(self) -> Operations:
@@ -161,9 +166,13 @@ class Daemon:
             self.learner.start()
         reporter = threading.Thread(target=self._report_loop, name="telemetry", daemon=True)
         reporter.start()
+        self._announce_ready()
+        self.health = health = Health(self.notifier, lambda: time.monotonic() - self._serve_beat,
+                                      self.learner.beat_age, self.status_line).start()
         deadline = (time.monotonic() + self.config.duration_s) if self.config.duration_s else None
         try:
             while not self._stop.is_set():
+                self._serve_beat = time.monotonic()
                 if deadline is not None and time.monotonic() >= deadline:
                     break
                 if self.config.max_frames and self.frames >= self.config.max_frames:
@@ -175,6 +184,8 @@ class Daemon:
                     continue
                 self._serve(frame)
         finally:
+            self.notifier.stopping()
+            health.stop()
             self._stop.set()
             self.grabber.stop()
             self.learner.stop()
@@ -188,7 +199,28 @@ class Daemon:
             if self.control is not None:
                 self.control.publish("telemetry", final)
                 self.control.stop()
+            self.notifier.close()
         return final
+
+    def _announce_ready(self) -> None:
+        """READY=1 once the model, the control sockets and the source's first attempt are done
+        (a camera that is down does not hold the start: the grabber keeps retrying)."""
+        if not self.notifier.enabled:
+            return
+        deadline = time.monotonic() + self.config.source.read_timeout_s
+        while self.grabber.state == "connecting" and time.monotonic() < deadline:
+            time.sleep(0.02)
+        self.notifier.ready(self.status_line())
+
+    def status_line(self) -> str:
+        """systemd's STATUS=: what `systemctl status surgeond` shows."""
+        snap = self.telemetry.snapshot()
+        cache, budget = snap.get("cache_mb"), snap.get("budget_mb")
+        memory = "cache %s/%s MB" % ("-" if cache is None else "%.1f" % cache,
+                                     "-" if budget is None else "%.1f" % budget)
+        return "%.1f fps, %s, learner %s (%d steps), source %s" % (
+            snap.get("fps", 0.0), memory, self.ops.learner_state(), self.learner.steps,
+            self.grabber.state)
 
     def _checkpoint_on_exit(self) -> None:
         if not self.config.checkpoints.on_exit or self.learner.steps == 0:

@@ -3,12 +3,14 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
 import torch
 
 from daemon.config import ConfigError
+from daemon.control.client import ControlClient
 from daemon.learner import COLLAPSE_STEPS, RECOVER_STEPS
 from daemon.memory import MB
 from daemon.service import Daemon
@@ -37,6 +39,8 @@ def test_surgeond_serves_then_stops_cleanly_on_sigterm(tmp_path, uri):
     try:
         _wait(lambda: predictions.exists() and len(predictions.read_text().splitlines()) > 50,
               timeout=90)
+        client = ControlClient("ipc://%s/control.sock" % os.environ["RUNTIME_DIRECTORY"])
+        _wait(lambda: client.call("status")["learner"]["steps"] >= 1)
     finally:
         proc.send_signal(signal.SIGTERM)
         out, err = proc.communicate(timeout=60)
@@ -44,6 +48,8 @@ def test_surgeond_serves_then_stops_cleanly_on_sigterm(tmp_path, uri):
     assert "frames" in out and "infer" in out
     lines = predictions.read_text().splitlines()
     assert len(lines) > 50 and '"class"' in lines[-1]
+    saved = list(Path(os.environ["STATE_DIRECTORY"], "checkpoints").glob("auto-*.pt"))
+    assert len(saved) == 1 and "on the way out" in err   # SIGTERM saves a checkpoint
 
 
 def test_injected_nan_rolls_back_and_serving_never_keeps_it():
