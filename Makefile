@@ -20,14 +20,14 @@ GST_DEBS = python3-opencv python3-gi python3-venv python3-yaml python3-psutil py
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(VENV)/bin/pip install --quiet $(TORCH)
-	$(VENV)/bin/pip install --quiet -e '.[torch,bench,dev,opencv]'
+	$(VENV)/bin/pip install --quiet -e '.[torch,bench,dev,opencv,metrics]'
 	$(VENV)/bin/pip install --quiet --no-deps $(FROST)
 	touch $@
 
 $(VENV38)/.installed: pyproject.toml
 	$(PY38) -m venv $(VENV38)
 	$(VENV38)/bin/pip install --quiet $(TORCH38) 'numpy<2'
-	$(VENV38)/bin/pip install --quiet -e '.[torch,bench,dev,opencv]'
+	$(VENV38)/bin/pip install --quiet -e '.[torch,bench,dev,opencv,metrics]'
 	$(VENV38)/bin/pip install --quiet --no-deps $(FROST)
 	touch $@
 

