@@ -10,7 +10,8 @@ import pytest
 
 ROOT = Path(__file__).parents[2]
 DOCKER = ROOT / "docker"
-FORBIDDEN_ON_JETSON = re.compile(r"(^|[\s\[,'\"=])(torch|torchvision|opencv[-_a-z]*)([\s\],=<>!'\"]|$)")
+FORBIDDEN_ON_JETSON = re.compile(
+    r"(^|[\s\[,'\"=])(torch|torchvision|opencv[-_a-z]*)([\s\],=<>!'\"]|$)")
 
 
 def _hadolint():
