@@ -148,6 +148,15 @@ class CheckpointConfig(_Section):
                         description="at start: newest (valid), none, or a name")
 
 
+class MetricsConfig(_Section):
+    """The optional Prometheus exporter (extra 'metrics')."""
+
+    enabled: bool = False
+    host: str = Field("127.0.0.1", description="loopback by default; 0.0.0.0 exposes it to "
+                      "the network (firewall it, or scrape through a tunnel)")
+    port: int = Field(9708, ge=0, le=65535, description="0: any free port")
+
+
 class DaemonConfig(_Section):
     source: SourceConfig = Field(default_factory=SourceConfig)
     model: ModelConfig = Field(default_factory=ModelConfig)
@@ -157,6 +166,7 @@ class DaemonConfig(_Section):
     output: OutputConfig = Field(default_factory=OutputConfig)
     control: ControlConfig = Field(default_factory=ControlConfig)
     checkpoints: CheckpointConfig = Field(default_factory=CheckpointConfig)
+    metrics: MetricsConfig = Field(default_factory=MetricsConfig)
     threads: int = Field(0, ge=0, description="torch CPU threads; 0 leaves torch's default")
     duration_s: Optional[float] = Field(None, gt=0, description="stop after this long")
     max_frames: Optional[int] = Field(None, ge=1, description="stop after this many frames")

@@ -68,6 +68,15 @@ def build_method(config: DaemonConfig, model: torch.nn.Module):
     return method
 
 
+def _version() -> str:
+    try:
+        from importlib.metadata import version
+
+        return version("surgeon")
+    except Exception:  # noqa: BLE001 - PackageNotFoundError when run from a source tree
+        return "unknown"
+
+
 class Daemon:
     """The service: grabber -> serving (this thread) -> ring buffer -> learner thread."""
 
@@ -106,6 +115,7 @@ class Daemon:
         self.control = None
         self.notifier = Notifier()
         self.health: Optional[Health] = None
+        self.metrics = self._metrics_exporter()
         self._serve_beat = time.monotonic()
         self.grabber.on_state = self._on_source_state
 
@@ -126,6 +136,17 @@ class Daemon:
                      if problems or cfg.resume != "newest" else "")
         self.telemetry.set(resumed_from=name)
         return ops
+
+    def _metrics_exporter(self):
+        if not self.config.metrics.enabled:
+            return None
+        from .doctor import l4t_release
+        from .metrics import MetricsExporter
+
+        info = {"version": _version(), "torch": torch.__version__,
+                "l4t": l4t_release() or "none", "arch": self.config.model.arch,
+                "method": self.config.learner.method, "device": str(self.device)}
+        return MetricsExporter(self.config.metrics, self.telemetry, info)
 
     def _on_source_state(self, old: str, new: str) -> None:
         kinds = {"streaming": "source.up", "backoff": "source.down", "ended": "source.ended"}
@@ -149,6 +170,20 @@ class Daemon:
         self.telemetry.set(source=self.grabber.stats(), learner_steps=self.learner.steps)
         return self.telemetry.snapshot()
 
+    def _start_endpoints(self) -> None:
+        """Control sockets, then the metrics port; neither is left open if the other fails."""
+        self._start_control()
+        if self.metrics is None:
+            return
+        try:
+            self.metrics.start()
+        except OSError as exc:
+            if self.control is not None:
+                self.control.stop()
+            raise ConfigError("metrics: cannot listen on %s:%d: %s" % (
+                self.config.metrics.host, self.config.metrics.port, exc.strerror or exc)) \
+                from None
+
     def _start_control(self) -> None:
         if not self.config.control.enabled:
             return
@@ -160,7 +195,7 @@ class Daemon:
     def run(self) -> Dict:
         """Serve until the stream ends, a limit is hit or a stop is requested; the last snapshot."""
         self._warm_up()
-        self._start_control()
+        self._start_endpoints()
         self.grabber.start()
         if self.config.learner.enabled:
             self.learner.start()
@@ -200,6 +235,8 @@ class Daemon:
                 self.control.publish("telemetry", final)
                 self.control.stop()
             self.notifier.close()
+            if self.metrics is not None:
+                self.metrics.stop()
         return final
 
     def _announce_ready(self) -> None:

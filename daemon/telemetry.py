@@ -69,6 +69,11 @@ class Telemetry:
         self.accuracy = {"adapted": _Accuracy(), "source": _Accuracy()}
         self._frame_times: Deque[float] = collections.deque(maxlen=window)
         self._listeners: List[Callable[[str, Dict[str, Any]], None]] = []
+        self._observers: List[Callable[[str, float], None]] = []
+
+    def observe(self, observer: Callable[[str, float], None]) -> None:
+        """Also hand every latency sample (stage, seconds) to ``observer`` (the exporter)."""
+        self._observers.append(observer)
 
     def listen(self, listener: Callable[[str, Dict[str, Any]], None]) -> None:
         self._listeners.append(listener)
@@ -86,10 +91,15 @@ class Telemetry:
             self._frame_times.append(time.monotonic())
             for stage, seconds in stage_seconds.items():
                 self.latency[stage].add(seconds)
+        for observer in self._observers:
+            for stage, seconds in stage_seconds.items():
+                observer(stage, seconds)
 
     def stage(self, name: str, seconds: float) -> None:
         with self._lock:
             self.latency[name].add(seconds)
+        for observer in self._observers:
+            observer(name, seconds)
 
     def clear_latency(self) -> None:
         """Start every latency window afresh (a benchmark's next phase)."""

