@@ -124,6 +124,8 @@ class ControlConfig(_Section):
     curve_clients_dir: Optional[str] = Field(None, description="public certificates of allowed "
                                              "clients; none: any client that knows the server key")
     max_message_bytes: int = Field(65536, ge=1024, description="larger requests get TOO_LARGE")
+    max_requests_per_s: int = Field(500, ge=10, description="requests handled per second; "
+                                    "more wait in the queue (a flood must not slow serving)")
     publish_predictions: bool = Field(True, description="a 'prediction' message per frame")
 
     @model_validator(mode="after")

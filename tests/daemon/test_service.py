@@ -42,9 +42,11 @@ def test_surgeond_serves_then_stops_cleanly_on_sigterm(tmp_path, uri):
         client = ControlClient("ipc://%s/control.sock" % os.environ["RUNTIME_DIRECTORY"])
         _wait(lambda: client.call("status")["learner"]["steps"] >= 1)
     finally:
+        stop_at = time.monotonic()
         proc.send_signal(signal.SIGTERM)
         out, err = proc.communicate(timeout=60)
     assert proc.returncode == 0, err
+    assert time.monotonic() - stop_at < 45   # the unit's TimeoutStopSec
     assert "frames" in out and "infer" in out
     lines = predictions.read_text().splitlines()
     assert len(lines) > 50 and '"class"' in lines[-1]
