@@ -107,6 +107,10 @@ def _config(args) -> int:
         print("surgeond config: give --print-default or --check FILE", file=sys.stderr)
         return 2
     config = load_config(args.check, args.set)
+    if config.learner.method == "ecotta":
+        from .service import check_learner_files
+
+        check_learner_files(config)
     print("configuration is valid (source %s, method %s)"
           % (config.source.uri, config.learner.method))
     return 0

@@ -31,7 +31,7 @@ from .serving import Preprocessor, ServingModel, describe_prediction, to_uint8
 from .sources import Grabber, UnknownSource, source_factory
 from .telemetry import JsonlWriter, Telemetry
 
-__all__ = ["Daemon", "resolve_device", "build_method"]
+__all__ = ["Daemon", "resolve_device", "build_method", "check_learner_files"]
 
 log = logging.getLogger("surgeond")
 
@@ -47,7 +47,11 @@ def resolve_device(name: str) -> torch.device:
 
 def _load_model(config: DaemonConfig) -> torch.nn.Module:
     arch = config.model.arch
-    weights = Path(config.model.weights) if config.model.weights else default_weights_path(arch)
+    try:
+        weights = (Path(config.model.weights) if config.model.weights
+                   else default_weights_path(arch))
+    except KeyError as exc:
+        raise ConfigError("model: %s; set model.weights" % exc.args[0]) from None
     require_file(weights, "weights for %s" % arch)
     return cifar_resnet_by_name(arch, weights)
 
@@ -75,6 +79,19 @@ def _version() -> str:
         return version("surgeon")
     except Exception:  # noqa: BLE001 - PackageNotFoundError when run from a source tree
         return "unknown"
+
+
+def check_learner_files(config: DaemonConfig) -> None:
+    """Files a method needs beyond the weights, checked against the model (`surgeond config`):
+    EcoTTA's warm-up must have been made for these very weights."""
+    if config.learner.method != "ecotta":
+        return
+    from surgeon_core.methods.ecotta import load_warmup
+
+    try:
+        load_warmup(config.learner.method_args.get("warmup"), _load_model(config))
+    except ValueError as exc:
+        raise ConfigError("learner.method_args.warmup: %s" % exc) from None
 
 
 class Daemon:

@@ -4,11 +4,11 @@ NOTE [Control threads]
 ZMQ sockets are not thread-safe, so the control thread owns both sockets. It handles at most
 ``control.max_requests_per_s`` requests a second: parsing is Python, and a flood handled at full
 speed holds the GIL often enough to multiply serving latency (measured: p99 x5 at 9,500 bad
-requests/s, BENCHMARKS.md). The excess waits in ZMQ's queues, which are fair between clients. Other threads hand it
-messages to publish through a bounded queue (full: the message is dropped and counted, never
-waited on). Short commands run on the control thread; long ones (checkpoint save and load,
-reset) run one at a time on a job thread so that a slow disk or a learner step in progress
-never delays pings or telemetry. The reply to a long command is sent when the job finishes
+requests/s, BENCHMARKS.md). The excess waits in ZMQ's queues, which are fair between clients.
+Other threads hand it messages to publish through a bounded queue (full: the message is dropped
+and counted, never waited on). Short commands run on the control thread; long ones (checkpoint
+save and load, reset) run one at a time on a job thread so that a slow disk or a learner step
+in progress never delays pings or telemetry. The reply to a long command is sent when the job finishes
 (ROUTER replies may go out in any order), or at once as ``accepted`` with a ``job`` id when the
 request asked for ``"mode": "accept"``; completion is always published as ``event.job``.
 

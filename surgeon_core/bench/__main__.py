@@ -177,12 +177,59 @@ def _continual(args) -> int:
     return 0
 
 
+def _add_ecotta_warmup(sub) -> None:
+    p = sub.add_parser("ecotta-warmup", help="train EcoTTA's meta networks on the training set")
+    p.add_argument("--arch", default="resnet20")
+    p.add_argument("--weights", type=Path, default=None)
+    p.add_argument("--epochs", type=int, default=10)
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--lr", type=float, default=0.05)
+    p.add_argument("--limit", type=int, default=None, help="first N training images")
+    p.add_argument("--max-iterations", type=int, default=None)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--out", type=Path, required=True)
+    p.set_defaults(func=_ecotta_warmup)
+
+
+def _ecotta_warmup(args) -> int:
+    import torch
+    from tqdm import tqdm
+
+    from ..data import load_cifar10, to_tensor
+    from ..models import cifar_resnet_by_name, default_weights_path
+    from .ecotta_warmup import WarmupSettings, warm_up
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    weights = args.weights or default_weights_path(args.arch)
+    model = cifar_resnet_by_name(args.arch, weights)
+    train_x, train_y = load_cifar10("train", limit=args.limit)
+    test_x, test_y = load_cifar10("test")
+    images, labels = to_tensor(train_x), torch.from_numpy(train_y)
+    test = (to_tensor(test_x).to(args.device), torch.from_numpy(test_y).to(args.device))
+    settings = WarmupSettings(args.epochs, args.batch_size, args.lr, seed=args.seed,
+                              max_iterations=args.max_iterations)
+    total = args.max_iterations or args.epochs * -(-len(images) // args.batch_size)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    with tqdm(total=total, unit="it", disable=None) as bar:
+        info = warm_up(model, images, labels, args.out, settings, test, bar.update,
+                       torch.device(args.device))
+    acc = info["clean_accuracy"]
+    print("wrote %s: %d iterations in %.0f s; clean accuracy %.2f %% with meta networks, "
+          "%.2f %% original" % (args.out, info["iterations"], info["seconds"],
+                                100 * acc["with_meta"], 100 * acc["original"]))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="surgeon-bench", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
     _add_memory(sub)
     _add_continual(sub)
+    _add_ecotta_warmup(sub)
     return parser
 
 

@@ -4,11 +4,12 @@
     method = get_method("surgeon")(model, args_for("surgeon"))
 """
 
-from . import bn, cotta, eata, mecta, source, surgeon, tent  # noqa: F401  (registration)
+from . import bn, cotta, eata, ecotta, mecta, source, surgeon, tent  # noqa: F401
 from .base import Method, StepResult
 from .bn import BNArgs
 from .cotta import CoTTAArgs
-from .eata import EATAArgs
+from .eata import EATAArgs, EATAFisherArgs
+from .ecotta import EcoTTAArgs
 from .mecta import MECTAArgs
 from .registry import UnknownMethod, get_method, list_methods, register
 from .source import SourceArgs
@@ -19,7 +20,8 @@ __all__ = ["Method", "StepResult", "UnknownMethod", "get_method", "list_methods"
            "args_for", "ARGS"]
 
 ARGS = {"source": SourceArgs, "bn": BNArgs, "tent": TentArgs, "eata": EATAArgs,
-        "cotta": CoTTAArgs, "mecta": MECTAArgs, "surgeon": SurgeonArgs, "static": StaticArgs}
+        "eata+fisher": EATAFisherArgs, "cotta": CoTTAArgs, "mecta": MECTAArgs,
+        "surgeon": SurgeonArgs, "static": StaticArgs, "ecotta": EcoTTAArgs}
 
 
 def args_for(name: str, **overrides):

@@ -99,3 +99,37 @@ class EATA(Method):
         self.optimizer.zero_grad(set_to_none=True)
         return StepResult(logits.detach(), float(loss.detach()), cache, paper, updated=updated,
                           selected=selected)
+
+
+@dataclass(frozen=True)
+class EATAFisherArgs(EATAArgs):
+    """EATA with its anti-forgetting term: Fisher from ``fisher_images`` clean training images
+    (a seeded sample of CIFAR-10's first training batch); alpha 1.0 as mariodoebler's CIFAR-10
+    config (upstream's ImageNet value is 2000)."""
+
+    fisher_alpha: float = 1.0
+    fisher_images: int = 2000
+    data_dir: Optional[str] = None
+
+
+def clean_source_images(count: int, data_dir: Optional[str] = None, seed: int = 0):
+    """``count`` clean CIFAR-10 training images as float NCHW in [0, 1] (seeded sample)."""
+    import numpy as np
+
+    from ..data import load_cifar10, to_tensor
+
+    images, _ = load_cifar10("train", data_dir, limit=max(count, 10_000))
+    chosen = np.random.default_rng(seed).choice(len(images), count, replace=False)
+    return to_tensor(images[np.sort(chosen)])
+
+
+@register("eata+fisher")
+class EATAFisher(EATA):
+    """EATA as published: needs clean source images, which fully test-time methods do not."""
+
+    def __init__(self, model: nn.Module, args: EATAFisherArgs = EATAFisherArgs()):
+        check_model(model)
+        configure_model(model)
+        device = next(model.parameters()).device
+        images = clean_source_images(args.fisher_images, args.data_dir).to(device)
+        super().__init__(model, args, fisher_information(model, images))
