@@ -8,9 +8,10 @@ requests/s, BENCHMARKS.md). The excess waits in ZMQ's queues, which are fair bet
 Other threads hand it messages to publish through a bounded queue (full: the message is dropped
 and counted, never waited on). Short commands run on the control thread; long ones (checkpoint
 save and load, reset) run one at a time on a job thread so that a slow disk or a learner step
-in progress never delays pings or telemetry. The reply to a long command is sent when the job finishes
-(ROUTER replies may go out in any order), or at once as ``accepted`` with a ``job`` id when the
-request asked for ``"mode": "accept"``; completion is always published as ``event.job``.
+in progress never delays pings or telemetry. The reply to a long command is sent when the job
+finishes (ROUTER replies may go out in any order), or at once as ``accepted`` with a ``job`` id
+when the request asked for ``"mode": "accept"``; completion is always published as
+``event.job``.
 
 A retried request (same ``id``, e.g. surgeonctl's lazy-pirate retry after a timeout) gets the
 cached reply, or joins the job already running, so it never runs twice.
