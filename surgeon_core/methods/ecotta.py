@@ -9,8 +9,10 @@ partitions of mean |meta-augmented output - frozen output|, computed in a pass w
 inputs are detached so that each term reaches its own meta network only. SGD, lr 5e-3, momentum
 0.9. All BatchNorms normalise with the batch (train mode), as the community code runs it; only
 meta-network parameters are trained, so the original weights stay bit-identical (their BN
-running statistics follow the stream, which per-frame serving needs). The two losses share one
-optimizer step (the community code takes two); predictions come from the forward before it.
+running statistics follow the stream, which per-frame serving needs). The entropy pass and the
+regulariser pass each backpropagate before the next starts, and their gradients share one
+optimizer step (the community code takes two); predictions come from the entropy pass, before
+the step. A batch with no sample under the threshold is not adapted at all.
 
 EcoTTA needs a warm-up on source data before deployment (``surgeon-bench ecotta-warmup``); the
 method refuses to start without the warm-up file made for this very model.
@@ -127,23 +129,29 @@ class EcoTTA(Method):
         self._meter = ActivationCapture(net, CapturePolicy.lossless())
 
     def _adapt(self, x: torch.Tensor) -> StepResult:
-        (logits, loss, selected), cache, paper = self.metered_forward(self._loss, x)
-        updated = False
-        if selected > 0:
-            loss.backward()
-            updated = self.apply_update()
-        else:
+        # the two passes run and backpropagate one after the other, so the cache is the larger
+        # of the two graphs, never both; their gradients add up into one step
+        (logits, ent_loss, selected), cache, paper = self.metered_forward(self._entropy, x)
+        if selected == 0:
             self.optimizer.zero_grad(set_to_none=True)
-        return StepResult(logits.detach(), float(loss.detach()), cache, paper, updated=updated,
-                          selected=selected)
+            return StepResult(logits.detach(), 0.0, cache, paper, selected=0)
+        ent_loss.backward()
+        reg_loss, reg_cache, reg_paper = self.metered_forward(self._regulariser, x)
+        (self.args.reg_weight * reg_loss).backward()
+        updated = self.apply_update()
+        loss = float(ent_loss.detach()) + self.args.reg_weight * float(reg_loss.detach())
+        return StepResult(logits.detach(), loss, max(cache, reg_cache), max(paper, reg_paper),
+                          updated=updated, selected=selected)
 
-    def _loss(self, x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor, int]:
-        net: EcoTTANet = self.model
-        _, pairs = net.forward_features(x, detach_inputs=True)
-        regulariser = sum((aug - frozen.detach()).abs().mean() for aug, frozen in pairs)
-        logits = net(x)
+    def _entropy(self, x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor, int]:
+        logits = self.model(x)
         ent = entropy(logits)
         keep = ent < self.args.margin * math.log(logits.shape[1])
         selected = int(keep.sum())
-        ent_loss = ent[keep].mean() if selected else ent.sum() * 0.0
-        return logits, ent_loss + self.args.reg_weight * regulariser, selected
+        return logits, (ent[keep].mean() if selected else ent.sum() * 0.0), selected
+
+    def _regulariser(self, x: torch.Tensor) -> torch.Tensor:
+        """Self-distillation: each meta-augmented output stays near the frozen one; detached
+        partition inputs keep each term on its own meta network."""
+        _, pairs = self.model.forward_features(x, detach_inputs=True)
+        return sum((aug - frozen.detach()).abs().mean() for aug, frozen in pairs)
