@@ -9,12 +9,20 @@ from surgeon_core.data.corruptions import corrupt
 from surgeon_core.methods import UnknownMethod, args_for, get_method, list_methods
 from surgeon_core.models import cifar_resnet_by_name
 
-FAST = {"cotta": {"augmentations": 2}}
+FAST = {"cotta": {"augmentations": 2}, "eata+fisher": {"fisher_images": 128}}
 
 
 @pytest.fixture(scope="module")
-def base(resnet20_weights):
-    return cifar_resnet_by_name("resnet20", resnet20_weights)
+def base(resnet20_weights, tmp_path_factory):
+    from surgeon_core.bench.ecotta_warmup import WarmupSettings, warm_up
+
+    model = cifar_resnet_by_name("resnet20", resnet20_weights)
+    images, labels = load_cifar10("train", limit=128)   # a short warm-up, made for these weights
+    out = tmp_path_factory.mktemp("ecotta") / "warmup.pt"
+    warm_up(copy.deepcopy(model), to_tensor(images), torch.from_numpy(labels), out,
+            WarmupSettings(batch_size=32, max_iterations=4))
+    FAST["ecotta"] = {"warmup": str(out)}
+    return model
 
 
 @pytest.fixture(scope="module")
@@ -38,8 +46,8 @@ def _stream_error(method, x, y, batch=64):
 
 
 def test_every_method_is_registered():
-    assert list_methods() == ["bn", "cotta", "eata", "mecta", "source", "static", "surgeon",
-                              "tent"]
+    assert list_methods() == ["bn", "cotta", "eata", "eata+fisher", "ecotta", "mecta", "source",
+                              "static", "surgeon", "tent"]
     with pytest.raises(UnknownMethod, match="known: bn, cotta"):
         get_method("magic")
 
