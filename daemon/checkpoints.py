@@ -28,6 +28,7 @@ from typing import Any, Dict, List, Optional, Tuple
 import torch
 
 from surgeon_core.errors import SurgeonError
+from surgeon_core.models.zoo import sha256_of
 
 __all__ = ["CheckpointError", "CheckpointStore", "model_fingerprint", "default_directory",
            "validate_name", "FORMAT"]
@@ -96,14 +97,6 @@ def _atomic_write(path: Path, write) -> None:
         if tmp.exists():
             tmp.unlink()
     _fsync_dir(path.parent)
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 class CheckpointStore:
@@ -187,7 +180,7 @@ class CheckpointStore:
         path = self.path(name)
         payload = {"format": FORMAT, "version": FORMAT_VERSION, "meta": meta, "state": state}
         _atomic_write(path, lambda handle: torch.save(payload, handle))
-        entry = dict(meta, bytes=path.stat().st_size, sha256=_sha256(path))
+        entry = dict(meta, bytes=path.stat().st_size, sha256=sha256_of(path))
         entries = [e for e in entries if e["name"] != name] + [entry]
         entries = self._retain(entries)
         self._write_manifest(entries)
@@ -224,7 +217,7 @@ class CheckpointStore:
             raise CheckpointError("NOT_FOUND", "no checkpoint named %r in %s"
                                   % (name, self.directory))
         expected = self._read_manifest().get(name, {}).get("sha256")
-        if expected and _sha256(path) != expected:
+        if expected and sha256_of(path) != expected:
             raise CheckpointError("CORRUPT", "%s does not match the SHA-256 in the manifest"
                                   % path.name)
         payload = self._read(path)
