@@ -160,6 +160,7 @@ class EcoTTANet(nn.Module):
         """meta_bn := the identity on the frozen outputs' per-channel statistics of ``images``."""
         sums: List[torch.Tensor] = []
         squares: List[torch.Tensor] = []
+        counts: List[int] = []
         was_training = self.training
         self.eval()
         for i in range(0, len(images), batch_size):
@@ -170,9 +171,10 @@ class EcoTTANet(nn.Module):
                 if len(sums) <= k:
                     sums.append(torch.zeros_like(flat[:, 0]))
                     squares.append(torch.zeros_like(flat[:, 0]))
+                    counts.append(0)
                 sums[k] += flat.sum(1)
                 squares[k] += (flat ** 2).sum(1)
-        counts = self._positions(images.shape[-1], len(images))
+                counts[k] += flat.shape[1]
         for meta, total, square, n in zip(self.metas, sums, squares, counts):
             mean = total / n
             var = (square / n - mean ** 2).clamp_min(1e-5)
@@ -201,13 +203,3 @@ class EcoTTANet(nn.Module):
         for m, momentum in zip(norms, saved):
             m.momentum = momentum
         self.train(was_training)
-
-    @torch.no_grad()
-    def _positions(self, size: int, n: int) -> List[int]:
-        """Values per channel at each partition's output for ``n`` images of ``size``."""
-        h = self.stem(torch.zeros(1, 3, size, size, device=next(self.stem.parameters()).device))
-        counts = []
-        for part in self.partitions:
-            h = part(h)
-            counts.append(n * h.shape[2] * h.shape[3])
-        return counts
