@@ -126,8 +126,7 @@ def _load(path: str, need_secret: bool) -> Tuple[bytes, Optional[bytes]]:
 
 
 def load_server_cert(path: str) -> Tuple[bytes, bytes]:
-    public, secret = _load(path, need_secret=True)
-    return public, secret
+    return _load(path, need_secret=True)
 
 
 def load_client_cert(path: Optional[str]) -> Tuple[bytes, bytes]:
@@ -136,7 +135,5 @@ def load_client_cert(path: Optional[str]) -> Tuple[bytes, bytes]:
     if path is None:
         import zmq
 
-        public, secret = zmq.curve_keypair()
-        return public, secret
-    public, secret = _load(path, need_secret=True)
-    return public, secret
+        return zmq.curve_keypair()
+    return _load(path, need_secret=True)
