@@ -67,21 +67,15 @@ def test_ready_status_watchdog_and_stopping(notify_socket):
         assert inbox.watchdogs_since(0) >= 3
         wait_for(lambda: daemon.learner.steps >= 1)
 
-        release = _hang(daemon.method, "step")          # the learner hangs in its next step
-        inbox.pump(2.5)
-        assert inbox.watchdogs_since(time.monotonic() - 1.2) == 0
-        assert "learner silent" in daemon_health(daemon)
-        release.set()
-        inbox.pump(1.5)
-        assert inbox.watchdogs_since(time.monotonic() - 1.0) >= 1
-
-        release = _hang(daemon.serving, "predict")      # now serving hangs
-        inbox.pump(2.5)
-        assert inbox.watchdogs_since(time.monotonic() - 1.2) == 0
-        assert "serving loop silent" in daemon_health(daemon)
-        release.set()
-        inbox.pump(1.5)
-        assert inbox.watchdogs_since(time.monotonic() - 1.0) >= 1
+        for target, name, reason in ((daemon.method, "step", "learner silent"),
+                                     (daemon.serving, "predict", "serving loop silent")):
+            release = _hang(target, name)                # the learner, then serving, hangs
+            inbox.pump(2.5)
+            assert inbox.watchdogs_since(time.monotonic() - 1.2) == 0
+            assert reason in daemon_health(daemon)
+            release.set()
+            inbox.pump(1.5)
+            assert inbox.watchdogs_since(time.monotonic() - 1.0) >= 1
     inbox.pump(0.3)
     assert "STOPPING=1" in inbox.messages[-1][1] or any("STOPPING=1" in m
                                                          for _, m in inbox.messages)
