@@ -18,7 +18,7 @@ from .config import load_config
 from .memory import MB
 from .service import Daemon
 
-__all__ = ["run_bench"]
+__all__ = ["run_bench", "finish"]
 
 STREAM = ("replay://cifar10?schedule=clean:500,gaussian_noise:100000&severity=5&fps=%d&seed=0")
 
@@ -71,9 +71,14 @@ def run_bench(out: Path, fps: int = 60, off_s: float = 30, on_s: float = 45,
               "budget": _budget_check(list(daemon.learner.step_log),
                                       marks.get("cut_at_step", 0)),
               "device": str(daemon.device), "threads": config.threads}
-    off, on = result["serving_ms_learner_off"], result["serving_ms_learner_on"]
-    if off.get("p99") and on.get("p99"):
-        result["p99_ratio_on_over_off"] = round(on["p99"] / off["p99"], 2)
+    return finish(out, result, "p99_ratio_on_over_off", result["serving_ms_learner_on"],
+                  result["serving_ms_learner_off"])
+
+
+def finish(out: Path, result: Dict, name: str, over: Dict, under: Dict) -> Dict:
+    """Add ``name`` = p99 of ``over`` / p99 of ``under`` (when both exist), write ``out``."""
+    if over.get("p99") and under.get("p99"):
+        result[name] = round(over["p99"] / under["p99"], 2)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=1))
     return result

@@ -81,6 +81,7 @@ def _ping_times(endpoint: str, n: int = 20) -> List[float]:
 
 def run_control_bench(out: Path, fps: int = 60, quiet_s: float = 20, flood_s: float = 20,
                       overrides: Optional[List[str]] = None) -> Dict:
+    from .bench import finish
     from .config import load_config
     from .service import Daemon
 
@@ -113,12 +114,8 @@ def run_control_bench(out: Path, fps: int = 60, quiet_s: float = 20, flood_s: fl
               "ping_ms_during_flood": {"p50": sorted(pings)[len(pings) // 2] if pings else None,
                                        "max": max(pings) if pings else None, "n": len(pings)},
               "warning_lines_logged": counter.lines, "device": str(daemon.device)}
-    q, f = quiet["serving_ms"], flooded["serving_ms"]
-    if q.get("p99") and f.get("p99"):
-        result["p99_ratio_flood_over_quiet"] = round(f["p99"] / q["p99"], 2)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=1))
-    return result
+    return finish(out, result, "p99_ratio_flood_over_quiet", flooded["serving_ms"],
+                  quiet["serving_ms"])
 
 
 if __name__ == "__main__":   # the flooding process: bench_control ENDPOINT SECONDS
