@@ -185,6 +185,8 @@ def _add_ecotta_warmup(sub) -> None:
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--lr", type=float, default=0.05)
     p.add_argument("--limit", type=int, default=None, help="first N training images")
+    p.add_argument("--test-limit", type=int, default=None,
+                   help="first N test images for the clean accuracies (default: all 10,000)")
     p.add_argument("--max-iterations", type=int, default=None)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="cpu")
@@ -206,7 +208,7 @@ def _ecotta_warmup(args) -> int:
     weights = args.weights or default_weights_path(args.arch)
     model = cifar_resnet_by_name(args.arch, weights)
     train_x, train_y = load_cifar10("train", limit=args.limit)
-    test_x, test_y = load_cifar10("test")
+    test_x, test_y = load_cifar10("test", limit=args.test_limit)
     images, labels = to_tensor(train_x), torch.from_numpy(train_y)
     test = (to_tensor(test_x).to(args.device), torch.from_numpy(test_y).to(args.device))
     settings = WarmupSettings(args.epochs, args.batch_size, args.lr, seed=args.seed,
@@ -217,9 +219,11 @@ def _ecotta_warmup(args) -> int:
         info = warm_up(model, images, labels, args.out, settings, test, bar.update,
                        torch.device(args.device))
     acc = info["clean_accuracy"]
-    print("wrote %s: %d iterations in %.0f s; clean accuracy %.2f %% with meta networks, "
-          "%.2f %% original" % (args.out, info["iterations"], info["seconds"],
-                                100 * acc["with_meta"], 100 * acc["original"]))
+    print("wrote %s: %d iterations in %.0f s" % (args.out, info["iterations"], info["seconds"]))
+    print("clean test accuracy  eval mode  batch statistics (200)")
+    for name in ("original", "with_meta"):
+        print("%-19s %8.2f %% %16.2f %%" % (name.replace("_", " "), 100 * acc[name]["eval"],
+                                            100 * acc[name]["batch_statistics_200"]))
     return 0
 
 

@@ -5,14 +5,17 @@ epoch of linear warm-up, MultiStepLR at epochs 3, 6 and 8 with gamma 0.2, batch 
 jitter (p 0.4), Gaussian blur (p 0.2) and greyscale (p 0.1), plus horizontal flips. The frozen
 BatchNorms normalise with the batch, as they will at test time, but with momentum 0 so that the
 original network's buffers stay as they are. The meta BatchNorms start calibrated (NOTE in
-models/ecotta_net.py), so the network starts where the original is, and end recalibrated on
-clean images, since the augmented ones left running statistics that do not fit clean inputs.
+models/ecotta_net.py), so the network starts where the original is. At the end every norm's
+running statistics are recalibrated on clean images in the batch-statistics regime training ran
+in; the frozen norms' new statistics go into the file, and the caller's model keeps its own.
 
 Progress is saved every ``save_every`` iterations to ``<out>.partial``; a later run with the same
 ``out`` continues from there. The finished file holds the meta networks, the partition table,
-the hash of the original weights it belongs to, and the clean test accuracy of both networks.
+the hash of the original weights it belongs to, and the clean test accuracy of both networks,
+each in eval mode and on the statistics of test batches of 200 (how adaptation predicts).
 """
 
+import copy
 import math
 import time
 from pathlib import Path
@@ -73,9 +76,13 @@ def augment(x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
 
 @torch.no_grad()
 def accuracy(model: nn.Module, images: torch.Tensor, labels: torch.Tensor,
-             batch_size: int = 500) -> float:
+             batch_size: int = 500, batch_statistics: bool = False) -> float:
+    """Top-1 accuracy in eval mode, or with every norm on the statistics of its batch (on a
+    copy, so that no running statistic moves)."""
     was_training = model.training
-    model.eval()
+    if batch_statistics:
+        model = copy.deepcopy(model)
+    model.train(batch_statistics)
     right = 0
     for i in range(0, len(images), batch_size):
         right += int((model(images[i:i + batch_size]).argmax(1) == labels[i:i + batch_size]).sum())
@@ -83,23 +90,21 @@ def accuracy(model: nn.Module, images: torch.Tensor, labels: torch.Tensor,
     return right / len(images)
 
 
-def _frozen_norms(net: EcoTTANet):
-    for module in net.frozen_modules():
-        for m in module.modules():
-            if isinstance(m, nn.modules.batchnorm._BatchNorm):
-                yield m
+def clean_accuracy(model: nn.Module, test) -> Dict[str, float]:
+    return {"eval": accuracy(model, *test),
+            "batch_statistics_200": accuracy(model, *test, batch_size=200, batch_statistics=True)}
 
 
 def _prepare(net: EcoTTANet) -> None:
     for param in net.original_parameters:
         param.requires_grad_(False)
     net.train()
-    for norm in _frozen_norms(net):
+    for norm in net.frozen_norms():
         norm._warmup_momentum, norm.momentum = norm.momentum, 0.0   # buffers untouched
 
 
 def _restore_momentum(net: EcoTTANet) -> None:
-    for norm in _frozen_norms(net):
+    for norm in net.frozen_norms():
         norm.momentum = getattr(norm, "_warmup_momentum", norm.momentum)
 
 
@@ -116,6 +121,8 @@ def warm_up(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, out: P
     """Train the meta networks of ``model`` on (images, labels); write ``out``; its info."""
     model = model.to(device)
     source_hash = weights_hash(model)
+    original_state = copy.deepcopy(model.state_dict())
+    original_accuracy = clean_accuracy(model, test) if test is not None else None
     net = EcoTTANet(model).to(device)
     gen = torch.Generator().manual_seed(settings.seed)
     net.calibrate(images[:2048].to(device))
@@ -157,9 +164,10 @@ def warm_up(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, out: P
             "batch_size": settings.batch_size, "lr": settings.lr, "train_images": len(images),
             "first_losses": losses[:20], "last_losses": losses[-20:]}
     if test is not None:
-        info["clean_accuracy"] = {"original": accuracy(model, *test),
-                                  "with_meta": accuracy(net, *test)}
+        info["clean_accuracy"] = {"original": original_accuracy,
+                                  "with_meta": clean_accuracy(net, test)}
     save_warmup(out, net, source_hash, info)
+    model.load_state_dict(original_state)          # the frozen norms' statistics, as they were
     if partial.exists():
         partial.unlink()
     return info

@@ -15,7 +15,10 @@ optimizer step (the community code takes two); predictions come from the entropy
 the step. A batch with no sample under the threshold is not adapted at all.
 
 EcoTTA needs a warm-up on source data before deployment (``surgeon-bench ecotta-warmup``); the
-method refuses to start without the warm-up file made for this very model.
+method refuses to start without the warm-up file made for this very model. The file also holds
+the frozen BatchNorms' running statistics recalibrated with the meta networks in place (buffers,
+not weights: adaptation moves them with the stream anyway), so eval-mode serving starts from
+statistics that fit the meta-augmented network.
 
 The cache is measured through the lossless capture (NOTE [Cache bytes]): gradients equal plain
 autograd's, frozen convolutions keep no input and ReLU outputs are bit masks, which is how an
@@ -41,6 +44,7 @@ __all__ = ["EcoTTAArgs", "EcoTTA", "WarmupError", "weights_hash", "save_warmup",
            "WARMUP_FORMAT", "WARMUP_HELP"]
 
 WARMUP_FORMAT = "surgeon-ecotta-warmup"
+WARMUP_VERSION = 2       # 2: the frozen norms' recalibrated statistics travel with the metas
 WARMUP_HELP = ("make one with: surgeon-bench ecotta-warmup --arch %s --weights WEIGHTS "
                "--epochs 10 --out FILE, then pass warmup=FILE")
 
@@ -68,10 +72,10 @@ def weights_hash(model: nn.Module) -> str:
 
 
 def save_warmup(path: Path, net: EcoTTANet, source_hash: str, info: Dict[str, Any]) -> None:
-    payload = {"format": WARMUP_FORMAT, "version": 1, "arch": net.arch,
+    payload = {"format": WARMUP_FORMAT, "version": WARMUP_VERSION, "arch": net.arch,
                "partitions": list(net.sizes), "weights_hash": source_hash,
                "meta_state": {k: v.detach().cpu() for k, v in net.metas.state_dict().items()},
-               "info": info}
+               "frozen_norms": net.frozen_norm_state(), "info": info}
     tmp = Path(str(path) + ".tmp")
     torch.save(payload, tmp)
     tmp.replace(path)
@@ -93,6 +97,9 @@ def load_warmup(path: Optional[str], model: nn.Module) -> Dict[str, Any]:
         raise WarmupError("ecotta warm-up file %s cannot be read (%s)" % (path, exc)) from None
     if not isinstance(payload, dict) or payload.get("format") != WARMUP_FORMAT:
         raise WarmupError("%s is not an ecotta warm-up file" % path)
+    if payload.get("version") != WARMUP_VERSION:
+        raise WarmupError("%s has warm-up format %s, this surgeon reads %d; "
+                          % (path, payload.get("version"), WARMUP_VERSION) + WARMUP_HELP % arch)
     if payload.get("arch") != arch or payload.get("weights_hash") != weights_hash(model):
         raise WarmupError("%s was made for %s weights %s, not for this %s (weights %s); "
                           % (path, payload.get("arch"), payload.get("weights_hash"), arch,
@@ -104,7 +111,8 @@ def build_net(model: nn.Module, payload: Dict[str, Any]) -> EcoTTANet:
     net = EcoTTANet(model, payload["partitions"])
     try:
         net.metas.load_state_dict(payload["meta_state"])
-    except (RuntimeError, KeyError) as exc:
+        net.load_frozen_norm_state(payload["frozen_norms"])
+    except (RuntimeError, KeyError, ValueError) as exc:
         raise WarmupError("warm-up meta networks do not fit this model: %s" % exc) from None
     return net
 

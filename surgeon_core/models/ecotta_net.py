@@ -187,19 +187,43 @@ class EcoTTANet(nn.Module):
 
     @torch.no_grad()
     def recalibrate(self, images: torch.Tensor, batch_size: int = 256) -> None:
-        """Meta BatchNorms' running statistics := their average over ``images`` as the frozen
-        network sees them in eval mode; augmentation during training leaves running statistics
-        that do not match clean inputs."""
-        norms = [m for m in self.metas.modules() if isinstance(m, nn.BatchNorm2d)]
+        """Every BatchNorm's running statistics, frozen ones included, := their average over
+        ``images`` with every norm on the batch's statistics, the regime of warm-up and
+        adaptation. The augmented warm-up leaves meta statistics that do not fit clean inputs,
+        and the original's own statistics do not fit meta-augmented features; an eval-mode
+        network (per-frame serving) needs both to match what training saw."""
+        norms = [m for m in self.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
         was_training = self.training
-        self.eval()
         saved = [m.momentum for m in norms]
         for m in norms:
             m.reset_running_stats()
             m.momentum = None            # a cumulative average
-            m.train()
+        self.train()
         for i in range(0, len(images), batch_size):
             self(images[i:i + batch_size])
         for m, momentum in zip(norms, saved):
             m.momentum = momentum
         self.train(was_training)
+
+    def frozen_norms(self) -> List[nn.Module]:
+        return [m for module in self.frozen_modules() for m in module.modules()
+                if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+
+    def frozen_norm_state(self) -> Dict[str, torch.Tensor]:
+        """The frozen BatchNorms' running statistics (buffers, not weights), by state_dict key."""
+        ids = {id(m) for m in self.frozen_norms()}
+        return {"%s.%s" % (name, key): buf.detach().cpu().clone()
+                for name, m in self.named_modules() if id(m) in ids
+                for key, buf in m.named_buffers(recurse=False)}
+
+    def load_frozen_norm_state(self, state: Dict[str, torch.Tensor]) -> None:
+        """Load ``frozen_norm_state``'s output; ValueError, changing nothing, if it does not fit."""
+        own = self.frozen_norm_state()
+        if own.keys() != state.keys():
+            raise ValueError("norm statistics for other layers: %s"
+                             % sorted(own.keys() ^ state.keys())[:4])
+        for key, value in state.items():
+            if value.shape != own[key].shape:
+                raise ValueError("%s has shape %s, not %s"
+                                 % (key, tuple(value.shape), tuple(own[key].shape)))
+        self.load_state_dict(state, strict=False)

@@ -86,6 +86,53 @@ def test_warm_up_lowers_the_cross_entropy(warmup_file, resnet20_weights, train_s
     assert info["iterations"] == 40
 
 
+def test_warm_up_keeps_the_callers_statistics_and_files_its_own(resnet20_weights, train_small,
+                                                                tmp_path):
+    model = cifar_resnet_by_name("resnet20", resnet20_weights)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    settings = WarmupSettings(epochs=1, batch_size=32, max_iterations=3, save_every=1000)
+    warm_up(model, *train_small, tmp_path / "w.pt", settings)
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    payload = load_warmup(str(tmp_path / "w.pt"), model)
+    net = build_net(model, payload)
+    stored = payload["frozen_norms"]
+    assert len(stored) == 3 * 19                       # the 19 frozen norms of a ResNet-20
+    assert all(torch.equal(net.state_dict()[k], v) for k, v in stored.items())
+    assert not torch.equal(stored["partitions.0.0.bn1.running_mean"],
+                           before["layer1.0.bn1.running_mean"])
+
+
+def test_recalibrated_eval_mode_matches_the_batch_statistics_it_was_fitted_on(
+        resnet20_weights, train_small):
+    net = EcoTTANet(cifar_resnet_by_name("resnet20", resnet20_weights))
+    x = train_small[0]
+    net.calibrate(x)
+    with torch.no_grad():
+        for p in net.meta_parameters():
+            p.add_(0.05 * torch.randn_like(p))                 # metas away from the identity
+    net.recalibrate(x, batch_size=len(x))
+    with torch.no_grad():
+        in_eval = net.eval()(x)
+        on_batch = net.train()(x)
+    _close(in_eval, on_batch, tolerance=1e-3)
+
+
+def test_warm_up_cli_reports_both_networks_in_both_modes(resnet20_weights, tmp_path, capsys):
+    from surgeon_core.bench.__main__ import main
+
+    out = tmp_path / "w.pt"
+    code = main(["ecotta-warmup", "--weights", str(resnet20_weights), "--limit", "64",
+                 "--test-limit", "200", "--batch-size", "32", "--max-iterations", "2",
+                 "--out", str(out)])
+    printed = capsys.readouterr().out
+    assert code == 0 and out.exists()
+    assert "2 iterations" in printed and "original" in printed and "with meta" in printed
+    info = torch.load(str(out), weights_only=True)["info"]["clean_accuracy"]
+    for name in ("original", "with_meta"):
+        assert set(info[name]) == {"eval", "batch_statistics_200"}
+        assert all(0.5 < value <= 1 for value in info[name].values())
+
+
 def test_warm_up_resumes_where_it_stopped(tmp_path, resnet20_weights, train_small):
     model = cifar_resnet_by_name("resnet20", resnet20_weights)
     out = tmp_path / "w.pt"
@@ -139,6 +186,23 @@ def test_a_missing_or_foreign_warm_up_file_is_a_clear_error(warmup_file, tmp_pat
         load_warmup(str(warmup_file[0]), other)
     with pytest.raises(WarmupError, match="was made for resnet20"):
         load_warmup(str(warmup_file[0]), cifar_resnet_by_name("resnet32"))
+
+
+def test_an_old_or_damaged_warm_up_file_is_a_clear_error(warmup_file, tmp_path, resnet20_weights):
+    model = cifar_resnet_by_name("resnet20", resnet20_weights)
+    payload = torch.load(str(warmup_file[0]), weights_only=True)
+    old = dict(payload, version=1)
+    old.pop("frozen_norms")
+    torch.save(old, tmp_path / "old.pt")
+    with pytest.raises(WarmupError, match="format 1, this surgeon reads 2.*ecotta-warmup"):
+        load_warmup(str(tmp_path / "old.pt"), model)
+    norms = dict(payload["frozen_norms"])
+    norms.pop(sorted(norms)[0])
+    torch.save(dict(payload, frozen_norms=norms), tmp_path / "cut.pt")
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(WarmupError, match="do not fit this model: norm statistics"):
+        get_method("ecotta")(model, args_for("ecotta", warmup=str(tmp_path / "cut.pt")))
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
 
 
 def test_augment_keeps_shape_and_range():

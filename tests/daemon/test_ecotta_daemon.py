@@ -32,6 +32,20 @@ def test_the_daemon_adapts_with_ecotta(warmup_path):
                if t.is_floating_point())
 
 
+def test_serving_starts_on_the_warm_up_statistics(warmup_path):
+    """The frozen norms' statistics recalibrated by the warm-up, not the original's."""
+    config = small_config("learner.method=ecotta", "learner.method_args={warmup: %s}"
+                          % warmup_path, "learner.enabled=false")
+    norms = torch.load(str(warmup_path), weights_only=True)["frozen_norms"]
+    original = cifar_resnet_by_name("resnet20").state_dict()
+    with Running(config) as daemon:
+        wait_for(lambda: daemon.frames > 0)
+        served = daemon.serving.model.state_dict()
+    assert all(torch.equal(served[k], v) for k, v in norms.items())
+    assert not torch.equal(served["partitions.0.0.bn1.running_mean"],
+                           original["layer1.0.bn1.running_mean"])
+
+
 def _check(*settings):
     args = [sys.executable, "-m", "daemon.cli", "config", "--set", "learner.method=ecotta"]
     for item in settings:
