@@ -121,9 +121,9 @@ def warm_up(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, out: P
     """Train the meta networks of ``model`` on (images, labels); write ``out``; its info."""
     model = model.to(device)
     source_hash = weights_hash(model)
-    original_state = copy.deepcopy(model.state_dict())
     original_accuracy = clean_accuracy(model, test) if test is not None else None
     net = EcoTTANet(model).to(device)
+    original_norms = net.frozen_norm_state()
     gen = torch.Generator().manual_seed(settings.seed)
     net.calibrate(images[:2048].to(device))
     _prepare(net)
@@ -167,7 +167,7 @@ def warm_up(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, out: P
         info["clean_accuracy"] = {"original": original_accuracy,
                                   "with_meta": clean_accuracy(net, test)}
     save_warmup(out, net, source_hash, info)
-    model.load_state_dict(original_state)          # the frozen norms' statistics, as they were
+    net.load_frozen_norm_state(original_norms)     # the caller's model, as it was
     if partial.exists():
         partial.unlink()
     return info
