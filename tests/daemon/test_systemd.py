@@ -47,15 +47,17 @@ class _Inbox:
 
 
 def _hang(target, name):
-    """Replace ``target.name`` with a call that blocks until the returned event is set."""
-    release, original = threading.Event(), getattr(target, name)
+    """Replace ``target.name`` with a call that blocks until ``release`` is set; ``entered`` is
+    set once a call is blocked there."""
+    entered, release, original = threading.Event(), threading.Event(), getattr(target, name)
 
     def blocked(*args, **kwargs):
+        entered.set()
         release.wait()
         return original(*args, **kwargs)
 
     setattr(target, name, blocked)
-    return release
+    return entered, release
 
 
 def test_ready_status_watchdog_and_stopping(notify_socket):
@@ -69,8 +71,12 @@ def test_ready_status_watchdog_and_stopping(notify_socket):
 
         for target, name, reason in ((daemon.method, "step", "learner silent"),
                                      (daemon.serving, "predict", "serving loop silent")):
-            release = _hang(target, name)                # the learner, then serving, hangs
-            inbox.pump(2.5)
+            entered, release = _hang(target, name)       # the learner, then serving, hangs
+            deadline = time.monotonic() + 30
+            while not entered.is_set() and time.monotonic() < deadline:
+                inbox.pump(0.05)                         # stamps pings as they come
+            assert entered.is_set()
+            inbox.pump(2.5)                              # silent after 1 s, pinged every 0.5 s
             assert inbox.watchdogs_since(time.monotonic() - 1.2) == 0
             assert reason in daemon_health(daemon)
             release.set()
