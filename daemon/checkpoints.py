@@ -31,6 +31,7 @@ from surgeon_core.errors import SurgeonError
 from surgeon_core.models.zoo import sha256_of
 
 __all__ = ["CheckpointError", "CheckpointStore", "model_fingerprint", "default_directory",
+           "describe_identity",
            "validate_name", "FORMAT"]
 
 log = logging.getLogger("surgeond.checkpoints")
@@ -76,6 +77,13 @@ def model_fingerprint(arch: str, state: Dict[str, torch.Tensor]) -> str:
     return digest.hexdigest()[:16]
 
 
+def describe_identity(identity: Dict[str, Any]) -> str:
+    """``torchvision:mobilenet_v3_small (4 classes, 96 px, weights 1a2b...)``."""
+    return "%s (%s classes, %s px, weights %s)" % (
+        identity.get("builder", "?"), identity.get("num_classes", "?"),
+        identity.get("input_size", "?"), identity.get("weights", "?"))
+
+
 def _fsync_dir(directory: Path) -> None:
     fd = os.open(str(directory), os.O_RDONLY)
     try:
@@ -108,9 +116,11 @@ class CheckpointStore:
         keep_last: automatic checkpoints kept; operator-named ones stay until deleted.
     """
 
-    def __init__(self, directory: Path, fingerprint: str, keep_last: int = 5):
+    def __init__(self, directory: Path, fingerprint: str, keep_last: int = 5,
+                 identity: Optional[Dict[str, Any]] = None):
         self.directory = Path(directory)
         self.fingerprint, self.keep_last = fingerprint, keep_last
+        self.identity = identity
         try:
             self.directory.mkdir(mode=0o700, parents=True, exist_ok=True)
         except OSError as exc:
@@ -177,6 +187,8 @@ class CheckpointStore:
         name = validate_name("%s%06d" % (AUTO_PREFIX, seq) if auto else name, allow_auto=auto)
         meta = dict(meta, name=name, seq=seq, time=time.time(), auto=auto,
                     model_fingerprint=self.fingerprint)
+        if self.identity is not None:
+            meta["model"] = self.identity
         path = self.path(name)
         payload = {"format": FORMAT, "version": FORMAT_VERSION, "meta": meta, "state": state}
         _atomic_write(path, lambda handle: torch.save(payload, handle))
@@ -222,6 +234,11 @@ class CheckpointStore:
                                   % path.name)
         payload = self._read(path)
         meta = payload["meta"]
+        theirs = meta.get("model")
+        if self.identity is not None and isinstance(theirs, dict) and theirs != self.identity:
+            raise CheckpointError("CONFLICT", "checkpoint %r was made for %s; this daemon runs "
+                                  "%s" % (name, describe_identity(theirs),
+                                          describe_identity(self.identity)))
         if meta.get("model_fingerprint") != self.fingerprint:
             raise CheckpointError("CONFLICT", "checkpoint %r was made for another model (%s, "
                                   "fingerprint %s); this daemon runs fingerprint %s"

@@ -107,12 +107,12 @@ def _config(args) -> int:
         print("surgeond config: give --print-default or --check FILE", file=sys.stderr)
         return 2
     config = load_config(args.check, args.set)
-    if config.learner.method == "ecotta":
-        from .service import check_learner_files
+    from .service import check_config
 
-        check_learner_files(config)
-    print("configuration is valid (source %s, method %s)"
-          % (config.source.uri, config.learner.method))
+    built = check_config(config)
+    print("configuration is valid (model %s, %d classes, input %d px; source %s; method %s)"
+          % (built.builder, built.num_classes, built.preprocessing.crop, config.source.uri,
+             config.learner.method))
     return 0
 
 

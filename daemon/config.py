@@ -8,6 +8,7 @@ default. ``load_config`` either returns a complete, valid config or raises Confi
 """
 
 import copy
+import math
 import os
 from pathlib import Path
 from typing import Any, Dict, List, Mapping, Optional
@@ -51,12 +52,68 @@ class SourceConfig(_Section):
     reconnect_max_s: float = Field(30.0, gt=0)
 
 
+class PreprocessConfig(_Section):
+    """Frame to model input; unset fields take the architecture's published defaults."""
+
+    resize: Optional[int] = Field(None, ge=8, description="shorter side before the centre crop")
+    crop: Optional[int] = Field(None, ge=8, description="the model's square input size")
+    letterbox: bool = Field(False, description="fit the whole frame in, padded (no crop)")
+    squash: bool = Field(False, description="resize to the square, aspect ratio ignored "
+                         "(the CIFAR default)")
+    mean: Optional[List[float]] = Field(None, min_length=3, max_length=3,
+                                        description="per-channel mean of [0, 1] RGB")
+    std: Optional[List[float]] = Field(None, min_length=3, max_length=3)
+    interpolation: Optional[str] = Field(None, pattern="^(bilinear|bicubic|nearest)$")
+
+    @model_validator(mode="after")
+    def _one_geometry(self):
+        if self.letterbox and self.squash:
+            raise ValueError("choose letterbox or squash, not both")
+        if self.resize is not None and (self.letterbox or self.squash):
+            raise ValueError("resize applies to the centre crop only; drop it with letterbox "
+                             "or squash")
+        for name in ("mean", "std"):
+            values = getattr(self, name)
+            if values is not None and not all(math.isfinite(v) for v in values):
+                raise ValueError("%s must be finite numbers" % name)
+        if self.std is not None and min(self.std) <= 0:
+            raise ValueError("std must be > 0")
+        return self
+
+    def mode(self) -> Optional[str]:
+        return "letterbox" if self.letterbox else "squash" if self.squash else None
+
+
 class ModelConfig(_Section):
-    arch: str = Field("resnet20", description="resnet20/32/44/56/110 (CIFAR)")
-    weights: Optional[str] = Field(None, description="state dict file; default: the shared "
-                                   "models directory (SURGEON_MODELS_DIR)")
-    input_size: int = Field(32, ge=8, description="frames are resized to this square size")
+    """The user's model (docs/MODELS.md)."""
+
+    arch: str = Field("cifar:resnet20", min_length=1, description="cifar:resnet20 (or a bare "
+                      "CIFAR name), torchvision:NAME, or python:package.module:callable")
+    num_classes: Optional[int] = Field(None, ge=1, description="default: the labels' count, "
+                                       "else the architecture's")
+    weights: Optional[str] = Field(None, description="state dict file (or torchvision:DEFAULT); "
+                                   "CIFAR default: the shared models directory")
+    labels: Optional[str] = Field(None, description="class names: one per line, or a JSON list "
+                                  "or {index: name}")
+    preprocess: PreprocessConfig = Field(default_factory=PreprocessConfig)
+    kwargs: Dict[str, Any] = Field(default_factory=dict, description="keyword arguments of the "
+                                   "builder or factory")
+    python_path: List[str] = Field(default_factory=list, description="folders searched first "
+                                   "for python: factories")
+    input_size: Optional[int] = Field(None, ge=8, description="older spelling of "
+                                      "preprocess.crop")
     device: str = Field("auto", pattern="^(auto|cpu|cuda(:[0-9]+)?)$")
+
+    @model_validator(mode="after")
+    def _one_input_size(self):
+        crop = self.preprocess.crop
+        if self.input_size is not None and crop is not None and crop != self.input_size:
+            raise ValueError("input_size (%d) and preprocess.crop (%d) disagree; keep one"
+                             % (self.input_size, crop))
+        return self
+
+    def crop(self) -> Optional[int]:
+        return self.preprocess.crop if self.preprocess.crop is not None else self.input_size
 
 
 class LearnerConfig(_Section):
@@ -254,19 +311,20 @@ def default_yaml() -> str:
     """The full default config as commented YAML, to start a config file from."""
     lines = ["# surgeond configuration: every field with its default.",
              "# Override any field with SURGEON_<SECTION>__<FIELD>=... or --set section.field=..."]
-    for name, field in DaemonConfig.model_fields.items():
-        value = getattr(DaemonConfig(), name)
-        if isinstance(value, BaseModel):
-            lines.append("%s:" % name)
-            for sub, info in type(value).model_fields.items():
-                if info.description:
-                    lines.append("  # %s" % info.description)
-                lines.append("  " + _yaml_line(sub, getattr(value, sub)))
-        else:
-            if field.description:
-                lines.append("# %s" % field.description)
-            lines.append(_yaml_line(name, value))
+    _section_lines(DaemonConfig(), "", lines)
     return "\n".join(lines) + "\n"
+
+
+def _section_lines(section: BaseModel, indent: str, lines: List[str]) -> None:
+    for name, info in type(section).model_fields.items():
+        value = getattr(section, name)
+        if info.description:
+            lines.append("%s# %s" % (indent, info.description))
+        if isinstance(value, BaseModel):
+            lines.append("%s%s:" % (indent, name))
+            _section_lines(value, indent + "  ", lines)
+        else:
+            lines.append(indent + _yaml_line(name, value))
 
 
 def _yaml_line(key: str, value: Any) -> str:

@@ -202,14 +202,16 @@ def _group_exists(gid: int) -> bool:
 
 
 def check_config(config) -> Finding:
-    from surgeon_core.models import default_weights_path
+    """The configured model, built and run on one dummy batch as `surgeond run` would."""
+    from .config import ConfigError
+    from .model import load_model
 
-    weights = Path(config.model.weights) if config.model.weights else \
-        default_weights_path(config.model.arch)
-    if not weights.is_file():
-        return Finding("weights", FAIL, "%s missing" % weights, "set model.weights or "
-                       "SURGEON_MODELS_DIR")
-    return Finding("weights", OK, str(weights))
+    try:
+        built = load_model(config.model)
+    except ConfigError as exc:
+        return Finding("model", FAIL, str(exc), "fix the model section (docs/MODELS.md)")
+    return Finding("model", OK, "%s, %d classes, input %d px, weights %s" % (
+        built.builder, built.num_classes, built.preprocessing.crop, built.weights))
 
 
 def check_daemon(endpoint: str) -> Finding:

@@ -60,7 +60,10 @@ class Operations:
         learner = self.learner
         return {
             "pid": os.getpid(), "uptime_s": round(time.time() - self.started, 1),
-            "arch": self.config.model.arch, "method": self.config.learner.method,
+            "arch": self.daemon.built.builder, "method": self.config.learner.method,
+            "model": self.daemon.built.identity,
+            "classes": (self.daemon.class_names or [])[:32],
+            "prediction": snap.get("prediction"), "recent_classes": snap.get("classes"),
             "device": str(self.daemon.device), "model_fingerprint": self.fingerprint,
             "frames": self.daemon.frames, "fps": snap.get("fps"),
             "learner": {"state": self.learner_state(), "steps": learner.steps,
@@ -180,7 +183,8 @@ class Operations:
         settings = json.dumps({"model": config.model.model_dump(),
                                "learner": config.learner.model_dump()}, sort_keys=True,
                               default=str)
-        return {"arch": config.model.arch, "method": config.learner.method,
+        return {"arch": self.daemon.built.builder, "model": self.daemon.built.identity,
+                "method": config.learner.method,
                 "steps": self.learner.steps, "frames": self.daemon.frames,
                 "config_fingerprint": hashlib.sha256(settings.encode()).hexdigest()[:16]}
 

@@ -17,21 +17,21 @@ from typing import Callable, Dict, Optional
 import torch
 
 from surgeon_core.methods import args_for, get_method
-from surgeon_core.models import cifar_resnet_by_name, default_weights_path
-from surgeon_core.paths import require_file
+from surgeon_core.models.spec import describe as describe_model
 
 from .checkpoints import CheckpointStore, default_directory, model_fingerprint
 from .config import ConfigError, DaemonConfig
 from .learner import Learner
 from .memory import MB, BudgetPolicy, MemoryProbe
 from .health import Health
+from .model import load_model
 from .operations import Operations, OperationError
 from .sdnotify import Notifier
 from .serving import Preprocessor, ServingModel, describe_prediction, to_uint8
 from .sources import Grabber, UnknownSource, source_factory
 from .telemetry import JsonlWriter, Telemetry
 
-__all__ = ["Daemon", "resolve_device", "build_method", "check_learner_files"]
+__all__ = ["Daemon", "resolve_device", "build_method", "check_learner_files", "check_config"]
 
 log = logging.getLogger("surgeond")
 
@@ -43,17 +43,6 @@ def resolve_device(name: str) -> torch.device:
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ConfigError("model.device is %s but CUDA is not available" % name)
     return device
-
-
-def _load_model(config: DaemonConfig) -> torch.nn.Module:
-    arch = config.model.arch
-    try:
-        weights = (Path(config.model.weights) if config.model.weights
-                   else default_weights_path(arch))
-    except KeyError as exc:
-        raise ConfigError("model: %s; set model.weights" % exc.args[0]) from None
-    require_file(weights, "weights for %s" % arch)
-    return cifar_resnet_by_name(arch, weights)
 
 
 def build_method(config: DaemonConfig, model: torch.nn.Module):
@@ -81,17 +70,32 @@ def _version() -> str:
         return "unknown"
 
 
-def check_learner_files(config: DaemonConfig) -> None:
-    """Files a method needs beyond the weights, checked against the model (`surgeond config`):
-    EcoTTA's warm-up must have been made for these very weights."""
+def check_learner_files(config: DaemonConfig, built) -> None:
+    """Files a method needs beyond the weights, checked against the model: EcoTTA's warm-up
+    must have been made for this very model (builder, classes, input size and weights)."""
     if config.learner.method != "ecotta":
         return
     from surgeon_core.methods.ecotta import load_warmup
 
     try:
-        load_warmup(config.learner.method_args.get("warmup"), _load_model(config))
+        load_warmup(config.learner.method_args.get("warmup"), built.model, built.identity)
     except ValueError as exc:
         raise ConfigError("learner.method_args.warmup: %s" % exc) from None
+
+
+def check_config(config: DaemonConfig):
+    """Everything ``surgeond run`` checks before it starts a thread, without starting one: the
+    source URI, the device, the model (built, loaded and run on one dummy batch) and the method
+    on it. Returns the BuiltModel; raises ConfigError naming the fix."""
+    try:
+        source_factory(config.source.uri, config.source)
+    except UnknownSource as exc:
+        raise ConfigError("source.uri: %s" % exc) from None
+    resolve_device(config.model.device)
+    built = load_model(config.model)
+    check_learner_files(config, built)
+    build_method(config, built.model)
+    return built
 
 
 class Daemon:
@@ -107,13 +111,18 @@ class Daemon:
             self.factory = source_factory(config.source.uri, config.source)
         except UnknownSource as exc:
             raise ConfigError("source.uri: %s" % exc) from None
-        model = _load_model(config).to(self.device)
+        self.built = load_model(config.model)
+        log.info("model: %s", describe_model(self.built))
+        check_learner_files(config, self.built)
+        model = self.built.model.to(self.device)
+        self.class_names = self.built.class_names
         self.telemetry = Telemetry(config.telemetry.window)
+        self.telemetry.set(model=dict(self.built.identity, classes=self.class_names))
         self.method = build_method(config, model)
         self.serving = ServingModel(copy.deepcopy(self.method.model))
         self.source_model = (ServingModel(copy.deepcopy(model))
                              if config.telemetry.compare_source else None)
-        self.preprocess = Preprocessor(config.model.input_size, self.device)
+        self.preprocess = Preprocessor(self.built.preprocessing, self.device)
         mem = config.memory
         self.probe = MemoryProbe(str(self.device), mem.tegrastats, mem.tegrastats_path, mem.jtop)
         self.policy = BudgetPolicy(None if mem.budget_mb is None else int(mem.budget_mb * MB),
@@ -139,9 +148,9 @@ class Daemon:
     def _operations(self) -> Operations:
         """Checkpoints and the operator's view; resumes the configured checkpoint."""
         cfg = self.config.checkpoints
-        fingerprint = model_fingerprint(self.config.model.arch, self.method.model.state_dict())
+        fingerprint = model_fingerprint(self.built.builder, self.method.model.state_dict())
         store = CheckpointStore(Path(cfg.directory) if cfg.directory else default_directory(),
-                                fingerprint, cfg.keep_last)
+                                fingerprint, cfg.keep_last, identity=self.built.identity)
         ops = Operations(self, store, fingerprint)
         name, problems = ops.resume(cfg.resume)
         for problem in problems:
@@ -161,7 +170,7 @@ class Daemon:
         from .metrics import MetricsExporter
 
         info = {"version": _version(), "torch": torch.__version__,
-                "l4t": l4t_release() or "none", "arch": self.config.model.arch,
+                "l4t": l4t_release() or "none", "arch": self.built.builder,
                 "method": self.config.learner.method, "device": str(self.device)}
         return MetricsExporter(self.config.metrics, self.telemetry, info)
 
@@ -272,9 +281,12 @@ class Daemon:
         cache, budget = snap.get("cache_mb"), snap.get("budget_mb")
         memory = "cache %s/%s MB" % ("-" if cache is None else "%.1f" % cache,
                                      "-" if budget is None else "%.1f" % budget)
-        return "%.1f fps, %s, learner %s (%d steps), source %s" % (
+        shares = snap.get("classes") or {}
+        seen = ", ".join("%s %.0f%%" % (name, 100 * share)
+                         for name, share in list(shares.items())[:2])
+        return "%.1f fps, %s, learner %s (%d steps), source %s%s" % (
             snap.get("fps", 0.0), memory, self.ops.learner_state(), self.learner.steps,
-            self.grabber.state)
+            self.grabber.state, ", seeing %s" % seen if seen else "")
 
     def _checkpoint_on_exit(self) -> None:
         if not self.config.checkpoints.on_exit or self.learner.steps == 0:
@@ -297,7 +309,7 @@ class Daemon:
 
     def _warm_up(self, runs: int = 3) -> None:
         """First calls allocate and pick kernels; keep them out of the latency figures."""
-        size = self.config.model.input_size
+        size = self.built.preprocessing.crop
         x = torch.zeros(1, 3, size, size, device=self.device)
         for model in filter(None, (self.serving, self.source_model)):
             for _ in range(runs):
@@ -321,7 +333,8 @@ class Daemon:
         self.telemetry.frame({"capture": capture_s, "preprocess": prep_s, "infer": infer_s})
         if self.config.learner.enabled:
             self.learner.offer(to_uint8(x))
-        prediction = describe_prediction(logits)
+        prediction = describe_prediction(logits, self.class_names)
+        self.telemetry.predicted(prediction["class"], prediction["name"], prediction["confidence"])
         if frame.domain != self._domain:
             self._domain = frame.domain
             self.telemetry.set(domain=frame.domain)

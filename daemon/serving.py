@@ -7,32 +7,33 @@ backward pass never delays a frame and a frame never sees half-copied weights.
 
 import threading
 import time
-from typing import Dict, List, Tuple
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
 from torch import nn
 
 from surgeon_core.engine import entropy as sample_entropy
+from surgeon_core.models.labels import class_name
+from surgeon_core.models.preprocess import Preprocessing
 
 __all__ = ["Preprocessor", "ServingModel", "publish_weights", "to_uint8", "describe_prediction"]
 
 
 class Preprocessor:
-    """BGR uint8 HxWx3 -> (1, 3, S, S) RGB float in [0, 1]; the model normalises inside."""
+    """BGR uint8 HxWx3 -> (1, 3, S, S) RGB float in [0, 1], by the model's Preprocessing
+    (resize and crop, letterbox or squash); the model normalises inside."""
 
-    def __init__(self, size: int, device: torch.device):
-        self.size, self.device = size, device
+    def __init__(self, preprocessing: Preprocessing, device: torch.device):
+        self.preprocessing, self.device = preprocessing, device
+        self.size = preprocessing.crop
 
     def __call__(self, image: np.ndarray) -> torch.Tensor:
         if image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
             raise ValueError("frames must be HxWx3 uint8, got %s %s" % (image.shape, image.dtype))
         x = torch.from_numpy(np.ascontiguousarray(image[:, :, ::-1])).permute(2, 0, 1)[None]
         x = x.to(self.device, non_blocking=True).float().div_(255.0)
-        if x.shape[-2:] != (self.size, self.size):
-            x = nn.functional.interpolate(x, size=(self.size, self.size), mode="bilinear",
-                                          align_corners=False, antialias=True)
-        return x
+        return self.preprocessing(x)
 
 
 def to_uint8(x: torch.Tensor) -> torch.Tensor:
@@ -73,8 +74,10 @@ class ServingModel:
         return logits, time.perf_counter() - start
 
 
-def describe_prediction(logits: torch.Tensor) -> Dict[str, float]:
+def describe_prediction(logits: torch.Tensor,
+                        names: Optional[Sequence[str]] = None) -> Dict[str, Any]:
+    """Class index, its name (the index as text without a labels list), confidence, entropy."""
     conf, cls = logits.softmax(1)[0].max(0)
     entropy = float(sample_entropy(logits)[0])
-    return {"class": int(cls), "confidence": round(float(conf), 4),
-            "entropy": round(entropy, 4)}
+    return {"class": int(cls), "name": class_name(names, int(cls)),
+            "confidence": round(float(conf), 4), "entropy": round(entropy, 4)}

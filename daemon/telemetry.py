@@ -68,6 +68,7 @@ class Telemetry:
         self.gauges: Dict[str, Any] = {}
         self.accuracy = {"adapted": _Accuracy(), "source": _Accuracy()}
         self._frame_times: Deque[float] = collections.deque(maxlen=window)
+        self._served: Deque[str] = collections.deque(maxlen=window)   # recent class names
         self._listeners: List[Callable[[str, Dict[str, Any]], None]] = []
         self._observers: List[Callable[[str, float], None]] = []
 
@@ -107,6 +108,18 @@ class Telemetry:
             for window in self.latency.values():
                 window._samples.clear()
 
+    def predicted(self, index: int, name: str, confidence: float) -> None:
+        """The served prediction of one frame: the last one, and the recent class shares."""
+        with self._lock:
+            self._served.append(name)
+            self.gauges["prediction"] = {"class": index, "name": name, "confidence": confidence}
+
+    def class_shares(self, top: int = 5) -> Dict[str, float]:
+        """Share of each of the ``top`` most served classes over the recent frames."""
+        counts = collections.Counter(self._served)
+        total = max(1, len(self._served))
+        return {name: round(n / total, 4) for name, n in counts.most_common(top)}
+
     def count(self, name: str, n: int = 1) -> None:
         with self._lock:
             self.counters[name] += n
@@ -132,6 +145,8 @@ class Telemetry:
                     "fps": round(self.fps(), 2), "counters": dict(self.counters),
                     "latency_ms": {s: w.percentiles_ms() for s, w in self.latency.items()}}
             snap.update(json.loads(json.dumps(self.gauges, default=_plain)))
+            if self._served:
+                snap["classes"] = self.class_shares()
             if self.accuracy["adapted"].seen:
                 snap["accuracy"] = {k: a.as_dict() for k, a in self.accuracy.items() if a.seen}
             return snap

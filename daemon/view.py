@@ -24,6 +24,10 @@ def status_line(snap: Dict) -> str:
              "cache %s/%s MB" % ("-" if cache is None else "%.1f" % cache,
                                   "-" if budget is None else "%.1f" % budget),
              "steps %d" % snap.get("counters", {}).get("steps", 0)]
+    prediction = snap.get("prediction")
+    if prediction:
+        parts.append("last %s %.0f%%" % (prediction.get("name"),
+                                          100 * (prediction.get("confidence") or 0)))
     acc = snap.get("accuracy")
     if acc:
         domain = snap.get("domain") or "all"

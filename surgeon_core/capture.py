@@ -8,17 +8,20 @@ Usage::
     print(rec.cache_bytes())        # bytes really held for backward, now
     loss.backward()
 
-Where each saved tensor ends up (innermost module that was running when autograd saved it):
+Where each saved tensor ends up is decided by the op that saved it and the module running
+(``roles.py`` has the full table and NOTE [Ops, not only modules]):
 
     ======================================  =========================  =====================
     saved tensor                            stored as                  bytes
     ======================================  =========================  =====================
     a parameter (or a view of one)          referenced                 0 (not cache)
-    input of Conv*/Linear (weight grad)     Pruned at the layer ratio  see NOTE [Pruned format]
+    input of conv/linear, activation times  Pruned at the layer ratio  see NOTE [Pruned format]
+      a parameter (weight grad only)
     x_hat of RunningStatNorm2d (gamma grad) Pruned at the layer ratio  same
-    output of ReLU / input of ReLU6         BitMask (lossless)         numel / 8
-    input of AvgPool / AdaptiveAvgPool      ShapeOnly (lossless)       0
-    input of norms, GELU, SiLU, ...         ``input_grad`` policy      exact, or 2 B (fp16)
+    ReLU family, hardsigmoid's window       BitMask (lossless)         numel / 8
+    input of average and max pooling        ShapeOnly (lossless)       0
+    input of norms, GELU, SiLU, attention,  ``input_grad`` policy      exact, or 2 B (fp16)
+      products of two activations, ...
     anything else                           Exact reference            its storage
     ======================================  =========================  =====================
 
@@ -46,6 +49,8 @@ from torch import nn
 
 from .errors import CaptureError
 from .norm import RunningStatNorm2d
+from .pool_indices import pack_pool_indices
+from .roles import Decision, OpTracker, Role, classify_module, classify_op, storage_key
 from .sparsity import (VALUE_DTYPES, SELECTIONS, BitMask, Cast, Exact, Packed, ShapeOnly,
                        prune)
 
@@ -53,25 +58,6 @@ __all__ = ["CapturePolicy", "ActivationCapture", "CaptureRecord", "LayerCache", 
            "prunable_sizes", "paper_bytes"]
 
 INPUT_GRAD_POLICIES = ("exact", "fp16", "bf16")
-
-_PRUNABLE_INPUT = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
-_INPUT_GRAD_MODULES = (nn.modules.batchnorm._BatchNorm, nn.GroupNorm, nn.LayerNorm,
-                       nn.modules.instancenorm._InstanceNorm, nn.GELU, nn.SiLU, nn.Sigmoid,
-                       nn.Tanh, nn.Hardswish, nn.Mish, nn.ELU, nn.Softmax)
-_SHAPE_ONLY = (nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d, nn.AdaptiveAvgPool3d,
-               nn.AvgPool1d, nn.AvgPool2d, nn.AvgPool3d)
-
-
-class Role:
-    """Why a tensor was saved; decides its storage."""
-
-    PARAM = "param"
-    WEIGHT_GRAD = "weight_grad"    # only a weight gradient reads it: prunable
-    MASK = "mask"                  # ReLU-like: a 1-bit mask is lossless
-    SHAPE = "shape"                # backward reads only its shape
-    INPUT_GRAD = "input_grad"      # the input gradient reads it: exact or a named lossy cast
-    OTHER = "other"                # unknown: exact
-
 
 @dataclass(frozen=True)
 class CapturePolicy:
@@ -131,6 +117,7 @@ class LayerCache(NamedTuple):
     kept: int       # values kept (numel for exact storage)
     nbytes: int     # bytes held by its packed objects (not deduplicated across layers)
     role: str
+    kind: str = "other"    # the layer kind (roles.py): conv, relu, norm, attention, ...
 
 
 def prunable_sizes(layers: Mapping[str, LayerCache]) -> Dict[str, int]:
@@ -142,6 +129,7 @@ class _Entry(NamedTuple):
     packed: "weakref.ReferenceType[Packed]"
     layer: str
     role: str
+    kind: str
 
 
 class _Frame(NamedTuple):
@@ -151,8 +139,7 @@ class _Frame(NamedTuple):
     input_numel: int
 
 
-def _storage_key(t: torch.Tensor) -> int:
-    return t.untyped_storage().data_ptr()
+_storage_key = storage_key
 
 
 class CaptureRecord:
@@ -171,24 +158,26 @@ class CaptureRecord:
     def _pack(self, tensor: torch.Tensor):
         if _storage_key(tensor) in self._param_storages:
             return tensor  # referenced: never copied, never counted
-        frame = self._capture.current_frame()
-        role = self._capture.classify(frame, tensor)
-        packed = self._store(tensor, role, frame.name if frame else "")
-        self._entries.append(_Entry(weakref.ref(packed), frame.name if frame else "", role))
+        decision = self._capture.classify(tensor)
+        layer = self._capture.layer_key(decision)
+        packed = self._store(tensor, decision, layer)
+        self._entries.append(_Entry(weakref.ref(packed), layer, decision.role, decision.kind))
         return packed
 
-    def _store(self, tensor: torch.Tensor, role: str, layer: str) -> Packed:
-        policy = self._capture.policy
+    def _store(self, tensor: torch.Tensor, decision: Decision, layer: str) -> Packed:
+        policy, role = self._capture.policy, decision.role
+        if decision.pool is not None and not self.passthrough:
+            return pack_pool_indices(tensor, decision.pool)
         if self.passthrough or not tensor.is_floating_point():
             return Exact(tensor)
         if role == Role.WEIGHT_GRAD:
             keep = self.keep_ratios.get(layer, policy.default_keep)
-            if not self._capture.weight_trained():
+            if decision.weight is None or not decision.weight.requires_grad:
                 keep = 0.0  # a frozen weight needs no cached input (conv saves it regardless)
             return prune(tensor, keep, policy.selection, VALUE_DTYPES[policy.value_dtype],
                          sync_free=policy.sync_free_on(tensor.device))
         if role == Role.MASK and policy.relu_masks:
-            return self._capture.mask_for(tensor)
+            return BitMask(tensor, *decision.bounds)
         if role == Role.SHAPE:
             return ShapeOnly(tensor)
         if role == Role.INPUT_GRAD and policy.input_grad != "exact":
@@ -229,9 +218,23 @@ class CaptureRecord:
         out: Dict[str, LayerCache] = {}
         for (packed, entry), n_kept in zip(alive, kept):
             key = entry.layer if entry.role != Role.OTHER else entry.layer + ":other"
-            prev = out.get(key, LayerCache(0, 0, 0, entry.role))
+            prev = out.get(key, LayerCache(0, 0, 0, entry.role, entry.kind))
             out[key] = LayerCache(prev.numel + packed.numel, prev.kept + n_kept,
-                                  prev.nbytes + packed.nbytes, prev.role)
+                                  prev.nbytes + packed.nbytes, prev.role, prev.kind)
+        return out
+
+    def bytes_by_kind(self) -> Dict[Tuple[str, str], int]:
+        """Bytes held now per (kind, role), each storage counted once (under its first kind)."""
+        seen: Dict[Tuple[str, int], Tuple[str, str]] = {}
+        sizes: Dict[Tuple[str, int], int] = {}
+        for packed, entry in self._alive():
+            for t in packed.tensors():
+                key = (str(t.device), t.untyped_storage().data_ptr())
+                seen.setdefault(key, (entry.kind, entry.role))
+                sizes[key] = t.untyped_storage().nbytes()
+        out: Dict[Tuple[str, str], int] = {}
+        for key, group in seen.items():
+            out[group] = out.get(group, 0) + sizes[key]
         return out
 
 
@@ -249,6 +252,19 @@ def _read_counts(counts) -> List[int]:
     return [int(next(values)) if isinstance(c, torch.Tensor) else int(c) for c in counts]
 
 
+def _param_keys(model: nn.Module) -> Dict[int, str]:
+    """id(parameter) -> its layer key: the module's name for a module's ``weight``, else the
+    parameter's dotted name."""
+    keys = {}
+    for module_name, module in model.named_modules():
+        for param_name, param in module.named_parameters(recurse=False):
+            if id(param) in keys:
+                continue   # tied weights keep their first owner
+            keys[id(param)] = module_name if param_name == "weight" else \
+                ("%s.%s" % (module_name, param_name) if module_name else param_name)
+    return keys
+
+
 class ActivationCapture:
     """Installs module hooks on ``model`` once; ``record()`` routes one step's saved tensors.
 
@@ -262,8 +278,13 @@ class ActivationCapture:
         self.model = model
         self.policy = policy or CapturePolicy()
         self._names = {id(m): n for n, m in reversed(list(model.named_modules()))}
+        self._params = {_storage_key(p): p for p in model.parameters()}
+        self._param_keys = _param_keys(model)
+        by_id = {id(p): p for p in model.parameters()}
+        self._weights_by_key = {key: by_id[pid] for pid, key in self._param_keys.items()}
         self._stack: List[_Frame] = []
         self._recording = False
+        self._tracker: Optional[OpTracker] = None
         self._handles = []
         for module in model.modules():
             self._handles.append(module.register_forward_pre_hook(self._enter))
@@ -292,35 +313,36 @@ class ActivationCapture:
     def current_frame(self) -> Optional[_Frame]:
         return self._stack[-1] if self._stack else None
 
-    def classify(self, frame: Optional[_Frame], tensor: torch.Tensor) -> str:
-        """The role of ``tensor`` saved while ``frame``'s module runs (innermost module)."""
+    def classify(self, tensor: torch.Tensor) -> Decision:
+        """Why ``tensor`` is being saved now: our own norm's rule, else the op's, else the
+        innermost running module's (see roles.py)."""
+        frame = self.current_frame()
+        if frame is not None and isinstance(frame.module, RunningStatNorm2d):
+            if tensor.dim() > 1:
+                return Decision(Role.WEIGHT_GRAD, "norm_xhat", weight=frame.module.weight)
+            return Decision(Role.OTHER, "norm_xhat")
+        call = self._tracker.current if self._tracker is not None else None
+        if call is not None:
+            decision = classify_op(call, tensor, self._params)
+            if decision is not None:
+                return decision
+        if not tensor.is_floating_point():   # indices and masks of ops no rule knows
+            return Decision(Role.OTHER, "index")
         if frame is None:
-            return Role.OTHER
-        module = frame.module
-        if isinstance(module, RunningStatNorm2d):
-            return Role.WEIGHT_GRAD if tensor.dim() > 1 else Role.OTHER
-        if isinstance(module, _PRUNABLE_INPUT):
-            return Role.WEIGHT_GRAD if _storage_key(tensor) in frame.input_storages else Role.OTHER
-        if isinstance(module, (nn.ReLU, nn.ReLU6, nn.Hardtanh)):
-            return Role.MASK
-        if isinstance(module, _SHAPE_ONLY):
-            return Role.SHAPE if _storage_key(tensor) in frame.input_storages else Role.OTHER
-        if isinstance(module, _INPUT_GRAD_MODULES):
-            # statistics (mean, invstd) are small and stay exact; the activation follows policy
-            return Role.INPUT_GRAD if tensor.numel() == frame.input_numel else Role.OTHER
-        return Role.OTHER
+            return Decision(Role.OTHER, "other")
+        return classify_module(frame.module, frame.input_storages, frame.input_numel, tensor)
 
-    def weight_trained(self) -> bool:
-        """Whether the running module's weight gets a gradient in this forward."""
-        weight = getattr(self.current_frame().module, "weight", None)
-        return weight is not None and weight.requires_grad
+    def layer_key(self, decision: Decision) -> str:
+        """A weight_grad tensor's layer: the module whose ``weight`` it serves (its name), or
+        the parameter's own name (``blocks.0.layer_scale``); else the running module's name."""
+        if decision.weight is not None:
+            return self._param_keys.get(id(decision.weight), "")
+        frame = self.current_frame()
+        return frame.name if frame else ""
 
-    def mask_for(self, tensor: torch.Tensor) -> Packed:
-        """A lossless 1-bit mask for the ReLU-family module running now."""
-        module = self.current_frame().module
-        if isinstance(module, nn.Hardtanh):  # ReLU6 is a Hardtanh
-            return BitMask(tensor, module.min_val, module.max_val)
-        return BitMask(tensor, 0.0, math.inf)
+    def weight_of(self, layer: str) -> Optional[torch.Tensor]:
+        """The parameter a layer key stands for (see ``layer_key``)."""
+        return self._weights_by_key.get(layer)
 
     @contextlib.contextmanager
     def record(self, keep_ratios: Optional[Mapping[str, float]] = None,
@@ -338,8 +360,9 @@ class ActivationCapture:
                                "another (nested records would split the cache accounting)")
         rec = CaptureRecord(self, keep_ratios or {}, passthrough)
         self._recording, self._stack = True, []
+        self._tracker = OpTracker()
         try:
-            with torch.autograd.graph.saved_tensors_hooks(rec._pack, rec._unpack):
+            with torch.autograd.graph.saved_tensors_hooks(rec._pack, rec._unpack), self._tracker:
                 yield rec
         finally:
-            self._recording, self._stack = False, []
+            self._recording, self._stack, self._tracker = False, [], None

@@ -107,7 +107,6 @@ class SparseBackprop:
         self.model = model
         self.config = config or EngineConfig()
         self.capture = ActivationCapture(model, self.config.policy)
-        self._modules = dict(model.named_modules())
         self.budget_bytes = self.config.budget_bytes
         self._numel: Dict[str, float] = {}   # per-sample activation size of every prunable layer
         self._grad_imp: Dict[str, float] = {}
@@ -132,7 +131,7 @@ class SparseBackprop:
         else:
             ratios = keep_ratios(self._grad_imp, memory_importance(self._numel),
                                  self.config.variant, self.config.keep_floor)
-        trained = weights_needing_grad(self._modules, self._numel)
+        trained = weights_needing_grad(self.capture.weight_of, self._numel)
         return {n: (ratios.get(n, 1.0) if trained[n] else 0.0) for n in self._numel}
 
     def plan(self, x: torch.Tensor, forward_loss: ForwardLoss) -> BudgetPlan:
@@ -175,7 +174,7 @@ class SparseBackprop:
             if not skipped and loss.requires_grad:
                 loss.backward()
                 if not probed:  # the paper's rule: importance from the latest gradients
-                    self._grad_imp.update(gradient_importance(self._modules, trained))
+                    self._grad_imp.update(gradient_importance(self.capture.weight_of, trained))
         self._observe(layers, cache, x.shape[0])
         self.steps += 1
         return StepReport(float(loss.detach()), logits.detach(), cache, paper, plan.predicted_bytes,
@@ -184,7 +183,7 @@ class SparseBackprop:
 
     def overall_keep(self, ratios: Dict[str, float]) -> Optional[float]:
         """Kept values over prunable values of the layers that train (the paper's sparsity)."""
-        trainable = weights_needing_grad(self._modules, self._numel)
+        trainable = weights_needing_grad(self.capture.weight_of, self._numel)
         sizes = {n: v for n, v in self._numel.items() if trainable[n] and n in ratios}
         total = sum(sizes.values())
         return sum(ratios[n] * v for n, v in sizes.items()) / total if total else None
@@ -201,7 +200,7 @@ class SparseBackprop:
         """
         frozen = []
         for name, keep in ratios.items():
-            weight = getattr(self._modules.get(name), "weight", None)
+            weight = self.capture.weight_of(name)
             if keep < SKIP_BELOW and weight is not None and weight.requires_grad:
                 weight.requires_grad_(False)
                 frozen.append(weight)
@@ -226,7 +225,7 @@ class SparseBackprop:
         self._learn_sizes(rec.layers(), samples.shape[0])
         if math.isfinite(float(loss.detach())) and loss.requires_grad:
             loss.backward()
-            self._grad_imp = gradient_importance(self._modules, self._numel)
+            self._grad_imp = gradient_importance(self.capture.weight_of, self._numel)
         self.model.zero_grad(set_to_none=True)
         _restore_buffers(self.model, buffers)
 

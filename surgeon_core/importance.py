@@ -10,10 +10,9 @@ which misaligns layers in BN-only mode). A ``floor`` keeps every trained layer a
 
 import math
 from dataclasses import dataclass
-from typing import Dict, Mapping, Optional
+from typing import Callable, Dict, Mapping, Optional
 
 import torch
-from torch import nn
 
 from .capture import LayerCache, Role, check_keep_ratio
 from .errors import BudgetExceeded
@@ -25,14 +24,16 @@ __all__ = ["VARIANTS", "gradient_importance", "memory_importance", "keep_ratios"
 VARIANTS = ("paper", "published")
 
 
-def gradient_importance(modules: Mapping[str, nn.Module], layers) -> Dict[str, float]:
+def gradient_importance(weight_of: Callable[[str], Optional[torch.Tensor]],
+                        layers) -> Dict[str, float]:
     """RMS of each named layer's weight gradient; layers without a gradient are left out.
 
-    ``modules`` is ``dict(model.named_modules())``. All norms are read back in one transfer.
+    ``weight_of`` maps a layer key to its parameter (``ActivationCapture.weight_of``). All norms
+    are read back in one transfer.
     """
     names, norms = [], []
     for name in layers:
-        weight = getattr(modules.get(name), "weight", None)
+        weight = weight_of(name)
         if weight is not None and weight.grad is not None:
             grad = weight.grad.detach().float()
             names.append(name)
@@ -166,10 +167,11 @@ def solve_budget(profile: CacheProfile, base: Mapping[str, float], budget_bytes:
     return BudgetPlan(ratios, int(profile.predict(ratios, batch_size)), lo)
 
 
-def weights_needing_grad(modules: Mapping[str, nn.Module], layers) -> Dict[str, bool]:
+def weights_needing_grad(weight_of: Callable[[str], Optional[torch.Tensor]],
+                         layers) -> Dict[str, bool]:
     """Whether each named layer's weight is trained (a frozen layer needs no cached input)."""
     out = {}
     for name in layers:
-        weight: Optional[torch.Tensor] = getattr(modules.get(name), "weight", None)
+        weight = weight_of(name)
         out[name] = weight is not None and weight.requires_grad
     return out

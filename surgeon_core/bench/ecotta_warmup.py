@@ -117,7 +117,8 @@ def _lr_at(settings: WarmupSettings, epoch: int, iteration: int, per_epoch: int)
 
 def warm_up(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, out: Path,
             settings: WarmupSettings, test=None, progress: Optional[Callable] = None,
-            device: torch.device = torch.device("cpu")) -> Dict:
+            device: torch.device = torch.device("cpu"),
+            identity: Optional[Dict] = None) -> Dict:
     """Train the meta networks of ``model`` on (images, labels); write ``out``; its info."""
     model = model.to(device)
     source_hash = weights_hash(model)
@@ -166,7 +167,7 @@ def warm_up(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, out: P
     if test is not None:
         info["clean_accuracy"] = {"original": original_accuracy,
                                   "with_meta": clean_accuracy(net, test)}
-    save_warmup(out, net, source_hash, info)
+    save_warmup(out, net, source_hash, info, identity)
     net.load_frozen_norm_state(original_norms)     # the caller's model, as it was
     if partial.exists():
         partial.unlink()

@@ -71,8 +71,11 @@ def weights_hash(model: nn.Module) -> str:
     return digest.hexdigest()[:20]
 
 
-def save_warmup(path: Path, net: EcoTTANet, source_hash: str, info: Dict[str, Any]) -> None:
+def save_warmup(path: Path, net: EcoTTANet, source_hash: str, info: Dict[str, Any],
+                identity: Optional[Dict[str, Any]] = None) -> None:
+    """``identity``: the model's (builder, num_classes, input_size, weights), when known."""
     payload = {"format": WARMUP_FORMAT, "version": WARMUP_VERSION, "arch": net.arch,
+               "model": identity,
                "partitions": list(net.sizes), "weights_hash": source_hash,
                "meta_state": {k: v.detach().cpu() for k, v in net.metas.state_dict().items()},
                "frozen_norms": net.frozen_norm_state(), "info": info}
@@ -81,8 +84,13 @@ def save_warmup(path: Path, net: EcoTTANet, source_hash: str, info: Dict[str, An
     tmp.replace(path)
 
 
-def load_warmup(path: Optional[str], model: nn.Module) -> Dict[str, Any]:
-    """The warm-up payload for ``model`` (original weights); WarmupError says what is wrong."""
+def load_warmup(path: Optional[str], model: nn.Module,
+                identity: Optional[Dict[str, Any]] = None) -> Dict[str, Any]:
+    """The warm-up payload for ``model`` (original weights); WarmupError says what is wrong.
+
+    ``identity`` (the model's builder, num_classes, input size and weights fingerprint) is also
+    compared with the one the file records, when both are known.
+    """
     from ..models.ecotta_net import architecture_name
 
     arch = architecture_name(model)
@@ -104,7 +112,18 @@ def load_warmup(path: Optional[str], model: nn.Module) -> Dict[str, Any]:
         raise WarmupError("%s was made for %s weights %s, not for this %s (weights %s); "
                           % (path, payload.get("arch"), payload.get("weights_hash"), arch,
                              weights_hash(model)) + WARMUP_HELP % arch)
+    theirs = payload.get("model")
+    if identity is not None and isinstance(theirs, dict) and theirs != identity:
+        raise WarmupError("%s was made for %s, not for %s; " % (path, _identity_text(theirs),
+                                                                 _identity_text(identity))
+                          + WARMUP_HELP % arch)
     return payload
+
+
+def _identity_text(identity: Dict[str, Any]) -> str:
+    return "%s (%s classes, %s px, weights %s)" % (
+        identity.get("builder"), identity.get("num_classes"), identity.get("input_size"),
+        identity.get("weights"))
 
 
 def build_net(model: nn.Module, payload: Dict[str, Any]) -> EcoTTANet:

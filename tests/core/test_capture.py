@@ -9,7 +9,7 @@ from surgeon_core.capture import ActivationCapture, CapturePolicy, Role
 from surgeon_core.errors import CaptureError
 from surgeon_core.models import resnet20
 from surgeon_core.norm import convert_batchnorm
-from surgeon_core.sparsity import Exact
+from surgeon_core.sparsity import BitMask
 
 from .models_zoo import MixedNet
 
@@ -105,14 +105,41 @@ def test_nested_records_are_refused():
                 pass
 
 
-def test_functional_relu_in_a_container_is_stored_exactly_and_stays_correct():
+def test_functional_relu_in_a_container_becomes_a_mask_by_its_op():
     model = MixedNet().train()
     capture = ActivationCapture(model, CapturePolicy())
     with capture.record() as rec:
         out = model(torch.rand(2, 3, 8, 8))
-    other = [e for e in rec._entries if e.role == Role.OTHER and e.layer == ""]
-    assert other and all(isinstance(e.packed(), Exact) for e in other)
+    top = [e for e in rec._entries if e.layer == "" and e.kind == "relu"]
+    assert top and all(isinstance(e.packed(), BitMask) for e in top)
     out.sum().backward()
+
+
+class _Cube(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x):
+        ctx.save_for_backward(x)
+        return x ** 3
+
+    @staticmethod
+    def backward(ctx, grad):
+        (x,) = ctx.saved_tensors
+        return grad * 3 * x ** 2
+
+
+def test_what_no_rule_knows_is_stored_exactly():
+    class Net(nn.Module):
+        def forward(self, x):
+            return _Cube.apply(x)
+
+    model = Net()
+    capture = ActivationCapture(model, CapturePolicy(input_grad="fp16"))
+    x = torch.randn(50, requires_grad=True)
+    with capture.record() as rec:
+        out = model(x)
+    assert [type(e.packed()).__name__ for e in rec._entries] == ["Exact"]
+    out.sum().backward()
+    torch.testing.assert_close(x.grad, 3 * x.detach() ** 2)
 
 
 def test_inplace_relu_and_lean_norm_compose():

@@ -21,7 +21,8 @@ def test_memory_importance_is_log_of_total_over_size():
 def test_gradient_importance_is_rms_keyed_by_name():
     model = nn.Sequential(nn.Linear(2, 2))
     model[0].weight.grad = torch.tensor([[3.0, 0.0], [0.0, 4.0]])
-    assert gradient_importance(dict(model.named_modules()), ["0"]) == {"0": pytest.approx(2.5)}
+    weights = {"0": model[0].weight}
+    assert gradient_importance(weights.get, ["0"]) == {"0": pytest.approx(2.5)}
 
 
 def test_paper_variant_min_max_normalises_both_terms():

@@ -66,12 +66,12 @@ def _doctor(*args):
     return done.returncode, json.loads(done.stdout)
 
 
-def test_doctor_names_every_area_and_fails_on_missing_weights():
+def test_doctor_names_every_area_and_fails_on_a_model_that_cannot_load():
     code, findings = _doctor()
     checks = {f["check"] for f in findings}
     assert {"platform", "torch", "opencv", "zmq", "meminfo", "jtop", "nvml", "runtime dir",
-            "checkpoint dir", "devices", "weights", "daemon"} <= checks
+            "checkpoint dir", "devices", "model", "daemon"} <= checks
     assert code == (1 if any(f["status"] == FAIL for f in findings) else 0)
     code, findings = _doctor("--set", "model.weights=/nonexistent/r20.th")
-    weights = [f for f in findings if f["check"] == "weights"][0]
-    assert code == 1 and weights["status"] == FAIL and "/nonexistent" in weights["detail"]
+    model = [f for f in findings if f["check"] == "model"][0]
+    assert code == 1 and model["status"] == FAIL and "/nonexistent" in model["detail"]
