@@ -19,7 +19,11 @@ from torch import nn
 from ..capture import ActivationCapture, CapturePolicy, paper_bytes
 from ..engine import entropy
 
-__all__ = ["StepResult", "Method", "bn_modules", "use_batch_statistics", "entropy"]
+__all__ = ["StepResult", "Method", "bn_modules", "norm_modules", "use_batch_statistics",
+           "quiet_stochastic_layers", "entropy"]
+
+_NORMS = (nn.modules.batchnorm._BatchNorm, nn.LayerNorm, nn.GroupNorm,
+          nn.modules.instancenorm._InstanceNorm)
 
 
 @dataclass
@@ -41,6 +45,25 @@ def bn_modules(model: nn.Module) -> List[nn.modules.batchnorm._BatchNorm]:
     return [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
 
 
+def norm_modules(model: nn.Module) -> List[nn.Module]:
+    """Normalisation layers with affine parameters: BatchNorm (and ours), LayerNorm (ConvNeXt's
+    channels-first one too), GroupNorm, InstanceNorm."""
+    return [m for m in model.modules()
+            if isinstance(m, _NORMS) and getattr(m, "weight", None) is not None]
+
+
+def quiet_stochastic_layers(model: nn.Module) -> None:
+    """Dropout and stochastic depth off for good (p = 0, so ``train()`` cannot turn them back
+    on): adaptation then predicts, and learns from, the network that serving runs."""
+    for m in model.modules():
+        if isinstance(m, nn.modules.dropout._DropoutNd):
+            m.p = 0.0
+        elif type(m).__name__ in ("StochasticDepth", "DropPath"):
+            for name in ("p", "drop_prob"):
+                if isinstance(getattr(m, name, None), float):
+                    setattr(m, name, 0.0)
+
+
 def use_batch_statistics(model: nn.Module) -> None:
     """Normalise with each test batch's statistics, in train and eval mode alike (tent's trick)."""
     for m in bn_modules(model):
@@ -58,6 +81,7 @@ class Method:
     name = "base"
 
     def __init__(self, model: nn.Module, optimizer: Optional[torch.optim.Optimizer] = None):
+        quiet_stochastic_layers(model)
         self.model = model
         self.optimizer = optimizer
         self._source = self._snapshot()

@@ -114,6 +114,9 @@ class MECTA(Method):
     def __init__(self, model: nn.Module, args: MECTAArgs = MECTAArgs()):
         configure_model(model, args)
         params, _ = collect_params(model)
+        if not params:
+            raise ValueError("mecta replaces BatchNorm2d layers and this model has none; use "
+                             "surgeon or tent (they adapt LayerNorm and GroupNorm)")
         super().__init__(model, torch.optim.SGD(params, lr=args.lr, momentum=args.momentum))
         self.args = args
 

@@ -18,10 +18,10 @@ from ..capture import CapturePolicy
 from ..engine import EngineConfig, SparseBackprop, budget_or_none
 from ..norm import XHAT_BITS, convert_batchnorm
 from .augment import cotta_augment
-from .base import Method, StepResult, bn_modules, entropy
+from .base import Method, StepResult, bn_modules, entropy, norm_modules
 from .registry import register
 
-PARAM_SETS = ("all", "bn", "bn_gamma")
+PARAM_SETS = ("all", "norm", "bn", "bn_gamma")
 
 
 @dataclass(frozen=True)
@@ -31,7 +31,8 @@ class SurgeonArgs:
     Attributes:
         lr: Adam learning rate; ``None`` picks the published code's (1e-3 for BN parameters,
             2.2e-5 when every weight trains).
-        params: ``bn`` affine (default, as the published runs: BN-only at lr 1e-3), ``all``
+        params: ``norm`` affine (default: every BatchNorm, as the published runs at lr 1e-3, and
+            LayerNorm/GroupNorm in models that have them), ``bn`` (BatchNorm only), ``all``
             weights, or ``bn_gamma`` (the published code's exact choice: beta never moves).
         lean_norm: running-statistics normalisation (NOTE [Lean normalisation]); False keeps
             train-mode BatchNorm exact.
@@ -45,7 +46,7 @@ class SurgeonArgs:
     """
 
     lr: Optional[float] = None
-    params: str = "bn"
+    params: str = "norm"
     lean_norm: bool = True
     xhat_bits: int = 1
     margin: float = 0.4
@@ -84,9 +85,17 @@ def configure_model(model: nn.Module, args: SurgeonArgs) -> nn.Module:
         convert_batchnorm(model, xhat_bits=args.xhat_bits)
     model.train().requires_grad_(args.params == "all")
     if args.params != "all":
-        for m in bn_modules(model):
+        chosen = norm_modules(model) if args.params == "norm" else \
+            [m for m in bn_modules(model) if m.weight is not None]
+        for m in chosen:
             m.weight.requires_grad_(True)
-            m.bias.requires_grad_(args.params == "bn")
+            if m.bias is not None:
+                m.bias.requires_grad_(args.params != "bn_gamma")
+    if not any(p.requires_grad for p in model.parameters()):
+        raise ValueError("params=%s selects no parameter of this model (it has no %s with "
+                         "affine parameters); use params=norm or all"
+                         % (args.params, "normalisation layer" if args.params == "norm"
+                            else "BatchNorm"))
     return model
 
 

@@ -1,4 +1,7 @@
-"""tent: minimise prediction entropy by updating BatchNorm's affine parameters.
+"""tent: minimise prediction entropy by updating the normalisation layers' affine parameters.
+
+BatchNorm normalises with each test batch's statistics (the paper); models without BatchNorm
+(ViT, Swin, ConvNeXt: LayerNorm; GroupNorm nets) adapt their norms' affine parameters the same way.
 
 Paper: Wang et al., Tent: Fully Test-Time Adaptation by Entropy Minimization, ICLR 2021.
 Upstream: DequanWang/tent (tent.py); CIFAR settings: Adam, lr 1e-3, batch 200, one step per batch.
@@ -10,7 +13,7 @@ from typing import List, Tuple
 import torch
 from torch import nn
 
-from .base import Method, StepResult, bn_modules, entropy, use_batch_statistics
+from .base import Method, StepResult, entropy, norm_modules, use_batch_statistics
 from .registry import register
 
 
@@ -23,19 +26,20 @@ class TentArgs:
 
 
 def configure_model(model: nn.Module) -> nn.Module:
-    """Train mode, batch statistics, only BatchNorm's weight and bias trainable."""
+    """Train mode, batch statistics, only the norms' weight and bias trainable."""
     model.train().requires_grad_(False)
     use_batch_statistics(model)
-    for m in bn_modules(model):
+    for m in norm_modules(model):
         m.requires_grad_(True)
     return model
 
 
 def collect_params(model: nn.Module) -> Tuple[List[nn.Parameter], List[str]]:
-    """BatchNorm affine parameters and their dotted names (for logs)."""
+    """The norms' affine parameters and their dotted names (for logs)."""
     params, names = [], []
+    norms = {id(m) for m in norm_modules(model)}
     for mod_name, m in model.named_modules():
-        if isinstance(m, nn.modules.batchnorm._BatchNorm):
+        if id(m) in norms:
             for p_name, p in m.named_parameters(recurse=False):
                 params.append(p)
                 names.append("%s.%s" % (mod_name, p_name))
@@ -43,14 +47,15 @@ def collect_params(model: nn.Module) -> Tuple[List[nn.Parameter], List[str]]:
 
 
 def check_model(model: nn.Module) -> None:
-    """Tent needs BatchNorm layers to adapt."""
-    if not bn_modules(model):
-        raise ValueError("tent needs a model with BatchNorm layers; this one has none")
+    """Tent needs normalisation layers with affine parameters to adapt."""
+    if not norm_modules(model):
+        raise ValueError("tent adapts normalisation layers (BatchNorm, LayerNorm, GroupNorm) "
+                         "with affine parameters; this model has none")
 
 
 @register("tent")
 class Tent(Method):
-    """Entropy minimisation on BatchNorm affine parameters, plain autograd (cache measured)."""
+    """Entropy minimisation on the norms' affine parameters, plain autograd (cache measured)."""
 
     def __init__(self, model: nn.Module, args: TentArgs = TentArgs()):
         check_model(model)

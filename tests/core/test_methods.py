@@ -108,3 +108,45 @@ def test_bad_method_arguments_are_refused():
     with pytest.raises(TypeError):
         args_for("tent", learning_rate=1.0)
     assert math.isclose(args_for("surgeon", params="bn").learning_rate(), 1e-3)
+
+
+def _layer_norm_model():
+    from .models_zoo import small_vit
+
+    torch.manual_seed(0)
+    model = small_vit()
+    torch.nn.init.normal_(model.heads.head.weight, std=0.5)   # torchvision starts it at zero
+    return model
+
+
+@pytest.mark.parametrize("name", ["tent", "surgeon", "eata"])
+def test_methods_adapt_layer_norm_models(name, noisy):
+    model = _layer_norm_model()
+    method = get_method(name)(copy.deepcopy(model), args_for(name, margin=1.0) if name != "tent"
+                              else args_for(name))
+    trained = {n for n, p in method.model.named_parameters() if p.requires_grad}
+    assert trained and all(".ln" in n or n.startswith("encoder.ln") for n in trained), trained
+    before = {n: p.detach().clone() for n, p in method.model.named_parameters()}
+    assert method.step(noisy[0][:16]).updated
+    moved = {n for n, p in method.model.named_parameters() if not torch.equal(p, before[n])}
+    assert moved and moved <= trained
+
+
+def test_norm_free_models_are_refused_with_the_fix():
+    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(3 * 32 * 32, 10))
+    with pytest.raises(ValueError, match="normalisation"):
+        get_method("tent")(copy.deepcopy(model), args_for("tent"))
+    with pytest.raises(ValueError, match="params=norm or all"):
+        get_method("surgeon")(copy.deepcopy(model), args_for("surgeon"))
+    with pytest.raises(ValueError, match="BatchNorm2d"):
+        get_method("mecta")(copy.deepcopy(model), args_for("mecta"))
+
+
+def test_dropout_is_off_while_adapting(noisy):
+    from torchvision.models import mobilenet_v2
+
+    torch.manual_seed(0)
+    method = get_method("surgeon")(mobilenet_v2(num_classes=10), args_for("surgeon", lr=1e-12))
+    x = noisy[0][:8]
+    first, second = method.step(x).logits, method.step(x).logits
+    torch.testing.assert_close(first, second, rtol=1e-4, atol=1e-4)   # no dropout draws
