@@ -93,6 +93,7 @@ class StepReport:
     skipped: bool = False
     trained_layers: int = 0   # prunable layers that kept enough to train; 0 = budget starved
     overall_keep: Optional[float] = None   # kept / prunable values over trainable layers
+    kinds: Dict[Tuple[str, str], int] = field(default_factory=dict)   # bytes per (kind, role)
 
 
 class SparseBackprop:
@@ -168,7 +169,7 @@ class SparseBackprop:
         with self._skip_empty_layers(plan.keep_ratios):
             with self.capture.record(plan.keep_ratios) as rec:
                 loss, logits = forward_loss(self.model, x)
-            cache, layers = rec.cache_bytes(), rec.layers()
+            cache, layers, kinds = rec.cache_bytes(), rec.layers(), rec.bytes_by_kind()
             paper = paper_bytes(layers)
             skipped = not bool(torch.isfinite(loss.detach()))
             if not skipped and loss.requires_grad:
@@ -179,7 +180,7 @@ class SparseBackprop:
         self.steps += 1
         return StepReport(float(loss.detach()), logits.detach(), cache, paper, plan.predicted_bytes,
                           plan.keep_ratios, layers, time.perf_counter() - start, skipped,
-                          len(trained), self.overall_keep(plan.keep_ratios))
+                          len(trained), self.overall_keep(plan.keep_ratios), kinds)
 
     def overall_keep(self, ratios: Dict[str, float]) -> Optional[float]:
         """Kept values over prunable values of the layers that train (the paper's sparsity)."""

@@ -153,7 +153,8 @@ def _checkpoint_table(entries: List[Dict[str, Any]]) -> str:
 
 
 _COLUMNS = ("time", "fps", "p50 ms", "p99 ms", "steps", "cache MB", "budget MB", "keep", "loss",
-            "source", "learner")
+            "seeing", "source", "learner")
+_FORMAT = "%-8s %6s %7s %7s %6s %8s %9s %6s %7s %-16s %-10s %s"
 
 
 def _row(snap: Dict[str, Any]) -> str:
@@ -165,12 +166,21 @@ def _row(snap: Dict[str, Any]) -> str:
         return fmt % value if isinstance(value, (int, float)) else "-"
 
     clock = time.strftime("%H:%M:%S", time.localtime(snap.get("time", 0)))
-    return "%-8s %6s %7s %7s %6s %8s %9s %6s %7s %-10s %s" % (
+    return _FORMAT % (
         clock, num(snap.get("fps"), "%.1f"),
         num(infer.get("p50"), "%.2f"), num(infer.get("p99"), "%.2f"),
         num(snap.get("learner_steps"), "%d"), num(snap.get("cache_mb"), "%.2f"),
         num(snap.get("budget_mb"), "%.1f"), num(snap.get("overall_keep"), "%.3f"),
-        num(snap.get("loss"), "%.3f"), source, learner[:40])
+        num(snap.get("loss"), "%.3f"), _seeing(snap), source, learner[:40])
+
+
+def _seeing(snap: Dict[str, Any]) -> str:
+    """The most served class over the recent frames and its share (``dent 62%``)."""
+    shares = snap.get("classes") or {}
+    if not shares:
+        return "-"
+    name, share = next(iter(shares.items()))
+    return "%s %.0f%%" % (str(name)[:11], 100 * share)
 
 
 def _watch(client: ControlClient, args) -> int:
@@ -180,7 +190,7 @@ def _watch(client: ControlClient, args) -> int:
         print("surgeonctl: the daemon publishes nothing", file=sys.stderr)
         return EXIT_REFUSED
     pub = _reachable(pub, client.endpoint)
-    header = "%-8s %6s %7s %7s %6s %8s %9s %6s %7s %-10s %s" % _COLUMNS
+    header = _FORMAT % _COLUMNS
     rows = 0
     for topic, message in client.subscribe(pub, ["telemetry", "event."], args.idle_timeout):
         if args.json:

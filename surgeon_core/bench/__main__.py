@@ -1,8 +1,12 @@
-"""surgeon-bench: reproducible measurements of surgeon_core.
+"""surgeon-bench: reproducible measurements of surgeon_core, on the bundled CIFAR ResNets or on
+your own model (the same --model spec as the daemon's model section).
 
-    surgeon-bench memory --arch resnet20 --batch-size 200 [--weights PATH] [--budget-mb 30] [--json]
-    surgeon-bench continual --arch resnet20 --methods source,bn,tent,surgeon --batch-size 200 \
-        --severity 5 [--limit N] [--corruption-dir DIR] --out DIR
+    surgeon-bench memory --model cifar:resnet20 --batch-size 200 [--budget-mb 30] [--json]
+    surgeon-bench memory --model torchvision:mobilenet_v3_large --weights mine.pt \
+        --num-classes 4 --batch-size 16
+    surgeon-bench continual --methods source,bn,tent,surgeon --batch-size 200 --severity 5 \
+        [--limit N] [--corruption-dir DIR [--domains a,b] [--layout single]] --out DIR
+    surgeon-bench ecotta-warmup --model cifar:resnet20 --epochs 10 --out warmup.pt
 """
 
 import argparse
@@ -17,15 +21,14 @@ from pathlib import Path
 from typing import Dict, List, Optional
 
 from ..errors import SurgeonError
+from .model_options import add_model_options, build_from
 
 logger = logging.getLogger(__name__)
 
 
 def _add_memory(sub) -> None:
     p = sub.add_parser("memory", help="cache bytes and step time: full, tent, surgeon, budgets")
-    p.add_argument("--arch", default="resnet20", help="CIFAR ResNet (resnet20 .. resnet110)")
-    p.add_argument("--weights", type=Path, default=None,
-                   help="checkpoint; default: the published one under $SURGEON_MODELS_DIR")
+    add_model_options(p)
     p.add_argument("--batch-size", type=int, default=200)
     p.add_argument("--steps", type=int, default=5, help="timed rounds after one warm-up")
     p.add_argument("--budget-mb", type=float, default=None, help="also run surgeon under this cap")
@@ -45,29 +48,32 @@ def _memory(args) -> int:
 
     from ..data import load_cifar10, to_tensor
     from ..engine import EngineConfig, budget_or_none
-    from ..models import cifar_resnet_by_name, default_weights_path
     from .memory import as_rows, run_memory_benchmark
 
     if args.batch_size < 2:
         raise SystemExit("--batch-size must be >= 2 (BatchNorm needs two samples)")
     if args.threads:
         torch.set_num_threads(args.threads)
+    built = build_from(args)
     torch.manual_seed(args.seed)
-    weights = args.weights or default_weights_path(args.arch)
     device = torch.device(args.device)
-    model = cifar_resnet_by_name(args.arch, weights).to(device)
+    model = built.model.to(device)
     images, _ = load_cifar10("test", limit=args.batch_size)
-    x = to_tensor(images).to(device)
+    # real images at the model's input size, through the model's own preprocessing
+    x = built.preprocessing(to_tensor(images)).to(device)
     engine_config = EngineConfig(variant=args.variant)
     if args.probe_every is not None:
         engine_config = dataclasses.replace(engine_config, probe_every=args.probe_every)
     results = run_memory_benchmark(model, x, args.steps, budget_or_none(args.budget_mb),
                                    engine_config)
-    meta = {"arch": args.arch, "weights": str(weights), "batch_size": args.batch_size,
+    meta = {"model": built.builder, "arch": built.builder, "weights": built.weights,
+            "input_size": built.preprocessing.crop, "num_classes": built.num_classes,
+            "batch_size": args.batch_size,
             "steps": args.steps, "probe_every": engine_config.probe_every,
             "variant": engine_config.variant, "device": _device_name(device),
             "torch": torch.__version__,
-            "threads": torch.get_num_threads(), "python": platform.python_version()}
+            "threads": torch.get_num_threads(), "python": platform.python_version(),
+            "command": "surgeon-bench " + " ".join(sys.argv[1:])}
     if args.json:
         print(json.dumps({"meta": meta, "results": as_rows(results)}, indent=2))
     else:
@@ -84,30 +90,47 @@ def _device_name(device) -> str:
 
 
 def _table(meta, results) -> str:
-    lines = ["%(arch)s, batch %(batch_size)d, %(device)s, torch %(torch)s, %(threads)d threads"
-             % meta, "",
-             "| config | measured cache MB | x full | paper-convention MB | step s | x full "
-             "| mean keep |", "|---|---:|---:|---:|---:|---:|---:|"]
+    lines = ["%(model)s at %(input_size)d px, batch %(batch_size)d, %(device)s, torch %(torch)s, "
+             "%(threads)d threads; weights %(weights)s" % meta, "",
+             "| config | measured cache MiB | x full | paper-convention MiB | step s | x full "
+             "| mean keep | largest parts of the cache (kind/role MiB) |",
+             "|---|---:|---:|---:|---:|---:|---:|---|"]
     for r in results:
         keep = "%.3f" % r.mean_keep if r.mean_keep is not None else "-"
-        lines.append("| %s | %.1f | %.3f | %.1f | %.3f | %.2f | %s |" % (
+        lines.append("| %s | %.1f | %.3f | %.1f | %.3f | %.2f | %s | %s |" % (
             r.config, r.cache_bytes / 2**20, r.cache_ratio, r.paper_bytes / 2**20,
-            r.step_seconds, r.time_ratio, keep))
+            r.step_seconds, r.time_ratio, keep, _largest(r.kinds)))
     return "\n".join(lines)
 
 
+def _largest(kinds, count: int = 4) -> str:
+    return ", ".join("%s %.1f" % (name, size / 2**20)
+                     for name, size in list(kinds.items())[:count] if size >= 2**16)
+
+
 def _add_continual(sub) -> None:
-    p = sub.add_parser("continual", help="continual CIFAR-10-C: error, measured cache, time")
-    p.add_argument("--arch", default="resnet20")
-    p.add_argument("--weights", type=Path, default=None)
+    p = sub.add_parser("continual", help="continual CIFAR-10-C (or your own folder of domains): "
+                       "error, measured cache, time")
+    add_model_options(p)
     p.add_argument("--methods", default="source,bn,tent,eata,cotta,mecta,static,surgeon")
     p.add_argument("--batch-size", type=int, default=200)
-    p.add_argument("--severity", type=int, default=5, choices=(1, 2, 3, 4, 5))
-    p.add_argument("--limit", type=int, default=None, help="first N images of each corruption")
+    p.add_argument("--severity", type=int, default=None, choices=(1, 2, 3, 4, 5),
+                   help="severity of a stacked folder (default 5); a single-layout folder holds "
+                        "one severity per file")
+    p.add_argument("--limit", type=int, default=None, help="first N images of each domain")
     p.add_argument("--seed", type=int, default=1, help="stream shuffling seed")
+    p.add_argument("--no-shuffle", action="store_true",
+                   help="keep each domain in the folder's order (a camera-like stream)")
     p.add_argument("--data-seed", type=int, default=0, help="corruption generator seed")
     p.add_argument("--corruption-dir", type=Path, default=None,
-                   help="released CIFAR-10-C layout; generated (and cached) when missing")
+                   help="your folder of <domain>.npy + labels.npy (the released CIFAR-10-C "
+                        "layout or one severity per file); read only, never written. Default: "
+                        "CIFAR-10-C generated once into $SURGEON_CACHE_DIR")
+    p.add_argument("--domains", default=None,
+                   help="comma-separated domains of the folder, in stream order (default: the "
+                        "15 corruptions in the fixed order, else every <name>.npy sorted)")
+    p.add_argument("--layout", choices=("auto", "stacked", "single"), default="auto",
+                   help="stacked: 5 severities per file; single: one; auto: from labels.npy")
     p.add_argument("--workers", type=int, default=2, help="processes generating corruptions")
     p.add_argument("--set", action="append", default=[], metavar="METHOD.KEY=VALUE",
                    help="override a method argument, e.g. surgeon.lr=1e-4 (repeatable)")
@@ -136,39 +159,30 @@ def _continual(args) -> int:
     import torch
     from tqdm import tqdm
 
-    from .. import paths
-    from ..data.cifar10c import build_cifar10c
-    from ..models import cifar_resnet_by_name, default_weights_path
     from .continual import results_json, run_continual
     from .report import markdown_table, save_plots
 
     if args.threads:
         torch.set_num_threads(args.threads)
+    plan = _plan_continual(args)   # every check before any long work
+    methods, overrides, built, domains, severity = plan
     torch.manual_seed(args.seed)
-    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
-    overrides = _parse_overrides(args.set)
-    from ..methods import args_for
-
-    for name in methods:  # fail on a bad name or option before any long work
-        args_for(name, **overrides.get(name, {}))
-    weights = args.weights or default_weights_path(args.arch)
-    base = cifar_resnet_by_name(args.arch, weights)
-    folder = args.corruption_dir or paths.cache_dir() / (
-        "cifar10c-seed%d-n%d" % (args.data_seed, args.limit or 10000))
-    build_cifar10c(folder, limit=args.limit, seed=args.data_seed, workers=args.workers)
-    per_corruption = args.limit or 10000
-    steps = len(methods) * 15 * -(-per_corruption // args.batch_size)
+    per_domain = min(args.limit or domains.rows, domains.rows)
+    steps = len(methods) * len(domains.domains) * -(-per_domain // args.batch_size)
     start = time.perf_counter()
     with tqdm(total=steps, unit="batch", disable=None) as bar:
-        runs = run_continual(base, methods, folder, args.severity, args.batch_size, args.limit,
-                             args.seed, torch.device(args.device), overrides, bar)
-    meta = {"arch": args.arch, "weights": str(weights), "batch_size": args.batch_size,
-            "severity": args.severity, "images_per_corruption": per_corruption,
-            "seed": args.seed, "data_seed": args.data_seed, "corruption_dir": str(folder),
+        runs = run_continual(built.model, methods, domains, severity, args.batch_size,
+                             args.limit, args.seed, torch.device(args.device), overrides, bar,
+                             built.preprocessing, not args.no_shuffle)
+    meta = {"model": built.builder, "arch": built.builder, "weights": built.weights,
+            "input_size": built.preprocessing.crop, "batch_size": args.batch_size,
+            "severity": severity, "images_per_corruption": per_domain,
+            "domains": list(domains.domains), "layout": domains.layout,
+            "shuffle": not args.no_shuffle,
+            "seed": args.seed, "data_seed": args.data_seed, "corruption_dir": str(domains.folder),
             "device": _device_name(torch.device(args.device)), "torch": torch.__version__,
             "overrides": overrides, "wall_seconds": time.perf_counter() - start,
             "command": "surgeon-bench " + " ".join(sys.argv[1:])}
-    args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "results.json").write_text(json.dumps(results_json(runs, meta), indent=1))
     table = markdown_table(runs, meta)
     (args.out / "results.md").write_text(table + "\n")
@@ -177,10 +191,53 @@ def _continual(args) -> int:
     return 0
 
 
+def _plan_continual(args):
+    """Methods and options, the model, the domain folder and the output folder, all checked."""
+    from ..errors import DataNotFound
+    from ..methods import args_for
+
+    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    overrides = _parse_overrides(args.set)
+    for name in methods:
+        args_for(name, **overrides.get(name, {}))
+    unused = sorted(set(overrides) - set(methods))
+    if unused:
+        raise ValueError("--set names %s, which --methods does not run" % ", ".join(unused))
+    if args.batch_size < 1 or (args.limit is not None and args.limit < 1):
+        raise ValueError("--batch-size and --limit must be >= 1")
+    built = build_from(args)
+    domains = _domain_folder(args)
+    if domains.layout == "single" and args.severity is not None:
+        raise ValueError("%s holds one severity per file (single layout): drop --severity, or "
+                         "pass --layout stacked if each file stacks severities 1..5"
+                         % domains.folder)
+    severity = (args.severity or 5) if domains.layout == "stacked" else None
+    import numpy as np
+
+    top = int(np.load(domains.folder / "labels.npy", mmap_mode="r").max())
+    if top >= built.num_classes:
+        raise DataNotFound("labels in %s go up to %d but %s has %d classes"
+                           % (domains.folder, top, built.builder, built.num_classes))
+    args.out.mkdir(parents=True, exist_ok=True)
+    return methods, overrides, built, domains, severity
+
+
+def _domain_folder(args):
+    from .. import paths
+    from ..data.cifar10c import build_cifar10c
+    from ..data.domains import open_domains
+
+    names = [d.strip() for d in args.domains.split(",") if d.strip()] if args.domains else None
+    if args.corruption_dir is not None:   # the user's folder: read, never written
+        return open_domains(args.corruption_dir, names, args.layout)
+    folder = paths.cache_dir() / ("cifar10c-seed%d-n%d" % (args.data_seed, args.limit or 10000))
+    build_cifar10c(folder, limit=args.limit, seed=args.data_seed, workers=args.workers)
+    return open_domains(folder, names, args.layout)
+
+
 def _add_ecotta_warmup(sub) -> None:
     p = sub.add_parser("ecotta-warmup", help="train EcoTTA's meta networks on the training set")
-    p.add_argument("--arch", default="resnet20")
-    p.add_argument("--weights", type=Path, default=None)
+    add_model_options(p)
     p.add_argument("--epochs", type=int, default=10)
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--lr", type=float, default=0.05)
@@ -199,25 +256,29 @@ def _ecotta_warmup(args) -> int:
     import torch
     from tqdm import tqdm
 
-    from ..data import load_cifar10, to_tensor
-    from ..models import cifar_resnet_by_name, default_weights_path
+    from ..data import CLASSES, load_cifar10, to_tensor
     from .ecotta_warmup import WarmupSettings, warm_up
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    weights = args.weights or default_weights_path(args.arch)
-    model = cifar_resnet_by_name(args.arch, weights)
+    built = build_from(args)
+    if built.num_classes != len(CLASSES):
+        raise ValueError("ecotta-warmup trains on CIFAR-10's training set, but %s has %d classes"
+                         % (built.builder, built.num_classes))
+    model = built.model
     train_x, train_y = load_cifar10("train", limit=args.limit)
     test_x, test_y = load_cifar10("test", limit=args.test_limit)
-    images, labels = to_tensor(train_x), torch.from_numpy(train_y)
-    test = (to_tensor(test_x).to(args.device), torch.from_numpy(test_y).to(args.device))
+    images = built.preprocessing(to_tensor(train_x))
+    labels = torch.from_numpy(train_y)
+    test = (built.preprocessing(to_tensor(test_x)).to(args.device),
+            torch.from_numpy(test_y).to(args.device))
     settings = WarmupSettings(args.epochs, args.batch_size, args.lr, seed=args.seed,
                               max_iterations=args.max_iterations)
     total = args.max_iterations or args.epochs * -(-len(images) // args.batch_size)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     with tqdm(total=total, unit="it", disable=None) as bar:
         info = warm_up(model, images, labels, args.out, settings, test, bar.update,
-                       torch.device(args.device))
+                       torch.device(args.device), built.identity)
     acc = info["clean_accuracy"]
     print("wrote %s: %d iterations in %.0f s" % (args.out, info["iterations"], info["seconds"]))
     print("clean test accuracy  eval mode  batch statistics (200)")

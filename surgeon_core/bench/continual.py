@@ -1,15 +1,17 @@
-"""Continual CIFAR-10-C: 15 corruptions in the fixed order, reset only at the start.
+"""Continual adaptation over a folder of domains (CIFAR-10-C: 15 corruptions in the fixed
+order), reset only at the start.
 
 One step per batch; each batch is predicted by the forward before its update (the prediction a
-method returns). Every corruption's images are shuffled by the same seeded permutation, as the
-published SURGEON code does. Cache bytes are the methods' measured ones (NOTE [Cache bytes]).
+method returns). Every domain's images are shuffled by the same seeded permutation, as the
+published SURGEON code does (``shuffle=False`` keeps the folder's order). Images go through the
+model's own preprocessing, so a 32 x 32 folder feeds a 224 x 224 model as the daemon would.
+Cache bytes are the methods' measured ones (NOTE [Cache bytes]).
 """
 
 import copy
 import statistics
 import time
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
 from typing import Callable, Dict, List, Optional
 
 import numpy as np
@@ -17,8 +19,7 @@ import torch
 from torch import nn
 
 from ..data import to_tensor
-from ..data.cifar10c import load_corruption
-from ..data.corruptions import CORRUPTIONS
+from ..data.domains import DomainFolder
 from ..methods import args_for, get_method
 
 __all__ = ["MethodRun", "run_continual", "run_method"]
@@ -68,48 +69,58 @@ def _peak_probe(device: torch.device) -> Callable[[], int]:
     return lambda: process.memory_info().rss
 
 
-def run_method(name: str, base: nn.Module, corruption_dir: Path, severity: int, batch_size: int,
-               limit: Optional[int], seed: int, device: torch.device,
-               overrides: Optional[Dict] = None, progress=None) -> MethodRun:
-    """Adapt a fresh copy of ``base`` with method ``name`` along the whole stream."""
+def run_method(name: str, base: nn.Module, domains: DomainFolder, severity: Optional[int],
+               batch_size: int, limit: Optional[int], seed: int, device: torch.device,
+               overrides: Optional[Dict] = None, progress=None,
+               preprocess: Optional[Callable[[torch.Tensor], torch.Tensor]] = None,
+               shuffle: bool = True) -> MethodRun:
+    """Adapt a fresh copy of ``base`` with method ``name`` along every domain in order."""
     method = get_method(name)(copy.deepcopy(base).to(device), args_for(name, **(overrides or {})))
     run, peak = MethodRun(name), _peak_probe(device)
     start = time.perf_counter()
-    for corruption in CORRUPTIONS:
-        images, labels = load_corruption(corruption_dir, corruption, severity, limit)
-        order = np.random.default_rng(seed).permutation(len(images))
+    for domain in domains.domains:
+        images, labels = domains.load(domain, severity, limit)
+        order = np.random.default_rng(seed).permutation(len(images)) if shuffle \
+            else np.arange(len(images))
         x_all, y_all = to_tensor(images[order]), torch.from_numpy(labels[order])
         wrong = 0
         for i in range(0, len(x_all), batch_size):
             x, y = x_all[i:i + batch_size].to(device), y_all[i:i + batch_size].to(device)
-            result = method.step(x)
+            result = method.step(preprocess(x) if preprocess is not None else x)
             batch_wrong = int((result.logits.argmax(1) != y).sum())
             wrong += batch_wrong
-            run.batch_errors.append(100.0 * batch_wrong / len(y))
-            run.cache_bytes.append(result.cache_bytes)
-            run.paper_bytes.append(result.paper_bytes)
-            run.step_seconds.append(result.seconds)
-            run.updates += int(result.updated)
-            if result.mean_keep is not None:
-                run.keeps.append(result.mean_keep)
-            if result.overall_keep is not None:
-                run.overall_keeps.append(result.overall_keep)
+            _record(run, result, 100.0 * batch_wrong / len(y))
             run.peak_bytes = max(run.peak_bytes, peak())
             if progress is not None:
                 progress.update(1)
-        run.errors[corruption] = 100.0 * wrong / len(x_all)
+        run.errors[domain] = 100.0 * wrong / len(x_all)
     run.wall_seconds = time.perf_counter() - start
     return run
 
 
-def run_continual(base: nn.Module, methods: List[str], corruption_dir: Path, severity: int = 5,
-                  batch_size: int = 200, limit: Optional[int] = None, seed: int = 1,
+def _record(run: MethodRun, result, batch_error: float) -> None:
+    run.batch_errors.append(batch_error)
+    run.cache_bytes.append(result.cache_bytes)
+    run.paper_bytes.append(result.paper_bytes)
+    run.step_seconds.append(result.seconds)
+    run.updates += int(result.updated)
+    if result.mean_keep is not None:
+        run.keeps.append(result.mean_keep)
+    if result.overall_keep is not None:
+        run.overall_keeps.append(result.overall_keep)
+
+
+def run_continual(base: nn.Module, methods: List[str], domains: DomainFolder,
+                  severity: Optional[int] = 5, batch_size: int = 200,
+                  limit: Optional[int] = None, seed: int = 1,
                   device: Optional[torch.device] = None,
-                  overrides: Optional[Dict[str, Dict]] = None, progress=None) -> List[MethodRun]:
+                  overrides: Optional[Dict[str, Dict]] = None, progress=None,
+                  preprocess=None, shuffle: bool = True) -> List[MethodRun]:
     """Every method in ``methods`` on the same stream, one after another."""
     device = device or torch.device("cpu")
-    return [run_method(name, base, corruption_dir, severity, batch_size, limit, seed, device,
-                       (overrides or {}).get(name), progress) for name in methods]
+    return [run_method(name, base, domains, severity, batch_size, limit, seed, device,
+                       (overrides or {}).get(name), progress, preprocess, shuffle)
+            for name in methods]
 
 
 def results_json(runs: List[MethodRun], meta: Dict) -> Dict:

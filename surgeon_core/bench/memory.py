@@ -19,11 +19,12 @@ from torch import nn
 
 from ..capture import ActivationCapture, CapturePolicy, paper_bytes
 from ..engine import EngineConfig, SparseBackprop, entropy
+from ..methods.base import norm_modules
 from ..norm import convert_batchnorm
 
 __all__ = ["ConfigResult", "run_memory_benchmark", "CONFIGS"]
 
-CONFIGS = ("full", "tent", "surgeon", "surgeon-exactbn", "surgeon+budget")
+CONFIGS = ("full", "tent", "surgeon", "surgeon-fp16", "surgeon-exactbn", "surgeon+budget")
 
 
 @dataclass
@@ -40,6 +41,7 @@ class ConfigResult:
     mean_keep: Optional[float] = None
     budget_bytes: Optional[int] = None
     peak_step_bytes: Optional[int] = None
+    kinds: Dict[str, int] = dataclasses.field(default_factory=dict)  # "kind/role" -> bytes
 
 
 def _entropy_loss(model: nn.Module, x: torch.Tensor):
@@ -58,6 +60,7 @@ class _Runner:
         self.optimizer = torch.optim.Adam(params, lr=1e-3)
         self.times: List[float] = []
         self.cache = self.paper = 0
+        self.kinds: Dict[str, int] = {}
         self.mean_keep: Optional[float] = None
         self.peak: Optional[int] = None
 
@@ -67,6 +70,7 @@ class _Runner:
         with capture.record() as rec:
             _entropy_loss(self.model, x)
             self.cache, self.paper = rec.cache_bytes(), paper_bytes(rec.layers())
+            self.kinds = _kind_names(rec.bytes_by_kind())
         capture.close()
 
     def step(self, x: torch.Tensor) -> None:
@@ -78,12 +82,18 @@ class _Runner:
         else:
             report = self.engine.step(x, _entropy_loss)
             self.cache, self.paper = report.cache_bytes, report.paper_bytes
+            self.kinds = _kind_names(report.kinds)
             ratios = list(report.keep_ratios.values())
             self.mean_keep = sum(ratios) / len(ratios) if ratios else None
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         _sync(x)
         self.times.append(time.perf_counter() - start)
+
+
+def _kind_names(kinds: Dict) -> Dict[str, int]:
+    ordered = sorted(kinds.items(), key=lambda item: -item[1])
+    return {"%s/%s" % key: size for key, size in ordered}
 
 
 def _sync(x: torch.Tensor) -> None:
@@ -93,9 +103,8 @@ def _sync(x: torch.Tensor) -> None:
 
 def _tent_model(model: nn.Module) -> nn.Module:
     model.requires_grad_(False)
-    for m in model.modules():
-        if isinstance(m, nn.modules.batchnorm._BatchNorm):
-            m.requires_grad_(True)
+    for m in norm_modules(model):
+        m.requires_grad_(True)
     return model
 
 
@@ -103,12 +112,16 @@ def _runners(base: nn.Module, budget: Optional[int], engine_config: EngineConfig
     def fresh() -> nn.Module:
         return copy.deepcopy(base).train()
 
-    lean = convert_batchnorm(fresh())
+    lean, lean16 = convert_batchnorm(fresh()), convert_batchnorm(fresh())
+    lossy = dataclasses.replace(engine_config, policy=dataclasses.replace(
+        engine_config.policy, input_grad="fp16"))
     runners = [
         _Runner("full", "all weights, plain autograd, train-mode BN", fresh()),
-        _Runner("tent", "BN affine only, plain autograd, train-mode BN", _tent_model(fresh())),
+        _Runner("tent", "norm affine only, plain autograd, train-mode BN", _tent_model(fresh())),
         _Runner("surgeon", "all weights, lean norm, dynamic sparsity (default)", lean,
                 SparseBackprop(lean, engine_config)),
+        _Runner("surgeon-fp16", "as surgeon, input-gradient tensors cast to fp16 (lossy)",
+                lean16, SparseBackprop(lean16, lossy)),
     ]
     exact = fresh()
     runners.append(_Runner("surgeon-exactbn", "all weights, train-mode BN kept exact, dynamic "
@@ -152,7 +165,8 @@ def _peak_step_bytes(runner: _Runner, x: torch.Tensor) -> Optional[int]:
 
 def _results(runners: List[_Runner]) -> List[ConfigResult]:
     out = [ConfigResult(r.name, r.description, r.cache, r.paper, statistics.median(r.times),
-                        mean_keep=r.mean_keep, budget_bytes=r.budget, peak_step_bytes=r.peak)
+                        mean_keep=r.mean_keep, budget_bytes=r.budget, peak_step_bytes=r.peak,
+                        kinds=r.kinds)
            for r in runners]
     full = out[0]
     for res in out:

@@ -15,28 +15,54 @@ _SHORT = {"gaussian_noise": "gauss", "shot_noise": "shot", "impulse_noise": "imp
           "pixelate": "pixel", "jpeg_compression": "jpeg"}
 
 
+_LEGEND = ("error in % of the images of each domain, predicted before each batch's update; "
+           "cache: bytes autograd holds for backward when backward starts (MiB, 2^20 bytes), "
+           "largest and mean over steps")
+_OPTIONAL = {
+    "paper MiB": ("paper_mb_mean", "%.1f", "paper MiB: the published code's convention (kept "
+                  "values x 4 bytes of layer inputs), only for methods that prune"),
+    "mean keep": ("mean_keep", "%.3f", "mean keep: the mean keep ratio of the trained layers "
+                  "(sparse methods)"),
+    "overall keep": ("overall_keep", "%.3f", "overall keep: kept / prunable values of the "
+                     "trained layers (sparse methods)"),
+}
+
+
 def markdown_table(runs: List[MethodRun], meta: Dict) -> str:
-    """Per-corruption error (%), mean error, cache MB (measured max/mean, paper mean), step s."""
-    head = ["method"] + [_SHORT[c] for c in CORRUPTIONS] + [
-        "mean err", "cache MB max", "cache MB mean", "paper MB", "mean keep", "overall keep",
-        "step s", "peak MB"]
-    lines = ["%s, batch %s, severity %s, %s images per corruption, %s, seed %s" % (
-        meta.get("arch"), meta.get("batch_size"), meta.get("severity"),
-        meta.get("images_per_corruption"), meta.get("device"), meta.get("seed")), "",
-        "| " + " | ".join(head) + " |", "|" + "---|" + "---:|" * (len(head) - 1)]
-    for run in runs:
-        s = run.summary()
-        cells = [run.method] + ["%.1f" % run.errors.get(c, float("nan")) for c in CORRUPTIONS]
+    """Per-domain error (%), mean error, cache MiB (measured max/mean), step s, and the sparse
+    methods' columns when any method has them; a legend says what each column means."""
+    domains = list(meta.get("domains") or CORRUPTIONS)
+    summaries = [run.summary() for run in runs]
+    optional = [name for name, (key, _, _) in _OPTIONAL.items()
+                if any(s[key] for s in summaries)]
+    head = ["method"] + [_SHORT.get(d, d) for d in domains] + [
+        "mean err", "cache MiB max", "cache MiB mean"] + optional + ["step s", "peak MiB"]
+    lines = [_caption(meta), "",
+             "| " + " | ".join(head) + " |", "|" + "---|" + "---:|" * (len(head) - 1)]
+    for run, s in zip(runs, summaries):
+        cells = [run.method] + ["%.1f" % run.errors.get(d, float("nan")) for d in domains]
         cells += ["**%.1f**" % s["mean_error"], "%.1f" % s["cache_mb_max"],
-                  "%.1f" % s["cache_mb_mean"], "%.1f" % s["paper_mb_mean"],
-                  _ratio(s["mean_keep"]), _ratio(s["overall_keep"]),
-                  "%.3f" % s["step_seconds_mean"], "%.0f" % s["peak_mb"]]
+                  "%.1f" % s["cache_mb_mean"]]
+        cells += [_cell(s[_OPTIONAL[name][0]], _OPTIONAL[name][1]) for name in optional]
+        cells += ["%.3f" % s["step_seconds_mean"], "%.0f" % s["peak_mb"]]
         lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines)
+    notes = [_LEGEND] + [_OPTIONAL[name][2] for name in optional] + [
+        "peak MiB: the process's resident peak (CPU) or the allocator's (CUDA) while the method "
+        "ran; on the CPU it only grows from one method to the next", "\"-\": not applicable"]
+    return "\n".join(lines + [""] + ["- " + n for n in notes])
 
 
-def _ratio(value) -> str:
-    return "-" if value is None else "%.3f" % value
+def _caption(meta: Dict) -> str:
+    severity = meta.get("severity")
+    return ("%s at %s px, batch %s, %s, %s images per domain, %s, seed %s%s" % (
+        meta.get("model") or meta.get("arch"), meta.get("input_size", 32),
+        meta.get("batch_size"), "severity %s" % severity if severity else "one severity per file",
+        meta.get("images_per_corruption"), meta.get("device"), meta.get("seed"),
+        "" if meta.get("shuffle", True) else ", folder order"))
+
+
+def _cell(value, fmt: str) -> str:
+    return "-" if value in (None, 0) else fmt % value
 
 
 def save_plots(runs: List[MethodRun], out_dir: Path) -> List[Path]:
@@ -54,9 +80,9 @@ def save_plots(runs: List[MethodRun], out_dir: Path) -> List[Path]:
         ax.annotate(run.method, (max(s["cache_mb_mean"], 0.01), s["mean_error"]),
                     textcoords="offset points", xytext=(4, 4), fontsize=8)
     ax.set_xscale("log")
-    ax.set_xlabel("measured activation cache, MB (mean per step, log)")
-    ax.set_ylabel("mean error over 15 corruptions, %")
-    ax.set_title("Continual CIFAR-10-C: error against cache")
+    ax.set_xlabel("measured activation cache, MiB (mean per step, log)")
+    ax.set_ylabel("mean error over the domains, %")
+    ax.set_title("Continual adaptation: error against cache")
     ax.grid(True, alpha=0.3)
     first = out_dir / "error_vs_cache.png"
     fig.tight_layout()
@@ -69,7 +95,7 @@ def save_plots(runs: List[MethodRun], out_dir: Path) -> List[Path]:
         smooth = [sum(run.batch_errors[max(0, i - window + 1):i + 1]) / min(window, i + 1)
                   for i in range(len(run.batch_errors))]
         ax.plot(smooth, label=run.method, linewidth=1)
-    ax.set_xlabel("batch along the stream (corruptions in the fixed order)")
+    ax.set_xlabel("batch along the stream (domains in order)")
     ax.set_ylabel("batch error, % (moving mean)")
     ax.legend(fontsize=7, ncol=4)
     ax.grid(True, alpha=0.3)

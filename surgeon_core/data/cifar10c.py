@@ -66,6 +66,12 @@ def build_cifar10c(folder: Path, corruptions: Iterable[str] = CORRUPTIONS,
     """Generate the missing ``<corruption>.npy`` files (all five severities) into ``folder``."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
+    corruptions = list(corruptions)
+    made = _manifest(folder)
+    complete = all((folder / ("%s.npy" % n)).is_file() for n in corruptions) and \
+        (folder / "labels.npy").is_file()
+    if complete and made.get("seed") == seed and made.get("images") == min(limit or 10000, 10000):
+        return folder   # nothing to make: the clean test set is not needed
     images, labels = load_cifar10("test", root=data_root, limit=limit)
     wanted = {"seed": seed, "images": int(len(images))}
     manifest = _manifest(folder)

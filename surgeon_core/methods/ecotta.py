@@ -45,7 +45,7 @@ __all__ = ["EcoTTAArgs", "EcoTTA", "WarmupError", "weights_hash", "save_warmup",
 
 WARMUP_FORMAT = "surgeon-ecotta-warmup"
 WARMUP_VERSION = 2       # 2: the frozen norms' recalibrated statistics travel with the metas
-WARMUP_HELP = ("make one with: surgeon-bench ecotta-warmup --arch %s --weights WEIGHTS "
+WARMUP_HELP = ("make one with: surgeon-bench ecotta-warmup --model %s --weights WEIGHTS "
                "--epochs 10 --out FILE, then pass warmup=FILE")
 
 

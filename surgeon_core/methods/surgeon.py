@@ -14,7 +14,7 @@ from typing import Optional
 import torch
 from torch import nn
 
-from ..capture import CapturePolicy
+from ..capture import INPUT_GRAD_POLICIES, CapturePolicy
 from ..engine import EngineConfig, SparseBackprop, budget_or_none
 from ..norm import XHAT_BITS, convert_batchnorm
 from .augment import cotta_augment
@@ -42,6 +42,9 @@ class SurgeonArgs:
         margin: CSS keeps samples with entropy below ``margin * ln C``.
         consistency_weight: CR weight; ``None`` is the published 0.01 * C; 0 turns CR off.
         variant, keep_floor, probe_every, fixed_keep, value_dtype: see EngineConfig/CapturePolicy.
+        input_grad: how tensors the input gradient reads are kept (norm inputs in LayerNorm
+            models, GELU/SiLU/hardswish inputs, attention): ``exact`` (default) or the lossy
+            ``fp16``/``bf16`` casts, half the bytes (see CapturePolicy).
         budget_mb: cap on the measured activation cache.
     """
 
@@ -56,6 +59,7 @@ class SurgeonArgs:
     probe_every: int = 0
     fixed_keep: Optional[float] = None
     value_dtype: str = "fp16"
+    input_grad: str = "exact"
     budget_mb: Optional[float] = None
     seed: int = 0
 
@@ -64,6 +68,9 @@ class SurgeonArgs:
             raise ValueError("params must be one of %s, got %r" % (PARAM_SETS, self.params))
         if self.xhat_bits not in XHAT_BITS:
             raise ValueError("xhat_bits must be one of %s, got %r" % (XHAT_BITS, self.xhat_bits))
+        if self.input_grad not in INPUT_GRAD_POLICIES:
+            raise ValueError("input_grad must be one of %s, got %r"
+                             % (INPUT_GRAD_POLICIES, self.input_grad))
         if self.lr is not None and not self.lr > 0:
             raise ValueError("lr must be > 0, got %r" % (self.lr,))
 
@@ -73,7 +80,8 @@ class SurgeonArgs:
         return 2.2e-5 if self.params == "all" else 1e-3
 
     def engine_config(self) -> EngineConfig:
-        return EngineConfig(policy=CapturePolicy(value_dtype=self.value_dtype),
+        return EngineConfig(policy=CapturePolicy(value_dtype=self.value_dtype,
+                                                 input_grad=self.input_grad),
                             variant=self.variant, keep_floor=self.keep_floor,
                             budget_bytes=budget_or_none(self.budget_mb),
                             probe_every=self.probe_every, fixed_keep=self.fixed_keep)

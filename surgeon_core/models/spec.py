@@ -7,8 +7,9 @@ Architectures (``arch``):
     python:pkg.mod:build    a callable returning an nn.Module (kwargs from ``kwargs``)
 
 Weights (``weights``): a file holding a state dict (or one under ``state_dict``,
-``model_state_dict`` or ``model``; ``module.`` prefixes stripped), or ``torchvision:TAG``
-(``DEFAULT``, ``IMAGENET1K_V1``, ...) for torchvision's published weights. Preprocessing defaults
+``model_state_dict`` or ``model``; ``module.`` prefixes stripped), ``torchvision:TAG``
+(``DEFAULT``, ``IMAGENET1K_V1``, ...) for torchvision's published weights, or ``random`` (a fresh
+initialisation, seeded: for measuring memory and speed, never for serving). Preprocessing defaults
 come from the architecture: CIFAR models squash to 32 x 32 as they always have; torchvision names
 take their published evaluation transform; ``python:`` models must state their input size.
 
@@ -38,6 +39,7 @@ __all__ = ["ModelSpecError", "ModelSpec", "BuiltModel", "build_model", "parse_ar
 
 KINDS = ("cifar", "torchvision", "python")
 _TV_WEIGHTS = "torchvision:"
+RANDOM = "random"
 
 
 class ModelSpecError(SurgeonError, ValueError):
@@ -111,7 +113,9 @@ def build_model(spec: ModelSpec, check_forward: bool = True) -> BuiltModel:
     published = _published(kind, name, spec.weights)
     num_classes = _num_classes(spec, names, published)
     pre = _preprocessing(kind, spec, published)
-    model = _architecture(kind, name, spec, num_classes, pre)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)   # a fresh initialisation is the same in every run
+        model = _architecture(kind, name, spec, num_classes, pre)
     source = _load(kind, name, spec, model, published)
     if kind != "cifar" and pre.mean is not None:
         attach_normalization(model, pre.mean, pre.std)
@@ -240,6 +244,8 @@ def _cifar(name: str, spec: ModelSpec, num_classes: Optional[int],
 def _load(kind: str, name: str, spec: ModelSpec, model: nn.Module, published) -> str:
     """Load the weights; returns where they came from."""
     weights = spec.weights
+    if weights == RANDOM:
+        return "random (a fresh initialisation)"
     if weights and weights.startswith(_TV_WEIGHTS):
         try:
             path = torchvision_zoo.fetch_published_state(published)

@@ -172,7 +172,7 @@ def test_adaptation_trains_meta_networks_only(warmup_file, resnet20_weights, cif
 def test_a_missing_or_foreign_warm_up_file_is_a_clear_error(warmup_file, tmp_path,
                                                             resnet20_weights):
     model = cifar_resnet_by_name("resnet20", resnet20_weights)
-    with pytest.raises(WarmupError, match="surgeon-bench ecotta-warmup --arch resnet20"):
+    with pytest.raises(WarmupError, match="surgeon-bench ecotta-warmup --model resnet20"):
         get_method("ecotta")(model, args_for("ecotta"))
     with pytest.raises(WarmupError, match="does not exist"):
         load_warmup(str(tmp_path / "none.pt"), model)

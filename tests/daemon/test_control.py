@@ -59,7 +59,7 @@ def test_status_telemetry_and_the_pub_stream():
         assert client.call("ping")["pong"] is True
         wait_for(lambda: daemon.learner.steps >= 2)
         status = client.call("status")
-        assert status["arch"] == "resnet20" and status["learner"]["state"] == "running"
+        assert status["arch"] == "cifar:resnet20" and status["learner"]["state"] == "running"
         assert status["frames"] > 0 and len(status["model_fingerprint"]) == 16
         snap = client.call("telemetry")
         assert snap["counters"]["frames"] > 0 and "infer" in snap["latency_ms"]
@@ -145,7 +145,7 @@ def test_live_settings_are_validated_and_applied():
         with pytest.raises(DaemonError) as caught:
             client.call("config.get", {"key": "learner.nonsense"})
         assert caught.value.code == "NOT_FOUND"
-        assert client.call("config.get")["value"]["model"]["arch"] == "resnet20"
+        assert client.call("config.get")["value"]["model"]["arch"] == "cifar:resnet20"
 
 
 def test_checkpoint_commands_round_trip():

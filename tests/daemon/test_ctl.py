@@ -7,6 +7,7 @@ import time
 
 import pytest
 
+from surgeon_core.data import CLASSES
 from daemon.control.ctl import (EXIT_OK, EXIT_REFUSED, EXIT_UNREACHABLE, EXIT_USAGE,
                                 parse_megabytes)
 
@@ -30,7 +31,7 @@ def test_every_subcommand_against_a_running_daemon():
         wait_for(lambda: daemon.learner.steps >= 2)
         endpoint = ["--endpoint", daemon.control.endpoint]
         code, out, _ = _ctl(*endpoint, "--json", "status")
-        assert code == EXIT_OK and json.loads(out)["arch"] == "resnet20"
+        assert code == EXIT_OK and json.loads(out)["arch"] == "cifar:resnet20"
         assert _ctl(*endpoint, "ping")[0] == EXIT_OK
         code, out, _ = _ctl(*endpoint, "--json", "telemetry")
         assert json.loads(out)["counters"]["frames"] > 0
@@ -50,7 +51,8 @@ def test_every_subcommand_against_a_running_daemon():
         assert _ctl(*endpoint, "source", "restart")[0] == EXIT_OK
         code, out, _ = _ctl(*endpoint, "watch", "--count", "3")
         rows = [line for line in out.splitlines() if line[:2].isdigit()]
-        assert code == EXIT_OK and len(rows) == 3 and "cache MB" in out
+        assert code == EXIT_OK and len(rows) == 3 and "cache MB" in out and "seeing" in out
+        assert any(name in rows[-1] for name in CLASSES)   # the most served class, by name
         code, out, _ = _ctl(*endpoint, "help")
         assert code == EXIT_OK and "checkpoint.save" in out
         assert _ctl(*endpoint, "checkpoint", "delete", "ctl-test")[0] == EXIT_OK

@@ -16,7 +16,7 @@ ROOT = Path(__file__).parents[2]
 SCRIPT = ROOT / "deploy" / "install-jetson.sh"
 
 
-@pytest.mark.parametrize("name", ["csi", "usb", "rtsp"])
+@pytest.mark.parametrize("name", ["csi", "usb", "rtsp", "torchvision"])
 def test_example_configs_are_valid(name):
     config = load_config(ROOT / "deploy" / "configs" / ("%s.yaml" % name), environ={})
     assert config.learner.method == "surgeon" and config.memory.budget_mb
@@ -25,6 +25,22 @@ def test_example_configs_are_valid(name):
             source_factory(config.source.uri, config.source)
         return
     assert callable(source_factory(config.source.uri, config.source))
+
+
+def test_the_torchvision_example_builds_with_the_users_files(tmp_path):
+    import torch
+    from torchvision.models import mobilenet_v3_large
+
+    from daemon.model import load_model
+
+    torch.save(mobilenet_v3_large(num_classes=3).state_dict(), tmp_path / "defects.pt")
+    (tmp_path / "defects.txt").write_text("ok\nscratch\ndent\n")
+    config = load_config(ROOT / "deploy" / "configs" / "torchvision.yaml",
+                         ["model.weights=%s" % (tmp_path / "defects.pt"),
+                          "model.labels=%s" % (tmp_path / "defects.txt")], environ={})
+    built = load_model(config.model)
+    assert built.class_names == ["ok", "scratch", "dent"] and built.preprocessing.crop == 224
+    assert config.learner.method_args == {"input_grad": "fp16"}
 
 
 def _shellcheck():

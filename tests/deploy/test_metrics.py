@@ -47,7 +47,7 @@ def test_a_scrape_shows_latency_histograms_cache_bytes_and_counters():
     assert samples["surgeon_frames_total"][0].value > 0
     assert samples["surgeon_source_up"][0].value == 1
     info = samples["surgeon_build_info"][0].labels
-    assert info["arch"] == "resnet20" and info["method"] == "surgeon"
+    assert info["arch"] == "cifar:resnet20" and info["method"] == "surgeon"
     assert not any(name.endswith("_created") for name in samples)
 
 
