@@ -98,6 +98,16 @@ def check_config(config: DaemonConfig):
     return built
 
 
+def _warn_about_the_model(built, uri: str) -> None:
+    if built.weights.startswith("random"):
+        log.warning("model weights are a fresh random initialisation: its predictions mean "
+                    "nothing (set model.weights to your trained file)")
+    if uri.startswith("replay://") and built.num_classes != 10:
+        log.warning("replay:// is labelled with CIFAR-10's 10 classes but %s has %d: its "
+                    "accuracy figures say nothing about this model", built.builder,
+                    built.num_classes)
+
+
 class Daemon:
     """The service: grabber -> serving (this thread) -> ring buffer -> learner thread."""
 
@@ -113,6 +123,7 @@ class Daemon:
             raise ConfigError("source.uri: %s" % exc) from None
         self.built = load_model(config.model)
         log.info("model: %s", describe_model(self.built))
+        _warn_about_the_model(self.built, config.source.uri)
         check_learner_files(config, self.built)
         model = self.built.model.to(self.device)
         self.class_names = self.built.class_names

@@ -153,6 +153,7 @@ class CaptureRecord:
         self.passthrough = passthrough or capture.policy.passthrough
         self._capture = capture
         self._entries: List[_Entry] = []
+        self._casts: Dict[tuple, list] = {}   # (device, storage, dtype) -> [(start, numel, copy)]
         self._param_storages = {_storage_key(p) for p in capture.model.parameters()}
 
     def _pack(self, tensor: torch.Tensor):
@@ -180,9 +181,35 @@ class CaptureRecord:
             return BitMask(tensor, *decision.bounds)
         if role == Role.SHAPE:
             return ShapeOnly(tensor)
-        if role == Role.INPUT_GRAD and policy.input_grad != "exact":
-            return Cast(tensor, VALUE_DTYPES[policy.input_grad])
+        if role == Role.INPUT_GRAD and policy.input_grad != "exact" and decision.castable:
+            return self._cast(tensor, VALUE_DTYPES[policy.input_grad])
         return Exact(tensor)
+
+    def _cast(self, tensor: torch.Tensor, dtype: torch.dtype) -> Packed:
+        """One low-precision copy per stretch of storage: ops saving views of one tensor (q, k
+        and v of one projection; softmax's output and the product that reads it) share the
+        copy, as they share the original in plain autograd. A copy is reused only while the
+        tensor it was made from lives (a freed tensor's address may hold another one) and no
+        in-place op has written to it since (its version counter)."""
+        key = (tensor.device, _storage_key(tensor), dtype)
+        offset, extent = tensor.storage_offset(), _extent(tensor)
+        version = tensor._version   # shared by every view; an in-place write moves it on
+        for start, numel, copy_ref, source_ref, made_at in self._casts.get(key, []):
+            flat, source = copy_ref(), source_ref()
+            if flat is not None and source is not None and made_at == version \
+                    and start <= offset and offset + extent <= start + numel:
+                view = flat.as_strided(tensor.shape, tensor.stride(),
+                                       flat.storage_offset() + offset - start)
+                return Cast(tensor, dtype, view)
+        if extent != tensor.numel():   # overlapping or gappy: copy just this view
+            return Cast(tensor, dtype)
+        flat = tensor.detach().as_strided((extent,), (1,), offset).to(dtype)
+        entries = [e for e in self._casts.get(key, []) if e[3]() is not None]
+        base = tensor._base if tensor._base is not None else tensor   # lives while any view does
+        self._casts[key] = entries + [(offset, extent, weakref.ref(flat), weakref.ref(base),
+                                       version)]
+        return Cast(tensor, dtype, flat.as_strided(tensor.shape, tensor.stride(),
+                                                    flat.storage_offset()))
 
     @staticmethod
     def _unpack(packed):
@@ -236,6 +263,13 @@ class CaptureRecord:
         for key, group in seen.items():
             out[group] = out.get(group, 0) + sizes[key]
         return out
+
+
+def _extent(t: torch.Tensor) -> int:
+    """Elements of storage between a view's first and last element (numel when dense)."""
+    if t.numel() == 0:
+        return 0
+    return 1 + sum((size - 1) * abs(stride) for size, stride in zip(t.shape, t.stride()))
 
 
 def paper_bytes(layers: Mapping[str, LayerCache]) -> int:

@@ -66,6 +66,7 @@ class Decision(NamedTuple):
     weight: Optional[torch.Tensor] = None       # the parameter a weight_grad tensor serves
     bounds: Tuple[float, float] = (0.0, math.inf)   # mask: the interval where the bit is set
     pool: Optional[tuple] = None                # max pooling's geometry (its indices pack)
+    castable: bool = True                       # may a lossy input_grad policy cast it
 
 
 def storage_key(t: torch.Tensor) -> int:
@@ -188,9 +189,15 @@ def classify_op(call: Call, tensor: torch.Tensor,
     if name in _MASKS:
         return Decision(Role.INPUT_GRAD, "hardsigmoid" if name == "hardsigmoid" else "relu")
     if name in _INPUT_GRAD:
+        kind = _INPUT_GRAD[name]
+        # norms and attention also save per-row statistics (mean, rstd, log-sum-exp): small,
+        # and kept exact; every operand of a product is an activation
         largest = max((t.numel() for t in _tensors(args)), default=0)
-        role = Role.INPUT_GRAD if tensor.numel() >= largest else Role.OTHER
-        return Decision(role, _INPUT_GRAD[name])
+        statistic = kind in ("norm", "attention") and tensor.numel() * 8 <= largest
+        # batch statistics over few values are ill-conditioned: a rounded input against the
+        # exact saved invstd blows the gradient up, so train-mode BatchNorm stays exact
+        return Decision(Role.OTHER if statistic else Role.INPUT_GRAD, kind,
+                        castable=name != "batch_norm")
     if name in _DROPOUT:
         return Decision(Role.OTHER, "dropout")
     if name in _INDEXING:
@@ -272,5 +279,6 @@ def classify_module(module: nn.Module, input_storages, input_numel: int,
         # statistics (mean, invstd) are small and stay exact; the activation follows policy
         role = Role.INPUT_GRAD if tensor.numel() == input_numel else Role.OTHER
         kind = "norm" if isinstance(module, _NORMS) else type(module).__name__.lower()
-        return Decision(role, kind)
+        batch = isinstance(module, nn.modules.batchnorm._BatchNorm)
+        return Decision(role, kind, castable=not batch)
     return Decision(Role.OTHER, "other")

@@ -84,9 +84,11 @@ class Cast(Packed):
 
     __slots__ = ("low",)
 
-    def __init__(self, tensor: torch.Tensor, dtype: torch.dtype):
+    def __init__(self, tensor: torch.Tensor, dtype: torch.dtype,
+                 low: Optional[torch.Tensor] = None):
         super().__init__(tensor.shape, tensor.dtype, tensor.numel())
-        self.low = tensor.detach().to(dtype)
+        # ``low``: a view, shaped like ``tensor``, of a copy already made of its elements
+        self.low = low if low is not None else tensor.detach().to(dtype)
 
     def tensors(self) -> List[torch.Tensor]:
         return [self.low]

@@ -193,3 +193,27 @@ def test_frozen_conv_input_is_dropped():
     assert rec.cache_bytes() == 0
     out.sum().backward()
     assert x.grad is not None and conv.bias.grad is not None
+
+
+def test_a_tensor_two_ops_save_is_cast_once():
+    class Attention(nn.Module):
+        def forward(self, x):
+            weights = torch.softmax(x @ x.transpose(-1, -2), dim=-1)   # softmax saves its output
+            return weights.reshape(-1, x.shape[1], x.shape[1]) @ x     # so does the product
+
+    x = torch.randn(3, 16, 8, requires_grad=True)
+    sizes = {}
+    for policy in ("exact", "fp16"):
+        capture = ActivationCapture(Attention(), CapturePolicy(input_grad=policy))
+        with capture.record() as rec:
+            out = capture.model(x)
+        sizes[policy] = rec.cache_bytes()
+        softmax = [e.packed() for e in rec._entries if e.kind == "softmax"][0]
+        product = [e.packed() for e in rec._entries
+                   if e.kind == "matmul" and e.packed().shape == (3, 16, 16)][0]
+        shared = softmax.tensors()[0].untyped_storage().data_ptr() == \
+            product.tensors()[0].untyped_storage().data_ptr()
+        assert shared, policy
+        grad = torch.autograd.grad(out.sum(), x)[0]
+        assert torch.isfinite(grad).all()
+    assert sizes["fp16"] * 2 == sizes["exact"]
