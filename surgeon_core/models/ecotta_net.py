@@ -19,6 +19,8 @@ from typing import Dict, List, Sequence, Tuple
 import torch
 from torch import nn
 
+from .preprocess import INPUT_NORM
+
 BRANCH_GAMMA = 0.01
 
 __all__ = ["PARTITIONS", "MetaNetwork", "EcoTTANet", "partitions_for", "residual_blocks"]
@@ -75,7 +77,9 @@ class MetaNetwork(nn.Module):
 class _Stem(nn.Module):
     def __init__(self, model: nn.Module):
         super().__init__()
-        names = ["normalize", "conv1", "bn1", "relu", "maxpool"]
+        # input_normalize: what attach_normalization adds to a torchvision model (its pre-hook
+        # does not run here, since the stem calls the parts one by one)
+        names = [INPUT_NORM, "normalize", "conv1", "bn1", "relu", "maxpool"]
         self.parts = nn.ModuleList(getattr(model, n) for n in names if hasattr(model, n))
 
     def forward(self, x):

@@ -220,3 +220,17 @@ def test_eata_with_fisher_uses_clean_source_images(resnet20_weights, cifar_test_
     assert float(fisher.sum()) > 0 and anchor.shape == fisher.shape
     result = method.step(cifar_test_small[0][:64])
     assert result.logits.shape == (64, 10)
+
+
+def test_the_stem_of_a_users_torchvision_resnet_keeps_its_input_normalisation():
+    from surgeon_core.models.spec import ModelSpec, build_model
+
+    built = build_model(ModelSpec("torchvision:resnet18", num_classes=10, weights="random",
+                                  crop=64))
+    net = EcoTTANet(built.model, input_size=64)
+    assert net.stem.parts[0] is built.model.input_normalize
+    x = torch.rand(2, 3, 64, 64)
+    with torch.no_grad():
+        expected = built.model.maxpool(built.model.relu(built.model.bn1(built.model.conv1(
+            built.model.input_normalize(x)))))
+        torch.testing.assert_close(net.stem(x), expected)
