@@ -184,3 +184,11 @@ def test_config_check_refuses_a_factory_that_returns_no_model(factory_dir):
 def test_batch_statistics_methods_are_still_refused_for_batchnorm_models(defects):
     with pytest.raises(ConfigError, match="per-frame serving"):
         Daemon(_config(defects, "learner.method=tent"))
+
+
+def test_surgeond_run_refuses_the_same_mistakes_at_start_with_exit_2(defects):
+    done = subprocess.run([sys.executable, "-m", "daemon.cli", "run", "--set",
+                           "model.arch=torchvision:mobilenetv3_small"],
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2 and "Did you mean mobilenet_v3_small" in done.stderr
+    assert "Traceback" not in done.stderr
