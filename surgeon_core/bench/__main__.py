@@ -22,6 +22,7 @@ from typing import Dict, List, Optional
 
 from ..errors import SurgeonError
 from .model_options import add_model_options, build_from
+from .streams import PROTOCOLS
 
 logger = logging.getLogger(__name__)
 
@@ -109,9 +110,22 @@ def _largest(kinds, count: int = 4) -> str:
 
 
 def _add_continual(sub) -> None:
-    p = sub.add_parser("continual", help="continual CIFAR-10-C (or your own folder of domains): "
-                       "error, measured cache, time")
+    for name, text in (("continual", "continual CIFAR-10-C (or your own folder of domains): "
+                        "error, measured cache, time"),
+                       ("stream", "any stream protocol: continual, long, gradual, correlated, "
+                        "mixed, camera")):
+        p = sub.add_parser(name, help=text)
+        _stream_options(p, default_protocol="continual")
+        p.set_defaults(func=_continual)
+
+
+def _stream_options(p, default_protocol: str) -> None:
     add_model_options(p)
+    p.add_argument("--protocol", default=default_protocol, choices=PROTOCOLS,
+                   help="continual (the paper), long (the domains --loops times), gradual "
+                        "(severity 1..5..1), correlated (Dirichlet class order), mixed (all "
+                        "domains shuffled together), camera (served frame by frame, learning on "
+                        "the ring buffer as the daemon does)")
     p.add_argument("--methods", default="source,bn,tent,eata,cotta,mecta,static,surgeon")
     p.add_argument("--batch-size", type=int, default=200)
     p.add_argument("--severity", type=int, default=None, choices=(1, 2, 3, 4, 5),
@@ -120,15 +134,24 @@ def _add_continual(sub) -> None:
     p.add_argument("--limit", type=int, default=None, help="first N images of each domain")
     p.add_argument("--seed", type=int, default=1, help="stream shuffling seed")
     p.add_argument("--no-shuffle", action="store_true",
-                   help="keep each domain in the folder's order (a camera-like stream)")
+                   help="keep each domain in the folder's order")
+    p.add_argument("--alpha", type=float, default=None,
+                   help="order each domain's classes with a Dirichlet(alpha) over time (0: "
+                        "sorted by class); correlated defaults to 0.1")
+    p.add_argument("--loops", type=int, default=10, help="long: passes over the domains")
+    p.add_argument("--schedule", default=None, metavar="NAME:N,...",
+                   help="windows instead of the domain list, e.g. clean:600,fog:1800 (the "
+                        "daemon's replay syntax; clean is the CIFAR-10 test set)")
+    p.add_argument("--fresh-frames", type=int, default=32,
+                   help="camera: new frames per learner step (the daemon's default)")
     p.add_argument("--data-seed", type=int, default=0, help="corruption generator seed")
     p.add_argument("--corruption-dir", type=Path, default=None,
                    help="your folder of <domain>.npy + labels.npy (the released CIFAR-10-C "
                         "layout or one severity per file); read only, never written. Default: "
                         "CIFAR-10-C generated once into $SURGEON_CACHE_DIR")
     p.add_argument("--domains", default=None,
-                   help="comma-separated domains of the folder, in stream order (default: the "
-                        "15 corruptions in the fixed order, else every <name>.npy sorted)")
+                   help="comma-separated domains of the folder, in stream order (default: "
+                        "CIFAR-10-C's corruptions in the fixed order, then other names sorted)")
     p.add_argument("--layout", choices=("auto", "stacked", "single"), default="auto",
                    help="stacked: 5 severities per file; single: one; auto: from labels.npy")
     p.add_argument("--workers", type=int, default=2, help="processes generating corruptions")
@@ -137,7 +160,6 @@ def _add_continual(sub) -> None:
     p.add_argument("--device", default="cpu")
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--out", type=Path, required=True)
-    p.set_defaults(func=_continual)
 
 
 def _parse_overrides(items: List[str]) -> Dict[str, Dict]:
@@ -159,28 +181,40 @@ def _continual(args) -> int:
     import torch
     from tqdm import tqdm
 
-    from .continual import results_json, run_continual
+    from .camera import run_camera
+    from .continual import results_json, run_stream
     from .report import markdown_table, save_plots
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    plan = _plan_continual(args)   # every check before any long work
-    methods, overrides, built, domains, severity = plan
+    methods, overrides, built, stream, severity = _plan_continual(args)
     torch.manual_seed(args.seed)
-    per_domain = min(args.limit or domains.rows, domains.rows)
-    steps = len(methods) * len(domains.domains) * -(-per_domain // args.batch_size)
+    device = torch.device(args.device)
+    camera = args.protocol == "camera"
+    chunk = args.fresh_frames if camera else args.batch_size
+    steps = len(methods) * sum(-(-len(w) // chunk) for w in stream.windows)
     start = time.perf_counter()
     with tqdm(total=steps, unit="batch", disable=None) as bar:
-        runs = run_continual(built.model, methods, domains, severity, args.batch_size,
-                             args.limit, args.seed, torch.device(args.device), overrides, bar,
-                             built.preprocessing, not args.no_shuffle)
-    meta = {"model": built.builder, "arch": built.builder, "weights": built.weights,
-            "input_size": built.preprocessing.crop, "batch_size": args.batch_size,
-            "severity": severity, "images_per_corruption": per_domain,
-            "domains": list(domains.domains), "layout": domains.layout,
+        if camera:
+            runs = [run_camera(name, built.model, stream, args.batch_size, args.fresh_frames,
+                               device, overrides.get(name), bar, built.preprocessing)
+                    for name in methods]
+        else:
+            runs = run_stream(built.model, methods, stream, args.batch_size, device, overrides,
+                              bar, built.preprocessing)
+    meta = {"protocol": args.protocol, "model": built.builder, "arch": built.builder,
+            "weights": built.weights, "input_size": built.preprocessing.crop,
+            "batch_size": args.batch_size, "severity": severity,
+            "images_per_corruption": min(args.limit or stream.domains.rows,
+                                         stream.domains.rows),
+            "domains": list(stream.domains.domains), "layout": stream.domains.layout,
+            "windows": [w.name for w in stream.windows], "alpha": _alpha(args),
+            "loops": args.loops if args.protocol == "long" else None,
+            "fresh_frames": args.fresh_frames if camera else None,
             "shuffle": not args.no_shuffle,
-            "seed": args.seed, "data_seed": args.data_seed, "corruption_dir": str(domains.folder),
-            "device": _device_name(torch.device(args.device)), "torch": torch.__version__,
+            "seed": args.seed, "data_seed": args.data_seed,
+            "corruption_dir": str(stream.domains.folder),
+            "device": _device_name(device), "torch": torch.__version__,
             "overrides": overrides, "wall_seconds": time.perf_counter() - start,
             "command": "surgeon-bench " + " ".join(sys.argv[1:])}
     (args.out / "results.json").write_text(json.dumps(results_json(runs, meta), indent=1))
@@ -189,6 +223,22 @@ def _continual(args) -> int:
     save_plots(runs, args.out)
     print(table)
     return 0
+
+
+def _alpha(args):
+    return 0.1 if args.protocol == "correlated" and args.alpha is None else args.alpha
+
+
+def _schedule(text):
+    if not text:
+        return None
+    entries = []
+    for item in filter(None, (part.strip() for part in text.split(","))):
+        name, sep, count = item.partition(":")
+        if not sep or not count.strip().isdigit() or int(count) < 1:
+            raise ValueError("--schedule item %r: expected name:images, images >= 1" % item)
+        entries.append((name.strip(), int(count)))
+    return entries
 
 
 def _plan_continual(args):
@@ -207,6 +257,8 @@ def _plan_continual(args):
         raise ValueError("--batch-size and --limit must be >= 1")
     built = build_from(args)
     domains = _domain_folder(args)
+    from .streams import build_stream
+
     if domains.layout == "single" and args.severity is not None:
         raise ValueError("%s holds one severity per file (single layout): drop --severity, or "
                          "pass --layout stacked if each file stacks severities 1..5"
@@ -218,8 +270,29 @@ def _plan_continual(args):
     if top >= built.num_classes:
         raise DataNotFound("labels in %s go up to %d but %s has %d classes"
                            % (domains.folder, top, built.builder, built.num_classes))
+    stream = build_stream(args.protocol, domains, severity, args.limit, args.seed,
+                          not args.no_shuffle, _alpha(args), args.loops, _schedule(args.schedule))
+    if args.protocol == "camera":
+        _check_camera(args, methods, overrides, built)
     args.out.mkdir(parents=True, exist_ok=True)
-    return methods, overrides, built, domains, severity
+    return methods, overrides, built, stream, severity
+
+
+def _check_camera(args, methods, overrides, built) -> None:
+    """The camera serves frame by frame: methods that normalise with batch statistics cannot."""
+    import copy
+
+    from ..methods import args_for, get_method
+    from .camera import serving_compatible
+
+    if not 1 <= args.fresh_frames <= args.batch_size:
+        raise ValueError("--fresh-frames must be between 1 and --batch-size")
+    for name in methods:
+        method = get_method(name)(copy.deepcopy(built.model), args_for(name, **overrides.get(
+            name, {})))
+        why = serving_compatible(method.model)
+        if why:
+            raise ValueError("%s cannot run on the camera protocol: %s" % (name, why))
 
 
 def _domain_folder(args):

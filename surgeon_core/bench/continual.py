@@ -1,11 +1,10 @@
-"""Continual adaptation over a folder of domains (CIFAR-10-C: 15 corruptions in the fixed
-order), reset only at the start.
+"""Run methods along a stream of windows (``streams.py``): the continual protocol and the rest.
 
-One step per batch; each batch is predicted by the forward before its update (the prediction a
-method returns). Every domain's images are shuffled by the same seeded permutation, as the
-published SURGEON code does (``shuffle=False`` keeps the folder's order). Images go through the
-model's own preprocessing, so a 32 x 32 folder feeds a 224 x 224 model as the daemon would.
-Cache bytes are the methods' measured ones (NOTE [Cache bytes]).
+One step per batch, reset only at the start; each batch is predicted by the forward before its
+update (the prediction a method returns). Images go through the model's own preprocessing, so a
+32 x 32 folder feeds a 224 x 224 model as the daemon would. Cache bytes are the methods' measured
+ones (NOTE [Cache bytes]). Every window is scored; windows of one group (a loop of ``long``, a
+domain of ``gradual``) are also pooled.
 """
 
 import copy
@@ -21,8 +20,9 @@ from torch import nn
 from ..data import to_tensor
 from ..data.domains import DomainFolder
 from ..methods import args_for, get_method
+from .streams import Stream, build_stream
 
-__all__ = ["MethodRun", "run_continual", "run_method"]
+__all__ = ["MethodRun", "run_continual", "run_stream", "run_method", "margins"]
 
 
 @dataclass
@@ -30,7 +30,9 @@ class MethodRun:
     """One method over the whole stream."""
 
     method: str
-    errors: Dict[str, float] = field(default_factory=dict)       # percent, per corruption
+    errors: Dict[str, float] = field(default_factory=dict)       # percent, per window
+    groups: Dict[str, float] = field(default_factory=dict)       # percent, per window group
+    domains: Dict[str, float] = field(default_factory=dict)      # percent, per domain (pooled)
     batch_errors: List[float] = field(default_factory=list)      # percent, along the stream
     cache_bytes: List[int] = field(default_factory=list)
     paper_bytes: List[int] = field(default_factory=list)
@@ -48,6 +50,7 @@ class MethodRun:
     def summary(self) -> Dict:
         mb = 2.0 ** 20
         return {"method": self.method, "mean_error": self.mean_error, "errors": self.errors,
+                "groups": self.groups, "domains": self.domains,
                 "cache_mb_max": max(self.cache_bytes, default=0) / mb,
                 "cache_mb_mean": statistics.mean(self.cache_bytes) / mb if self.cache_bytes else 0,
                 "paper_mb_mean": statistics.mean(self.paper_bytes) / mb if self.paper_bytes else 0,
@@ -59,7 +62,7 @@ class MethodRun:
                 "wall_seconds": self.wall_seconds}
 
 
-def _peak_probe(device: torch.device) -> Callable[[], int]:
+def peak_probe(device: torch.device) -> Callable[[], int]:
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
         return lambda: torch.cuda.max_memory_allocated(device)
@@ -69,36 +72,62 @@ def _peak_probe(device: torch.device) -> Callable[[], int]:
     return lambda: process.memory_info().rss
 
 
-def run_method(name: str, base: nn.Module, domains: DomainFolder, severity: Optional[int],
-               batch_size: int, limit: Optional[int], seed: int, device: torch.device,
-               overrides: Optional[Dict] = None, progress=None,
-               preprocess: Optional[Callable[[torch.Tensor], torch.Tensor]] = None,
-               shuffle: bool = True) -> MethodRun:
-    """Adapt a fresh copy of ``base`` with method ``name`` along every domain in order."""
+def run_method(name: str, base: nn.Module, stream: Stream, batch_size: int,
+               device: torch.device, overrides: Optional[Dict] = None, progress=None,
+               preprocess: Optional[Callable[[torch.Tensor], torch.Tensor]] = None) -> MethodRun:
+    """Adapt a fresh copy of ``base`` with method ``name`` along the whole stream."""
     method = get_method(name)(copy.deepcopy(base).to(device), args_for(name, **(overrides or {})))
-    run, peak = MethodRun(name), _peak_probe(device)
+    run, peak = MethodRun(name), peak_probe(device)
+    tally = Tally(stream)
     start = time.perf_counter()
-    for domain in domains.domains:
-        images, labels = domains.load(domain, severity, limit)
-        order = np.random.default_rng(seed).permutation(len(images)) if shuffle \
-            else np.arange(len(images))
-        x_all, y_all = to_tensor(images[order]), torch.from_numpy(labels[order])
-        wrong = 0
-        for i in range(0, len(x_all), batch_size):
-            x, y = x_all[i:i + batch_size].to(device), y_all[i:i + batch_size].to(device)
+    for window in stream.windows:
+        for i in range(0, len(window), batch_size):
+            images, labels = stream.images(window, i, i + batch_size)
+            x, y = to_tensor(images).to(device), torch.from_numpy(labels).to(device)
             result = method.step(preprocess(x) if preprocess is not None else x)
-            batch_wrong = int((result.logits.argmax(1) != y).sum())
-            wrong += batch_wrong
-            _record(run, result, 100.0 * batch_wrong / len(y))
+            right = (result.logits.argmax(1) == y).cpu().numpy()
+            tally.add(window, window.block_ids[i:i + batch_size], right)
+            record_step(run, result, 100.0 * (1.0 - right.mean()))
             run.peak_bytes = max(run.peak_bytes, peak())
             if progress is not None:
                 progress.update(1)
-        run.errors[domain] = 100.0 * wrong / len(x_all)
+    tally.finish(run)
     run.wall_seconds = time.perf_counter() - start
     return run
 
 
-def _record(run: MethodRun, result, batch_error: float) -> None:
+class Tally:
+    """Right answers per window, per window group and per domain."""
+
+    def __init__(self, stream: Stream):
+        self.stream = stream
+        self.right: Dict[tuple, List[int]] = {}
+
+    def add(self, window, block_ids: np.ndarray, right: np.ndarray) -> None:
+        for key in (("window", window.name), ("group", window.group)):
+            self._count(key, int(right.sum()), len(right))
+        for block in np.unique(block_ids):
+            where = block_ids == block
+            domain = self.stream.blocks[int(block)][0]
+            self._count(("domain", domain), int(right[where].sum()), int(where.sum()))
+
+    def _count(self, key, right: int, seen: int) -> None:
+        total = self.right.setdefault(key, [0, 0])
+        total[0] += right
+        total[1] += seen
+
+    def finish(self, run: MethodRun) -> None:
+        for (kind, name), (right, seen) in self.right.items():
+            error = 100.0 * (1.0 - right / seen)
+            if kind == "window":
+                run.errors[name] = error
+            elif kind == "group" and name:
+                run.groups[name] = error
+            elif kind == "domain":
+                run.domains[name] = error
+
+
+def record_step(run: MethodRun, result, batch_error: float) -> None:
     run.batch_errors.append(batch_error)
     run.cache_bytes.append(result.cache_bytes)
     run.paper_bytes.append(result.paper_bytes)
@@ -110,19 +139,38 @@ def _record(run: MethodRun, result, batch_error: float) -> None:
         run.overall_keeps.append(result.overall_keep)
 
 
+def run_stream(base: nn.Module, methods: List[str], stream: Stream, batch_size: int = 200,
+               device: Optional[torch.device] = None,
+               overrides: Optional[Dict[str, Dict]] = None, progress=None,
+               preprocess=None) -> List[MethodRun]:
+    """Every method in ``methods`` on the same stream, one after another."""
+    device = device or torch.device("cpu")
+    return [run_method(name, base, stream, batch_size, device, (overrides or {}).get(name),
+                       progress, preprocess) for name in methods]
+
+
 def run_continual(base: nn.Module, methods: List[str], domains: DomainFolder,
                   severity: Optional[int] = 5, batch_size: int = 200,
                   limit: Optional[int] = None, seed: int = 1,
                   device: Optional[torch.device] = None,
                   overrides: Optional[Dict[str, Dict]] = None, progress=None,
                   preprocess=None, shuffle: bool = True) -> List[MethodRun]:
-    """Every method in ``methods`` on the same stream, one after another."""
-    device = device or torch.device("cpu")
-    return [run_method(name, base, domains, severity, batch_size, limit, seed, device,
-                       (overrides or {}).get(name), progress, preprocess, shuffle)
-            for name in methods]
+    """The paper's protocol: every domain once, in order."""
+    stream = build_stream("continual", domains, severity, limit, seed, shuffle)
+    return run_stream(base, methods, stream, batch_size, device, overrides, progress, preprocess)
+
+
+def margins(runs: List[MethodRun], reference: str = "source") -> Dict[str, Dict[str, float]]:
+    """Per method and window: the reference's error minus the method's (>= 0: no worse than the
+    frozen model there). Empty when the reference did not run."""
+    base = next((r for r in runs if r.method == reference), None)
+    if base is None:
+        return {}
+    return {r.method: {w: base.errors[w] - e for w, e in r.errors.items()} for r in runs
+            if r.method != reference}
 
 
 def results_json(runs: List[MethodRun], meta: Dict) -> Dict:
     return {"meta": meta, "results": [r.summary() for r in runs],
+            "margins_over_source": margins(runs),
             "streams": {r.method: asdict(r) for r in runs}}

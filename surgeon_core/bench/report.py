@@ -1,10 +1,10 @@
-"""Markdown table and PNG plots for the continual benchmark."""
+"""Markdown table and PNG plots for the stream benchmarks (continual and the other protocols)."""
 
 from pathlib import Path
 from typing import Dict, List
 
 from ..data.corruptions import CORRUPTIONS
-from .continual import MethodRun
+from .continual import MethodRun, margins
 
 __all__ = ["markdown_table", "save_plots"]
 
@@ -28,34 +28,65 @@ _OPTIONAL = {
 }
 
 
+def _columns(runs: List[MethodRun], meta: Dict):
+    """What the table's error columns are: the windows of a short stream, the loops of ``long``
+    or the domains of ``gradual`` (groups), the domains of ``mixed``."""
+    first = runs[0] if runs else MethodRun("-")
+    if meta.get("protocol") == "mixed":
+        order = [d for d in meta.get("domains") or [] if d in first.domains]
+        return "domains", order or list(first.domains)
+    if first.groups:
+        return "groups", list(first.groups)
+    return "errors", list(first.errors) or list(meta.get("domains") or CORRUPTIONS)
+
+
 def markdown_table(runs: List[MethodRun], meta: Dict) -> str:
-    """Per-domain error (%), mean error, cache MiB (measured max/mean), step s, and the sparse
-    methods' columns when any method has them; a legend says what each column means."""
-    domains = list(meta.get("domains") or CORRUPTIONS)
+    """Error (%) per window (or loop, or domain), mean error, the worst window against the frozen
+    source model when it ran, cache MiB (measured max/mean), step s, and the sparse methods'
+    columns when any method has them; a legend says what each column means."""
+    kind, columns = _columns(runs, meta)
     summaries = [run.summary() for run in runs]
+    margin = margins(runs)
     optional = [name for name, (key, _, _) in _OPTIONAL.items()
                 if any(s[key] for s in summaries)]
-    head = ["method"] + [_SHORT.get(d, d) for d in domains] + [
-        "mean err", "cache MiB max", "cache MiB mean"] + optional + ["step s", "peak MiB"]
+    head = ["method"] + [_SHORT.get(c, c) for c in columns] + ["mean err"] + (
+        ["worst vs source", "windows below source"] if margin else []) + [
+        "cache MiB max", "cache MiB mean"] + optional + ["step s", "peak MiB"]
     lines = [_caption(meta), "",
              "| " + " | ".join(head) + " |", "|" + "---|" + "---:|" * (len(head) - 1)]
     for run, s in zip(runs, summaries):
-        cells = [run.method] + ["%.1f" % run.errors.get(d, float("nan")) for d in domains]
-        cells += ["**%.1f**" % s["mean_error"], "%.1f" % s["cache_mb_max"],
-                  "%.1f" % s["cache_mb_mean"]]
+        values = getattr(run, kind)
+        cells = [run.method] + ["%.1f" % values.get(c, float("nan")) for c in columns]
+        cells += ["**%.1f**" % s["mean_error"]]
+        if margin:
+            own = margin.get(run.method)
+            cells += ["%+.1f" % min(own.values()), "%d / %d" % (
+                sum(v < 0 for v in own.values()), len(own))] if own else ["-", "-"]
+        cells += ["%.1f" % s["cache_mb_max"], "%.1f" % s["cache_mb_mean"]]
         cells += [_cell(s[_OPTIONAL[name][0]], _OPTIONAL[name][1]) for name in optional]
         cells += ["%.3f" % s["step_seconds_mean"], "%.0f" % s["peak_mb"]]
         lines.append("| " + " | ".join(cells) + " |")
-    notes = [_LEGEND] + [_OPTIONAL[name][2] for name in optional] + [
+    notes = [_LEGEND] + (_MARGIN_NOTE if margin else []) + [
+        _OPTIONAL[name][2] for name in optional] + [
         "peak MiB: the process's resident peak (CPU) or the allocator's (CUDA) while the method "
         "ran; on the CPU it only grows from one method to the next", "\"-\": not applicable"]
     return "\n".join(lines + [""] + ["- " + n for n in notes])
 
 
+_MARGIN_NOTE = ["worst vs source: the smallest, over the stream's windows, of the frozen source "
+                "model's error minus the method's (negative: worse than not adapting there); "
+                "windows below source: how many windows are negative"]
+
+
 def _caption(meta: Dict) -> str:
     severity = meta.get("severity")
-    return ("%s at %s px, batch %s, %s, %s images per domain, %s, seed %s%s" % (
-        meta.get("model") or meta.get("arch"), meta.get("input_size", 32),
+    protocol = meta.get("protocol", "continual")
+    extra = {"long": ", %s loops" % meta.get("loops"), "correlated": ", Dirichlet alpha %s"
+             % meta.get("alpha")}.get(protocol, "")
+    if meta.get("alpha") is not None and protocol != "correlated":
+        extra += ", class order Dirichlet alpha %s" % meta.get("alpha")
+    return ("%s protocol%s: %s at %s px, batch %s, %s, %s images per domain, %s, seed %s%s" % (
+        protocol, extra, meta.get("model") or meta.get("arch"), meta.get("input_size", 32),
         meta.get("batch_size"), "severity %s" % severity if severity else "one severity per file",
         meta.get("images_per_corruption"), meta.get("device"), meta.get("seed"),
         "" if meta.get("shuffle", True) else ", folder order"))

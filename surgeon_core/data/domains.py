@@ -57,10 +57,9 @@ def _read(path: Path) -> np.ndarray:
 
 
 def _list_domains(folder: Path) -> List[str]:
-    names = sorted(p.stem for p in folder.glob("*.npy") if p.name != LABELS)
-    if set(CORRUPTIONS) <= set(names):
-        return list(CORRUPTIONS)   # the released folder: the fixed order of the benchmark
-    return names
+    """CIFAR-10-C's corruptions in the benchmark's fixed order, then any other names sorted."""
+    names = {p.stem for p in folder.glob("*.npy") if p.name != LABELS}
+    return [c for c in CORRUPTIONS if c in names] + sorted(names - set(CORRUPTIONS))
 
 
 def _guess_layout(labels: np.ndarray) -> str:

@@ -8,13 +8,14 @@ import dataclasses
 import math
 import typing
 
-from . import bn, cotta, eata, ecotta, mecta, source, surgeon, tent  # noqa: F401
+from . import bn, cotta, eata, ecotta, mecta, rdumb, source, surgeon, tent  # noqa: F401
 from .base import Method, StepResult
 from .bn import BNArgs
 from .cotta import CoTTAArgs
 from .eata import EATAArgs, EATAFisherArgs
 from .ecotta import EcoTTAArgs
 from .mecta import MECTAArgs
+from .rdumb import RDumbArgs
 from .registry import UnknownMethod, get_method, list_methods, register
 from .source import SourceArgs
 from .surgeon import StaticArgs, SurgeonArgs
@@ -25,7 +26,7 @@ __all__ = ["Method", "StepResult", "UnknownMethod", "get_method", "list_methods"
 
 ARGS = {"source": SourceArgs, "bn": BNArgs, "tent": TentArgs, "eata": EATAArgs,
         "eata+fisher": EATAFisherArgs, "cotta": CoTTAArgs, "mecta": MECTAArgs,
-        "surgeon": SurgeonArgs, "static": StaticArgs, "ecotta": EcoTTAArgs}
+        "surgeon": SurgeonArgs, "static": StaticArgs, "ecotta": EcoTTAArgs, "rdumb": RDumbArgs}
 
 
 def args_for(name: str, **overrides):

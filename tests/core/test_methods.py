@@ -46,8 +46,8 @@ def _stream_error(method, x, y, batch=64):
 
 
 def test_every_method_is_registered():
-    assert list_methods() == ["bn", "cotta", "eata", "eata+fisher", "ecotta", "mecta", "source",
-                              "static", "surgeon", "tent"]
+    assert list_methods() == ["bn", "cotta", "eata", "eata+fisher", "ecotta", "mecta", "rdumb",
+                              "source", "static", "surgeon", "tent"]
     with pytest.raises(UnknownMethod, match="known: bn, cotta"):
         get_method("magic")
 
