@@ -16,7 +16,7 @@ from torch import nn
 
 from ..capture import INPUT_GRAD_POLICIES, CapturePolicy
 from ..engine import EngineConfig, SparseBackprop, budget_or_none
-from ..norm import XHAT_BITS, convert_batchnorm
+from ..norm import STATISTICS, XHAT_BITS, RunningStatNorm2d, convert_batchnorm
 from .augment import cotta_augment
 from .base import Method, StepResult, bn_modules, entropy, norm_modules
 from .registry import register
@@ -36,6 +36,12 @@ class SurgeonArgs:
             weights, or ``bn_gamma`` (the published code's exact choice: beta never moves).
         lean_norm: running-statistics normalisation (NOTE [Lean normalisation]); False keeps
             train-mode BatchNorm exact.
+        statistics: what the lean norm normalises with while adapting: ``batch`` (default, the
+            same forward as train-mode BatchNorm) or ``running`` (its running statistics just
+            updated from the batch: steadier when a batch holds few classes).
+        gate_scale, momentum: how the running statistics follow the stream: MECTA's forget gate
+            with this scale (default 1.0), or ``gate_scale=None`` and a fixed ``momentum``
+            (default: each BatchNorm's own).
         xhat_bits: how the lean norm keeps x_hat (NOTE [Quantised x_hat]): 1 (default) its sign,
             2 a 2-bit code, 0 x_hat itself pruned at the layer's dynamic keep ratio (the paper's
             activation sparsity; ``static`` compares against this).
@@ -51,6 +57,9 @@ class SurgeonArgs:
     lr: Optional[float] = None
     params: str = "norm"
     lean_norm: bool = True
+    statistics: str = "batch"
+    gate_scale: Optional[float] = 1.0
+    momentum: Optional[float] = None
     xhat_bits: int = 1
     margin: float = 0.4
     consistency_weight: Optional[float] = None
@@ -68,6 +77,11 @@ class SurgeonArgs:
             raise ValueError("params must be one of %s, got %r" % (PARAM_SETS, self.params))
         if self.xhat_bits not in XHAT_BITS:
             raise ValueError("xhat_bits must be one of %s, got %r" % (XHAT_BITS, self.xhat_bits))
+        if self.statistics not in STATISTICS:
+            raise ValueError("statistics must be one of %s, got %r"
+                             % (STATISTICS, self.statistics))
+        if self.momentum is not None and not 0.0 < self.momentum <= 1.0:
+            raise ValueError("momentum must be in (0, 1], got %r" % (self.momentum,))
         if self.input_grad not in INPUT_GRAD_POLICIES:
             raise ValueError("input_grad must be one of %s, got %r"
                              % (INPUT_GRAD_POLICIES, self.input_grad))
@@ -90,7 +104,10 @@ class SurgeonArgs:
 def configure_model(model: nn.Module, args: SurgeonArgs) -> nn.Module:
     """Lean or train-mode normalisation, then mark the chosen parameter set trainable."""
     if args.lean_norm:
-        convert_batchnorm(model, xhat_bits=args.xhat_bits)
+        convert_batchnorm(model, args.gate_scale, args.statistics, args.xhat_bits)
+        for m in model.modules():
+            if isinstance(m, RunningStatNorm2d) and args.momentum is not None:
+                m.momentum = args.momentum
     model.train().requires_grad_(args.params == "all")
     if args.params != "all":
         chosen = norm_modules(model) if args.params == "norm" else \

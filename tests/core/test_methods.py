@@ -150,3 +150,18 @@ def test_dropout_is_off_while_adapting(noisy):
     x = noisy[0][:8]
     first, second = method.step(x).logits, method.step(x).logits
     torch.testing.assert_close(first, second, rtol=1e-4, atol=1e-4)   # no dropout draws
+
+
+def test_surgeon_can_normalise_with_running_statistics(base, noisy):
+    from surgeon_core.norm import RunningStatNorm2d
+
+    method = _build("surgeon", base, statistics="running", gate_scale=None, momentum=0.05)
+    norms = [m for m in method.model.modules() if isinstance(m, RunningStatNorm2d)]
+    assert norms and all(m.statistics == "running" and m.gate_scale is None
+                         and m.momentum == 0.05 for m in norms)
+    before = norms[0].running_mean.clone()
+    method.step(noisy[0][:32])
+    moved = (norms[0].running_mean - before).abs().max()
+    assert 0 < float(moved)
+    with pytest.raises(ValueError, match="statistics"):
+        args_for("surgeon", statistics="median")
