@@ -39,6 +39,9 @@ class SurgeonArgs:
         statistics: what the lean norm normalises with while adapting: ``batch`` (default, the
             same forward as train-mode BatchNorm) or ``running`` (its running statistics just
             updated from the batch: steadier when a batch holds few classes).
+        running_after: with ``statistics="batch"``, only the first N lean norms (in module order:
+            the shallow ones) use batch statistics and the deeper ones their running statistics
+            (class-correlated batches move deep statistics most; an experiment of issue 14).
         gate_scale, momentum: how the running statistics follow the stream: MECTA's forget gate
             with this scale (default 1.0), or ``gate_scale=None`` and a fixed ``momentum``
             (default: each BatchNorm's own).
@@ -58,6 +61,7 @@ class SurgeonArgs:
     params: str = "norm"
     lean_norm: bool = True
     statistics: str = "batch"
+    running_after: Optional[int] = None
     gate_scale: Optional[float] = 1.0
     momentum: Optional[float] = None
     xhat_bits: int = 1
@@ -80,6 +84,8 @@ class SurgeonArgs:
         if self.statistics not in STATISTICS:
             raise ValueError("statistics must be one of %s, got %r"
                              % (STATISTICS, self.statistics))
+        if self.running_after is not None and self.running_after < 0:
+            raise ValueError("running_after must be >= 0, got %r" % (self.running_after,))
         if self.momentum is not None and not 0.0 < self.momentum <= 1.0:
             raise ValueError("momentum must be in (0, 1], got %r" % (self.momentum,))
         if self.input_grad not in INPUT_GRAD_POLICIES:
@@ -105,9 +111,12 @@ def configure_model(model: nn.Module, args: SurgeonArgs) -> nn.Module:
     """Lean or train-mode normalisation, then mark the chosen parameter set trainable."""
     if args.lean_norm:
         convert_batchnorm(model, args.gate_scale, args.statistics, args.xhat_bits)
-        for m in model.modules():
-            if isinstance(m, RunningStatNorm2d) and args.momentum is not None:
+        norms = [m for m in model.modules() if isinstance(m, RunningStatNorm2d)]
+        for index, m in enumerate(norms):
+            if args.momentum is not None:
                 m.momentum = args.momentum
+            if args.running_after is not None and index >= args.running_after:
+                m.statistics = "running"
     model.train().requires_grad_(args.params == "all")
     if args.params != "all":
         chosen = norm_modules(model) if args.params == "norm" else \

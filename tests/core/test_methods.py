@@ -165,3 +165,6 @@ def test_surgeon_can_normalise_with_running_statistics(base, noisy):
     assert 0 < float(moved)
     with pytest.raises(ValueError, match="statistics"):
         args_for("surgeon", statistics="median")
+    split = _build("surgeon", base, running_after=7)
+    kinds = [m.statistics for m in split.model.modules() if isinstance(m, RunningStatNorm2d)]
+    assert kinds == ["batch"] * 7 + ["running"] * (len(kinds) - 7)
