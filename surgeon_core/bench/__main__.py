@@ -202,27 +202,31 @@ def _continual(args) -> int:
         else:
             runs = run_stream(built.model, methods, stream, args.batch_size, device, overrides,
                               bar, built.preprocessing)
-    meta = {"protocol": args.protocol, "model": built.builder, "arch": built.builder,
-            "weights": built.weights, "input_size": built.preprocessing.crop,
-            "batch_size": args.batch_size, "severity": severity,
-            "images_per_corruption": min(args.limit or stream.domains.rows,
-                                         stream.domains.rows),
-            "domains": list(stream.domains.domains), "layout": stream.domains.layout,
-            "windows": [w.name for w in stream.windows], "alpha": _alpha(args),
-            "loops": args.loops if args.protocol == "long" else None,
-            "fresh_frames": args.fresh_frames if camera else None,
-            "shuffle": not args.no_shuffle,
-            "seed": args.seed, "data_seed": args.data_seed,
-            "corruption_dir": str(stream.domains.folder),
-            "device": _device_name(device), "torch": torch.__version__,
-            "overrides": overrides, "wall_seconds": time.perf_counter() - start,
-            "command": "surgeon-bench " + " ".join(sys.argv[1:])}
+    meta = _stream_meta(args, built, stream, severity, overrides)
+    meta.update(device=_device_name(device), torch=torch.__version__,
+                wall_seconds=time.perf_counter() - start)
     (args.out / "results.json").write_text(json.dumps(results_json(runs, meta), indent=1))
     table = markdown_table(runs, meta)
     (args.out / "results.md").write_text(table + "\n")
     save_plots(runs, args.out)
     print(table)
     return 0
+
+
+def _stream_meta(args, built, stream, severity, overrides):
+    """What a stream run was: model, protocol and its settings, data, and the command."""
+    camera = args.protocol == "camera"
+    return {"protocol": args.protocol, "model": built.builder, "arch": built.builder,
+            "weights": built.weights, "input_size": built.preprocessing.crop,
+            "batch_size": args.batch_size, "severity": severity,
+            "images_per_corruption": min(args.limit or stream.domains.rows, stream.domains.rows),
+            "domains": list(stream.domains.domains), "layout": stream.domains.layout,
+            "windows": [w.name for w in stream.windows], "alpha": _alpha(args),
+            "loops": args.loops if args.protocol == "long" else None,
+            "fresh_frames": args.fresh_frames if camera else None,
+            "shuffle": not args.no_shuffle, "seed": args.seed, "data_seed": args.data_seed,
+            "corruption_dir": str(stream.domains.folder), "overrides": overrides,
+            "command": "surgeon-bench " + " ".join(sys.argv[1:])}
 
 
 def _alpha(args):
