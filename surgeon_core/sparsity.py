@@ -64,13 +64,21 @@ class Packed:
 
 
 class Exact(Packed):
-    """The tensor itself, referenced and never copied: plain autograd's behaviour."""
+    """The tensor's storage, referenced and never copied: plain autograd's behaviour.
+
+    NOTE [No cycle through saved tensors]
+    A saved output holds its ``grad_fn``, whose saved variables hold what the pack hook
+    returned; keeping the tensor itself there closes a cycle through C++ that Python's collector
+    cannot see, so a graph whose backward never runs (a meter's forward, a step that selected no
+    sample or whose loss was not finite) would never be freed. A detached view shares the
+    storage without the ``grad_fn``, which breaks the cycle; backward reads the same values.
+    """
 
     __slots__ = ("tensor",)
 
     def __init__(self, tensor: torch.Tensor):
         super().__init__(tensor.shape, tensor.dtype, tensor.numel())
-        self.tensor = tensor
+        self.tensor = tensor.detach()
 
     def tensors(self) -> List[torch.Tensor]:
         return [self.tensor]
