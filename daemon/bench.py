@@ -4,7 +4,8 @@ one daemon run on the replay stream (results in BENCHMARKS.md with this command)
 Phases: learner running at the configured budget, learner paused (serving alone), learner
 running again after the budget is lowered. The paused phase comes second so that start-up
 (first allocations, the source's first chunks) does not land in it. Serving latency
-percentiles are split by whether the learner was running when the frame was served; every
+percentiles are split by whether the learner was running when the frame was served, and frames
+before the learner's first step are counted apart (start-up is neither on nor off); every
 step's measured cache is checked against the budget in force when it was planned.
 """
 
@@ -67,6 +68,7 @@ def run_bench(out: Path, fps: int = 60, off_s: float = 30, on_s: float = 45,
               "drops": final.get("source", {}).get("drops"),
               "serving_ms_learner_off": lat["infer_learner_off"],
               "serving_ms_learner_on": lat["infer_learner_on"],
+              "serving_ms_learner_starting": lat["infer_learner_starting"],
               "adapt_step_ms": lat["adapt"], "budget_mb": budget_mb, "low_budget_mb": low_mb,
               "budget": _budget_check(list(daemon.learner.step_log),
                                       marks.get("cut_at_step", 0)),
@@ -76,9 +78,13 @@ def run_bench(out: Path, fps: int = 60, off_s: float = 30, on_s: float = 45,
 
 
 def finish(out: Path, result: Dict, name: str, over: Dict, under: Dict) -> Dict:
-    """Add ``name`` = p99 of ``over`` / p99 of ``under`` (when both exist), write ``out``."""
-    if over.get("p99") and under.get("p99"):
-        result[name] = round(over["p99"] / under["p99"], 2)
+    """Add ``name`` = p99 of ``over`` / p99 of ``under``, and the p50/p95/p99 ratios under
+    ``name`` with ``_all`` (when both exist); write ``out``."""
+    ratios = {q: round(over[q] / under[q], 2) for q in ("p50", "p95", "p99")
+              if over.get(q) and under.get(q)}
+    if "p99" in ratios:
+        result[name] = ratios["p99"]
+        result[name.replace("p99_", "") + "_all"] = ratios
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=1))
     return result

@@ -338,9 +338,7 @@ class Daemon:
         prep_s = time.monotonic() - start
         logits, infer_s = self.serving.predict(x)
         self.frames += 1
-        learning = self.config.learner.enabled and not (self.learner.user_paused
-                                                        or self.learner.paused_reason)
-        self.telemetry.stage("infer_learner_on" if learning else "infer_learner_off", infer_s)
+        self.telemetry.stage(self._serving_split(), infer_s)
         self.telemetry.frame({"capture": capture_s, "preprocess": prep_s, "infer": infer_s})
         if self.config.learner.enabled:
             self.learner.offer(to_uint8(x))
@@ -357,6 +355,15 @@ class Daemon:
         self.predictions.write(record)
         if self.control is not None and self.config.control.publish_predictions:
             self.control.publish("prediction", record)
+
+    def _serving_split(self) -> str:
+        """Which serving latency a frame counts in: the learner stepping, the learner off, or
+        the start-up before its first step (first allocations, the first probe), kept apart so
+        that neither of the others carries it."""
+        learner = self.learner
+        if not self.config.learner.enabled or learner.user_paused or learner.paused_reason:
+            return "infer_learner_off"
+        return "infer_learner_on" if learner.steps > 0 else "infer_learner_starting"
 
     def _score(self, frame, x, predicted: int) -> None:
         self.telemetry.labelled("adapted", frame.domain, predicted == frame.label)

@@ -18,8 +18,9 @@ import numpy as np
 __all__ = ["LatencyWindow", "Telemetry", "JsonlWriter", "STAGES"]
 
 STAGES = ("capture", "preprocess", "infer", "adapt")
-# serving inference split by whether the learner was stepping-eligible at the time
-SERVING_SPLIT = ("infer_learner_on", "infer_learner_off")
+# serving inference split by what the learner was doing: stepping, off or paused, or starting
+# (before its first step)
+SERVING_SPLIT = ("infer_learner_on", "infer_learner_off", "infer_learner_starting")
 
 
 class LatencyWindow:

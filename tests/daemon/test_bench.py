@@ -24,3 +24,25 @@ def test_control_bench_answers_every_flooded_request(tmp_path):
     assert result["quiet"]["frames"] > 0 and flood["frames"] > 0
     assert result["ping_ms_during_flood"]["n"] > 0 and result["warning_lines_logged"] <= 2
     assert (tmp_path / "control.json").is_file()
+
+
+def test_frames_before_the_first_step_are_neither_on_nor_off():
+    from daemon.service import Daemon
+
+    from .running import small_config
+
+    daemon = Daemon(small_config())
+    assert daemon._serving_split() == "infer_learner_starting"
+    daemon.learner.steps = 1
+    assert daemon._serving_split() == "infer_learner_on"
+    daemon.learner.pause(True)
+    assert daemon._serving_split() == "infer_learner_off"
+
+
+def test_bench_reports_every_percentile_ratio(tmp_path):
+    from daemon.bench import finish
+
+    result = finish(tmp_path / "r.json", {}, "p99_ratio_on_over_off",
+                    {"p50": 2.0, "p95": 3.0, "p99": 6.0}, {"p50": 1.0, "p95": 2.0, "p99": 3.0})
+    assert result["p99_ratio_on_over_off"] == 2.0
+    assert result["ratio_on_over_off_all"] == {"p50": 2.0, "p95": 1.5, "p99": 2.0}
