@@ -26,6 +26,8 @@ Where each saved tensor ends up is decided by the op that saved it and the modul
     ======================================  =========================  =====================
 
 NOTE [Cache bytes]
+A graph lives while its outputs do (NOTE [No cycle through saved tensors]): read the record
+while holding the loss or logits, as backward does.
 The cache of a step is what the packed objects alive at the start of backward hold, each storage
 counted once (two ops saving one tensor share it, as in plain autograd). Counting then, not at
 the end of forward, includes every pass whose graph is still alive (a consistency loss's second

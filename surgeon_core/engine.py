@@ -233,16 +233,18 @@ class SparseBackprop:
     def _learn_sizes_from(self, x: torch.Tensor) -> None:
         buffers = {k: v.clone() for k, v in self.model.named_buffers()}
         with self.capture.record({}, passthrough=True) as rec:
-            self.model(x[: min(2, x.shape[0])])
+            out = self.model(x[: min(2, x.shape[0])])   # held: its graph is what is measured
             self._learn_sizes(rec.layers(), min(2, x.shape[0]))
+        del out
         _restore_buffers(self.model, buffers)
 
     def _profile_on(self, x: torch.Tensor, forward_loss: ForwardLoss, batch: int) -> None:
         """Measure the fixed (non-prunable) cache per sample on a slice, without side effects."""
         buffers = {k: v.clone() for k, v in self.model.named_buffers()}
         with self.capture.record({}) as rec:
-            forward_loss(self.model, x)
+            held = forward_loss(self.model, x)   # the graph lives only while its outputs do
             layers, cache = rec.layers(), rec.cache_bytes()
+        del held
         _restore_buffers(self.model, buffers)
         self._learn_sizes(layers, x.shape[0])
         self._fixed = (batch, CacheProfile.fixed_bytes_per_sample(layers, cache, x.shape[0]))

@@ -68,9 +68,10 @@ class _Runner:
         """Plain autograd's cache, read by the meter in passthrough mode (not timed)."""
         capture = ActivationCapture(self.model, CapturePolicy(passthrough=True))
         with capture.record() as rec:
-            _entropy_loss(self.model, x)
+            held = _entropy_loss(self.model, x)   # the graph lives only while its outputs do
             self.cache, self.paper = rec.cache_bytes(), paper_bytes(rec.layers())
             self.kinds = _kind_names(rec.bytes_by_kind())
+        del held
         capture.close()
 
     def step(self, x: torch.Tensor) -> None:

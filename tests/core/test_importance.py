@@ -65,8 +65,9 @@ def _entropy_loss(model, x):
 def _dense_cache(model, x):
     capture = ActivationCapture(model, CapturePolicy(passthrough=True))
     with capture.record() as rec:
-        _entropy_loss(model, x)
+        held = _entropy_loss(model, x)
         dense = rec.cache_bytes()
+    del held
     capture.close()
     return dense
 

@@ -65,8 +65,9 @@ def test_surgeon_default_trains_every_norm_layer_under_a_tenth_of_full(resnet20_
     x = cifar_test_small[0][:64]
     full = cifar_resnet_by_name("resnet20", resnet20_weights).train()
     with ActivationCapture(full, CapturePolicy(passthrough=True)).record() as rec:
-        full(x).sum()
+        out = full(x).sum()
         full_bytes = rec.cache_bytes()
+    del out
     method = get_method("surgeon")(cifar_resnet_by_name("resnet20", resnet20_weights),
                                    args_for("surgeon", consistency_weight=0.0, margin=1.0))
     before = {n: p.detach().clone() for n, p in method.model.named_parameters() if p.requires_grad}
