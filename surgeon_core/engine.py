@@ -24,6 +24,7 @@ from torch import nn
 from .capture import (ActivationCapture, CapturePolicy, LayerCache, check_keep_ratio,
                       paper_bytes, prunable_sizes)
 from .errors import BudgetExceeded
+from .norm import shift_gates
 from .importance import (VARIANTS, BudgetPlan, CacheProfile, gradient_importance, keep_ratios,
                          memory_importance, solve_budget, weights_needing_grad)
 
@@ -219,33 +220,30 @@ class SparseBackprop:
         changes nothing but the importance scores.
         """
         samples = x[torch.randperm(x.shape[0], device=x.device)[: self.config.probe_samples]]
-        buffers = {k: v.clone() for k, v in self.model.named_buffers()}
         self.model.zero_grad(set_to_none=True)
-        with self.capture.record({}, passthrough=True) as rec:
-            loss = entropy(self.model(samples)).mean()
-        self._learn_sizes(rec.layers(), samples.shape[0])
-        if math.isfinite(float(loss.detach())) and loss.requires_grad:
-            loss.backward()
-            self._grad_imp = gradient_importance(self.capture.weight_of, self._numel)
-        self.model.zero_grad(set_to_none=True)
-        _restore_buffers(self.model, buffers)
+        with _statistics_kept(self.model):
+            with self.capture.record({}, passthrough=True) as rec:
+                loss = entropy(self.model(samples)).mean()
+            self._learn_sizes(rec.layers(), samples.shape[0])
+            if math.isfinite(float(loss.detach())) and loss.requires_grad:
+                loss.backward()
+                self._grad_imp = gradient_importance(self.capture.weight_of, self._numel)
+            self.model.zero_grad(set_to_none=True)
 
     def _learn_sizes_from(self, x: torch.Tensor) -> None:
-        buffers = {k: v.clone() for k, v in self.model.named_buffers()}
-        with self.capture.record({}, passthrough=True) as rec:
-            out = self.model(x[: min(2, x.shape[0])])   # held: its graph is what is measured
-            self._learn_sizes(rec.layers(), min(2, x.shape[0]))
-        del out
-        _restore_buffers(self.model, buffers)
+        with _statistics_kept(self.model):
+            with self.capture.record({}, passthrough=True) as rec:
+                out = self.model(x[: min(2, x.shape[0])])   # held: its graph is what is measured
+                self._learn_sizes(rec.layers(), min(2, x.shape[0]))
+            del out
 
     def _profile_on(self, x: torch.Tensor, forward_loss: ForwardLoss, batch: int) -> None:
         """Measure the fixed (non-prunable) cache per sample on a slice, without side effects."""
-        buffers = {k: v.clone() for k, v in self.model.named_buffers()}
-        with self.capture.record({}) as rec:
-            held = forward_loss(self.model, x)   # the graph lives only while its outputs do
-            layers, cache = rec.layers(), rec.cache_bytes()
-        del held
-        _restore_buffers(self.model, buffers)
+        with _statistics_kept(self.model):
+            with self.capture.record({}) as rec:
+                held = forward_loss(self.model, x)   # the graph lives only while its outputs do
+                layers, cache = rec.layers(), rec.cache_bytes()
+            del held
         self._learn_sizes(layers, x.shape[0])
         self._fixed = (batch, CacheProfile.fixed_bytes_per_sample(layers, cache, x.shape[0]))
 
@@ -261,11 +259,20 @@ class SparseBackprop:
         return 4 if self.config.policy.value_dtype == "fp32" else 2
 
 
-def _restore_buffers(model: nn.Module, saved: Dict[str, torch.Tensor]) -> None:
-    with torch.no_grad():
-        for name, buf in model.named_buffers():
-            if name in saved:
-                buf.copy_(saved[name])
+@contextlib.contextmanager
+def _statistics_kept(model: nn.Module):
+    """Forwards inside leave no trace: buffers (running statistics) and shift gates restored."""
+    buffers = {k: v.clone() for k, v in model.named_buffers()}
+    gates = {id(g): (g, g.state()) for g in shift_gates(model)}
+    try:
+        yield
+    finally:
+        with torch.no_grad():
+            for name, buf in model.named_buffers():
+                if name in buffers:
+                    buf.copy_(buffers[name])
+        for gate, state in gates.values():
+            gate.load_state(state)
 
 
 def budget_or_none(megabytes: Optional[float]) -> Optional[int]:

@@ -130,6 +130,18 @@ class Method:
         self.optimizer.zero_grad(set_to_none=True)
         return finite
 
+    @torch.no_grad()
+    def pull_to_source(self, rate: float) -> None:
+        """Move every trainable weight ``rate`` of the way back to its source value (ROID's
+        weight ensembling with the source): adaptation can wander no further than the
+        gradients push against it, on any horizon. Statistics are left to follow the stream."""
+        if rate <= 0:
+            return
+        source = self._source["model"]
+        for name, param in self.model.named_parameters():
+            if param.requires_grad and name in source:
+                param.lerp_(source[name].to(param.device), rate)
+
     def metered_forward(self, fn, *args) -> Tuple[Any, int, int]:
         """Run ``fn`` under a passthrough meter: plain autograd, its cache measured."""
         if self._meter is None:

@@ -16,12 +16,14 @@ from torch import nn
 
 from ..capture import INPUT_GRAD_POLICIES, CapturePolicy
 from ..engine import EngineConfig, SparseBackprop, budget_or_none
-from ..norm import STATISTICS, XHAT_BITS, RunningStatNorm2d, convert_batchnorm
+from ..norm import (STATISTICS, XHAT_BITS, RunningStatNorm2d, convert_batchnorm, shift_gates,
+                    split_statistics)
 from .augment import cotta_augment
 from .base import Method, StepResult, bn_modules, entropy, norm_modules
 from .registry import register
 
 PARAM_SETS = ("all", "norm", "bn", "bn_gamma")
+SURGEON_STATISTICS = STATISTICS + ("split",)
 
 
 @dataclass(frozen=True)
@@ -36,15 +38,21 @@ class SurgeonArgs:
             weights, or ``bn_gamma`` (the published code's exact choice: beta never moves).
         lean_norm: running-statistics normalisation (NOTE [Lean normalisation]); False keeps
             train-mode BatchNorm exact.
-        statistics: what the lean norm normalises with while adapting: ``batch`` (default, the
-            same forward as train-mode BatchNorm) or ``running`` (its running statistics just
-            updated from the batch: steadier when a batch holds few classes).
+        statistics: what the lean norm normalises with while adapting: ``split`` (default,
+            NOTE [Split statistics]: the first ``shallow_share`` of the norms on each batch's
+            statistics, the deeper ones on running statistics averaged over the current domain,
+            which the shallow ones detect with ``shift_scale``), ``batch`` (every norm: the same
+            forward as train-mode BatchNorm; wrong on class-correlated batches) or ``running``
+            (every norm on its running statistics just updated from the batch). ``lag_deep``:
+            the deep norms normalise a batch with the statistics from before it.
         running_after: with ``statistics="batch"``, only the first N lean norms (in module order:
             the shallow ones) use batch statistics and the deeper ones their running statistics
             (class-correlated batches move deep statistics most; an experiment of issue 14).
         gate_scale, momentum: how the running statistics follow the stream: MECTA's forget gate
             with this scale (default 1.0), or ``gate_scale=None`` and a fixed ``momentum``
             (default: each BatchNorm's own).
+        anchor: after each update every trained weight moves this share of the way back to
+            its source value (ROID's weight ensembling): bounds drift on long streams.
         xhat_bits: how the lean norm keeps x_hat (NOTE [Quantised x_hat]): 1 (default) its sign,
             2 a 2-bit code, 0 x_hat itself pruned at the layer's dynamic keep ratio (the paper's
             activation sparsity; ``static`` compares against this).
@@ -60,8 +68,12 @@ class SurgeonArgs:
     lr: Optional[float] = None
     params: str = "norm"
     lean_norm: bool = True
-    statistics: str = "batch"
+    statistics: str = "split"
     running_after: Optional[int] = None
+    shallow_share: float = 0.35
+    shift_scale: float = 3.0
+    lag_deep: bool = False
+    anchor: float = 0.01
     gate_scale: Optional[float] = 1.0
     momentum: Optional[float] = None
     xhat_bits: int = 1
@@ -81,9 +93,15 @@ class SurgeonArgs:
             raise ValueError("params must be one of %s, got %r" % (PARAM_SETS, self.params))
         if self.xhat_bits not in XHAT_BITS:
             raise ValueError("xhat_bits must be one of %s, got %r" % (XHAT_BITS, self.xhat_bits))
-        if self.statistics not in STATISTICS:
+        if self.statistics not in SURGEON_STATISTICS:
             raise ValueError("statistics must be one of %s, got %r"
-                             % (STATISTICS, self.statistics))
+                             % (SURGEON_STATISTICS, self.statistics))
+        if not 0.0 < self.shallow_share <= 1.0:
+            raise ValueError("shallow_share must be in (0, 1], got %r" % (self.shallow_share,))
+        if not 0.0 <= self.anchor < 1.0:
+            raise ValueError("anchor must be in [0, 1), got %r" % (self.anchor,))
+        if not self.shift_scale > 0:
+            raise ValueError("shift_scale must be > 0, got %r" % (self.shift_scale,))
         if self.running_after is not None and self.running_after < 0:
             raise ValueError("running_after must be >= 0, got %r" % (self.running_after,))
         if self.momentum is not None and not 0.0 < self.momentum <= 1.0:
@@ -110,8 +128,12 @@ class SurgeonArgs:
 def configure_model(model: nn.Module, args: SurgeonArgs) -> nn.Module:
     """Lean or train-mode normalisation, then mark the chosen parameter set trainable."""
     if args.lean_norm:
-        convert_batchnorm(model, args.gate_scale, args.statistics, args.xhat_bits)
+        statistics = "batch" if args.statistics == "split" else args.statistics
+        convert_batchnorm(model, args.gate_scale, statistics, args.xhat_bits)
         norms = [m for m in model.modules() if isinstance(m, RunningStatNorm2d)]
+        if args.statistics == "split" and norms:
+            split_statistics(model, round(args.shallow_share * len(norms)), args.shift_scale,
+                             args.lag_deep)
         for index, m in enumerate(norms):
             if args.momentum is not None:
                 m.momentum = args.momentum
@@ -163,6 +185,8 @@ class Surgeon(Method):
     def reset(self) -> None:
         super().reset()
         self.engine.forget()
+        for gate in shift_gates(self.model):
+            gate.restart()
 
     def _forward_loss(self, model: nn.Module, x: torch.Tensor):
         logits = model(x)
@@ -180,6 +204,8 @@ class Surgeon(Method):
     def _adapt(self, x: torch.Tensor) -> StepResult:
         report = self.engine.step(x, self._forward_loss)
         updated = not report.skipped and self.apply_update()
+        if updated:
+            self.pull_to_source(self.args.anchor)
         trained = [k for k in report.keep_ratios.values() if k > 0]
         mean_keep = sum(trained) / len(trained) if trained else None
         return StepResult(report.logits, report.loss, report.cache_bytes, report.paper_bytes,

@@ -146,7 +146,8 @@ def test_dropout_is_off_while_adapting(noisy):
     from torchvision.models import mobilenet_v2
 
     torch.manual_seed(0)
-    method = get_method("surgeon")(mobilenet_v2(num_classes=10), args_for("surgeon", lr=1e-12))
+    method = get_method("surgeon")(mobilenet_v2(num_classes=10),
+                                   args_for("surgeon", lr=1e-12, statistics="batch"))
     x = noisy[0][:8]
     first, second = method.step(x).logits, method.step(x).logits
     torch.testing.assert_close(first, second, rtol=1e-4, atol=1e-4)   # no dropout draws
@@ -168,3 +169,19 @@ def test_surgeon_can_normalise_with_running_statistics(base, noisy):
     split = _build("surgeon", base, running_after=7)
     kinds = [m.statistics for m in split.model.modules() if isinstance(m, RunningStatNorm2d)]
     assert kinds == ["batch"] * 7 + ["running"] * (len(kinds) - 7)
+
+
+def test_the_anchor_pulls_trained_weights_back_toward_the_source(base, noisy):
+    """anchor a: after each update w <- w + a (w_source - w); statistics are left alone."""
+    x = noisy[0][:32]
+    moved = {}
+    for anchor in (0.0, 0.5):
+        torch.manual_seed(0)
+        method = get_method("surgeon")(copy.deepcopy(base), args_for("surgeon", anchor=anchor,
+                                                                    margin=1.0))
+        assert method.step(x).updated
+        source = method._source["model"]
+        moved[anchor] = sum(float((p.detach() - source[n]).abs().sum())
+                            for n, p in method.model.named_parameters() if p.requires_grad)
+    assert moved[0.0] > 0
+    assert abs(moved[0.5] - 0.5 * moved[0.0]) < 0.05 * moved[0.0]
