@@ -253,13 +253,16 @@ class RunningStatNorm2d(nn.BatchNorm2d):
             shared = gate.rate()
             if shared is not None:
                 return shared
+        skl = None
+        if self.gate_scale is not None or (gate is not None and role == "shallow"):
+            skl = symmetric_kl(mean, var, self.running_mean, self.running_var)   # once a step
         if gate is not None and role == "shallow":
             if self._clears_gate:
                 gate.clear()
-            gate.report(symmetric_kl(mean, var, self.running_mean, self.running_var))
+            gate.report(skl)
         if self.gate_scale is None:
             return torch.full((), self.momentum, device=mean.device)
-        return forget_gate_rate(mean, var, self.running_mean, self.running_var, self.gate_scale)
+        return -torch.expm1(-self.gate_scale * skl)   # forget_gate_rate, from the KL above
 
     @torch.no_grad()
     def _update_statistics(self, x: torch.Tensor):
