@@ -31,7 +31,8 @@ class ConfigError(SurgeonError, ValueError):
 
 
 class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    # infinities and NaN are refused everywhere: no setting means anything at either
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
 
 
 class SourceConfig(_Section):
@@ -47,9 +48,10 @@ class SourceConfig(_Section):
     rtsp_latency_ms: int = Field(200, ge=0)
     decoder: str = Field("auto", description="GStreamer H.264 decoder; auto: nvv4l2decoder on "
                          "Jetson, avdec_h264 elsewhere")
-    read_timeout_s: float = Field(3.0, gt=0, description="no frame for this long: rebuild")
-    reconnect_initial_s: float = Field(0.5, gt=0)
-    reconnect_max_s: float = Field(30.0, gt=0)
+    read_timeout_s: float = Field(3.0, gt=0, le=3600,
+                                  description="no frame for this long: rebuild")
+    reconnect_initial_s: float = Field(0.5, gt=0, le=3600)
+    reconnect_max_s: float = Field(30.0, gt=0, le=86400)
 
 
 class PreprocessConfig(_Section):
@@ -121,38 +123,47 @@ class LearnerConfig(_Section):
     method: str = Field("surgeon", description="any registered method (surgeon_core.methods)")
     method_args: Dict[str, Any] = Field(default_factory=dict,
                                         description="overrides of the method's defaults")
-    batch_size: int = Field(64, ge=2)
+    batch_size: int = Field(64, ge=2, le=4096)
     min_batch_size: int = Field(8, ge=2, description="out of memory halves the batch down to this")
-    buffer_size: int = Field(512, ge=2, description="ring buffer of recent frames")
+    buffer_size: int = Field(512, ge=2, le=65536, description="ring buffer of recent frames")
     fresh_frames: int = Field(32, ge=1, description="new frames needed before the next step")
-    publish_every: int = Field(1, ge=1, description="copy weights to serving every k steps")
-    good_every: int = Field(20, ge=1, description="snapshot a rollback state every k steps")
+    publish_every: int = Field(1, ge=1, le=1_000_000,
+                               description="copy weights to serving every k steps")
+    good_every: int = Field(20, ge=1, le=1_000_000,
+                            description="snapshot a rollback state every k steps")
     collapse_entropy: float = Field(0.02, ge=0, le=1, description="mean entropy / ln C below this")
     collapse_class_share: float = Field(0.95, gt=0, le=1,
                                         description="... with this share of one class: collapse")
 
-    @field_validator("min_batch_size")
-    @classmethod
-    def _min_not_above_batch(cls, value, info):
-        batch = info.data.get("batch_size")
-        if batch is not None and value > batch:
-            raise ValueError("min_batch_size (%d) must not exceed batch_size (%d)" % (value, batch))
-        return value
+    @model_validator(mode="after")
+    def _batch_fits(self):
+        """Checked on every assignment too, so a live change cannot break it."""
+        rules = (("min_batch_size", "batch_size", ""),
+                 ("batch_size", "buffer_size", ": batches come from the ring buffer"),
+                 ("fresh_frames", "buffer_size", ""))
+        for small, large, why in rules:
+            if getattr(self, small) > getattr(self, large):
+                raise ValueError("learner.%s (%d) must not exceed learner.%s (%d)%s" % (
+                    small, getattr(self, small), large, getattr(self, large), why))
+        return self
 
 
 class MemoryConfig(_Section):
-    budget_mb: Optional[float] = Field(None, gt=0, description="hard cap on the activation cache")
+    budget_mb: Optional[float] = Field(None, gt=0, le=1e9,
+                                       description="hard cap on the activation cache")
     available_share: float = Field(0.25, gt=0, le=1,
                                    description="share of available memory the cache may use")
-    reserve_mb: float = Field(256.0, ge=0, description="available memory never planned on")
-    poll_s: float = Field(5.0, gt=0, description="re-read memory and re-plan the budget")
+    reserve_mb: float = Field(256.0, ge=0, le=1e9,
+                              description="available memory never planned on")
+    poll_s: float = Field(5.0, ge=0.01, le=3600,
+                          description="re-read memory and re-plan the budget")
     tegrastats: str = Field("auto", pattern="^(auto|on|off)$")
     tegrastats_path: str = "tegrastats"
     jtop: bool = Field(False, description="read jetson-stats' service (optional, AGPL)")
 
 
 class TelemetryConfig(_Section):
-    interval_s: float = Field(1.0, gt=0)
+    interval_s: float = Field(1.0, ge=0.05, le=3600, description="telemetry snapshot period")
     window: int = Field(4096, ge=16, description="latency samples kept for percentiles")
     jsonl: Optional[str] = Field(None, description="append snapshots to this file")
     compare_source: bool = Field(False, description="also run the frozen source model on "
@@ -181,9 +192,19 @@ class ControlConfig(_Section):
     curve_clients_dir: Optional[str] = Field(None, description="public certificates of allowed "
                                              "clients; none: any client that knows the server key")
     max_message_bytes: int = Field(65536, ge=1024, description="larger requests get TOO_LARGE")
-    max_requests_per_s: int = Field(500, ge=10, description="requests handled per second; "
-                                    "more wait in the queue (a flood must not slow serving)")
+    max_requests_per_s: int = Field(500, ge=10, le=100_000, description="requests handled "
+                                    "per second; more wait in the queue (a flood must not "
+                                    "slow serving)")
+    max_connections: int = Field(64, ge=2, le=4096, description="connections each socket "
+                                 "holds; newer ones are closed (descriptors are finite)")
     publish_predictions: bool = Field(True, description="a 'prediction' message per frame")
+
+    @field_validator("endpoint", "pub_endpoint", "curve_server_cert", "curve_clients_dir",
+                     "runtime_dir", mode="before")
+    @classmethod
+    def _empty_is_unset(cls, value):
+        """``SURGEON_CONTROL__CURVE_SERVER_CERT=`` means unset, and is checked as unset."""
+        return None if isinstance(value, str) and not value.strip() else value
 
     @model_validator(mode="after")
     def _no_open_tcp(self):
@@ -191,7 +212,7 @@ class ControlConfig(_Section):
 
         for endpoint in (self.endpoint, self.pub_endpoint):
             if endpoint:
-                require_safe_endpoint(endpoint, self.curve_server_cert is not None)
+                require_safe_endpoint(endpoint, bool(self.curve_server_cert))
         return self
 
 
@@ -201,7 +222,8 @@ class CheckpointConfig(_Section):
     directory: Optional[str] = Field(None, description="default: $STATE_DIRECTORY/checkpoints or "
                                      "~/.local/state/surgeon/checkpoints")
     keep_last: int = Field(5, ge=1, description="automatic checkpoints kept; named ones stay")
-    every_s: Optional[float] = Field(None, gt=0, description="save automatically this often")
+    every_s: Optional[float] = Field(None, ge=0.05, le=31_536_000,
+                                     description="save automatically this often")
     on_exit: bool = Field(True, description="save one when stopped by SIGTERM or shutdown")
     resume: str = Field("newest", pattern=r"^(newest|none|[A-Za-z0-9][A-Za-z0-9_.-]{0,63})$",
                         description="at start: newest (valid), none, or a name")

@@ -34,6 +34,7 @@ __all__ = ["RingBuffer", "Learner", "COLLAPSE_STEPS", "RECOVER_STEPS"]
 log = logging.getLogger("surgeond.learner")
 COLLAPSE_STEPS = 3
 RECOVER_STEPS = 100   # clean steps after a shrink before the batch and budget grow back
+MAX_FAULT_BACKOFF_S = 60.0
 
 
 class RingBuffer:
@@ -91,6 +92,7 @@ class Learner:
         self._healthy_since_good = 0
         self._good = self._snapshot()
         self._good_failed = False
+        self._faults_in_row = 0
         self._pairs = serving.pairs_with(method.model)
         self._stop = threading.Event()
         self._wake = threading.Event()
@@ -202,11 +204,21 @@ class Learner:
 
     # -- loop ----------------------------------------------------------------------------
     def _run(self) -> None:
-        try:
-            self._loop()
-        except Exception as exc:  # noqa: BLE001 - serving goes on; the reason is reported
-            log.exception("learner stopped")
-            self._pause_for("learner crashed: %s: %s" % (type(exc).__name__, exc))
+        """The loop, restarted after anything it raises: a transient fault (no descriptor left
+        for /proc/meminfo, a driver hiccup) pauses adaptation, never ends it for good. Faults
+        in a row back off exponentially (1 s to 60 s) so a permanent one costs nothing."""
+        while not self._stop.is_set():
+            try:
+                self._loop()
+                return
+            except Exception as exc:  # noqa: BLE001 - serving goes on; the reason is reported
+                self._faults_in_row += 1
+                wait = min(MAX_FAULT_BACKOFF_S, 2.0 ** (self._faults_in_row - 1))
+                log.exception("learner fault; its loop restarts in %.0f s", wait)
+                self.telemetry.count("learner_faults")
+                self._pause_for("learner fault: %s: %s" % (type(exc).__name__, exc))
+                self._stop.wait(wait)
+                self._beat = time.monotonic()
 
     def beat_age(self) -> Optional[float]:
         """Seconds since the loop last went round; None when the learner never started."""
@@ -281,6 +293,7 @@ class Learner:
             self._out_of_memory(exc)
             return
         self.steps += 1
+        self._faults_in_row = 0
         if self.paused_reason:
             self._resume()
         self.telemetry.stage("adapt", result.seconds)

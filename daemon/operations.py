@@ -71,6 +71,7 @@ class Operations:
             "budget_mb": snap.get("budget_mb"), "cache_mb": snap.get("cache_mb"),
             "source": snap.get("source"), "last_checkpoint": self.last_checkpoint,
             "resumed_from": self.resumed_from,
+            "control": None if self.daemon.control is None else self.daemon.control.health(),
         }
 
     def learner_state(self) -> str:
@@ -112,15 +113,26 @@ class Operations:
         if key.startswith("learner.method_args."):
             return self._set_method_option(key.rsplit(".", 1)[1], value)
         section, field = key.split(".", 1) if "." in key else (None, key)
+        candidate = self._with_setting(section, field, value)
+        new = getattr(candidate if section is None else getattr(candidate, section), field)
+        self._apply(key, new)      # may still refuse: nothing is stored before it agrees
         target = self.config if section is None else getattr(self.config, section)
+        setattr(target, field, new)
+        self.telemetry.event("config.changed", key=key, value=new)
+        return new
+
+    def _with_setting(self, section: Optional[str], field: str, value: Any) -> DaemonConfig:
+        """The whole configuration with one value changed, validated as at start (types,
+        ranges, and the rules between fields); the one in force is left untouched."""
+        tree = self.config.model_dump()
+        (tree if section is None else tree[section])[field] = value
         try:
-            setattr(target, field, value)
+            return DaemonConfig.model_validate(tree)
         except ValidationError as exc:
-            raise OperationError("INVALID_ARGS", "%s: %s" % (key, exc.errors()[0]["msg"])) \
+            item = exc.errors()[0]
+            raise OperationError("INVALID_ARGS", "%s: %s" % (
+                ".".join(str(p) for p in item["loc"]) or (section or field), item["msg"])) \
                 from None
-        self._apply(key, getattr(target, field))
-        self.telemetry.event("config.changed", key=key, value=getattr(target, field))
-        return getattr(target, field)
 
     def _apply(self, key: str, value: Any) -> None:
         policy = self.daemon.policy
@@ -133,8 +145,6 @@ class Operations:
         elif key == "learner.enabled":
             self.set_adapting(bool(value))
         elif key == "learner.batch_size":
-            if value < self.config.learner.min_batch_size:
-                raise OperationError("INVALID_ARGS", "batch_size below min_batch_size")
             self.learner.batch_size = value
         elif key == "log_level":
             logging.getLogger().setLevel(value)

@@ -92,10 +92,23 @@ def check_config(config: DaemonConfig):
     except UnknownSource as exc:
         raise ConfigError("source.uri: %s" % exc) from None
     resolve_device(config.model.device)
+    _check_control_keys(config.control)
     built = load_model(config.model)
     check_learner_files(config, built)
     build_method(config, built.model)
     return built
+
+
+def _check_control_keys(control) -> None:
+    """The CURVE certificate is read at bind; an unreadable one is a config error now."""
+    if not control.enabled or not control.curve_server_cert:
+        return
+    from .control.security import load_server_cert
+
+    try:
+        load_server_cert(control.curve_server_cert)
+    except ValueError as exc:
+        raise ConfigError("control.curve_server_cert: %s" % exc) from None
 
 
 def _warn_about_the_model(built, uri: str) -> None:
@@ -154,6 +167,8 @@ class Daemon:
         self.health: Optional[Health] = None
         self.metrics = self._metrics_exporter()
         self._serve_beat = time.monotonic()
+        self._last_supervised = 0.0
+        self._reporter: Optional[threading.Thread] = None
         self.grabber.on_state = self._on_source_state
 
     def _operations(self) -> Operations:
@@ -236,8 +251,7 @@ class Daemon:
         self.grabber.start()
         if self.config.learner.enabled:
             self.learner.start()
-        reporter = threading.Thread(target=self._report_loop, name="telemetry", daemon=True)
-        reporter.start()
+        self._reporter = self._start_reporter()
         self._announce_ready()
         self.health = health = Health(self.notifier, lambda: time.monotonic() - self._serve_beat,
                                       self.learner.beat_age, self.status_line).start()
@@ -245,6 +259,7 @@ class Daemon:
         try:
             while not self._stop.is_set():
                 self._serve_beat = time.monotonic()
+                self._supervise()
                 if deadline is not None and time.monotonic() >= deadline:
                     break
                 if self.config.max_frames and self.frames >= self.config.max_frames:
@@ -261,7 +276,7 @@ class Daemon:
             self._stop.set()
             self.grabber.stop()
             self.learner.stop()
-            reporter.join(2.0)
+            self._reporter.join(2.0)
             self._checkpoint_on_exit()
             final = self.snapshot()
             self.telemetry_log.write(final)
@@ -275,6 +290,24 @@ class Daemon:
             if self.metrics is not None:
                 self.metrics.stop()
         return final
+
+    def _start_reporter(self) -> threading.Thread:
+        reporter = threading.Thread(target=self._report_loop, name="telemetry", daemon=True)
+        reporter.start()
+        return reporter
+
+    def _supervise(self, every_s: float = 1.0) -> None:
+        """The serving loop (the root thread) starts again any helper thread that ended."""
+        now = time.monotonic()
+        if now - self._last_supervised < every_s:
+            return
+        self._last_supervised = now
+        if not self._reporter.is_alive() and not self._stop.is_set():
+            log.error("telemetry thread had stopped; started again")
+            self.telemetry.count("telemetry_restarts")
+            self._reporter = self._start_reporter()
+        if self.control is not None and self.control.ensure_running():
+            self.telemetry.set(control=self.control.health())
 
     def _announce_ready(self) -> None:
         """READY=1 once the model, the control sockets and the source's first attempt are done
@@ -372,16 +405,28 @@ class Daemon:
             self.telemetry.labelled("source", frame.domain, int(logits.argmax(1)) == frame.label)
 
     def _report_loop(self) -> None:
-        self._last_auto_save = time.monotonic()
-        while not self._stop.wait(self.config.telemetry.interval_s):
-            snap = self.snapshot()
-            self.telemetry_log.write(snap)
-            if self.control is not None:
-                self.control.publish("telemetry", snap)
-            self._periodic_checkpoint()
-            if self.on_snapshot is not None:
-                try:
-                    self.on_snapshot(snap)
-                except Exception:  # noqa: BLE001 - a view must never stop the daemon
-                    log.exception("telemetry view failed")
+        """Snapshots every telemetry.interval_s and periodic checkpoints, each on its own
+        clock: a long telemetry interval set live must not hold the checkpoints back."""
+        self._last_auto_save = last_report = time.monotonic()
+        while not self._stop.wait(min(self.config.telemetry.interval_s, 0.5)):
+            try:
+                if time.monotonic() - last_report >= self.config.telemetry.interval_s:
+                    last_report = time.monotonic()
+                    self._report()
+                self._periodic_checkpoint()
+            except Exception:  # noqa: BLE001 - telemetry and periodic saves must go on
+                self.telemetry.count("telemetry_faults")
+                log.exception("telemetry round failed")
 
+    def _report(self) -> None:
+        if self.control is not None:
+            self.telemetry.set(control=self.control.health())
+        snap = self.snapshot()
+        self.telemetry_log.write(snap)
+        if self.control is not None:
+            self.control.publish("telemetry", snap)
+        if self.on_snapshot is not None:
+            try:
+                self.on_snapshot(snap)
+            except Exception:  # noqa: BLE001 - a view must never stop the daemon
+                log.exception("telemetry view failed")

@@ -3,7 +3,8 @@
 Requests follow the ZMQ guide's lazy pirate pattern: a DEALER sends, polls for the reply for
 ``timeout_s`` and, when none comes, closes the socket (dropping what it queued) and tries again
 on a fresh one, up to ``retries`` times. Every try carries the same request id, and the daemon
-answers a repeated id from its reply cache, so a retry never runs a command twice.
+answers a repeated id from its reply cache, so a retry never runs a command twice. Every try
+carries the same routing id too, since that cache is kept per client.
 """
 
 import json
@@ -72,10 +73,14 @@ class ControlClient:
         self.endpoint, self.timeout_s, self.retries = endpoint, timeout_s, retries
         self.curve = curve
         self._context = zmq.Context.instance()
+        # one routing id for every try: the daemon's reply cache is per client
+        self._identity = b"surgeonctl-" + uuid.uuid4().bytes
 
     def _socket(self, kind: int) -> zmq.Socket:
         sock = self._context.socket(kind)
         sock.setsockopt(zmq.LINGER, 0)
+        if kind == zmq.DEALER:
+            sock.setsockopt(zmq.ROUTING_ID, self._identity)
         if self.curve is not None:
             sock.curve_serverkey, sock.curve_publickey, sock.curve_secretkey = self.curve
         return sock

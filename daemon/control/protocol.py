@@ -11,16 +11,19 @@ meaning) bumps ``v``; new commands, new optional arguments and new result fields
 """
 
 import json
+import math
 import time
 from typing import Any, Dict, Optional, Type
 
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
 
 __all__ = ["PROTOCOL_VERSION", "ErrorCode", "ProtocolError", "Args", "Envelope",
-           "build_union", "parse_request", "request_id", "ok_reply", "error_reply", "encode"]
+           "build_union", "load_json", "parse_request", "request_id", "ok_reply",
+           "error_reply", "encode"]
 
 PROTOCOL_VERSION = 1
 MAX_ID_LENGTH = 128
+MAX_DEPTH = 32          # nesting of arrays and objects; a real request needs 4
 
 
 class ErrorCode:
@@ -49,11 +52,11 @@ class ProtocolError(Exception):
 class Args(BaseModel):
     """Base of every command's arguments: unknown fields are an error."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
 
 class Envelope(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
     v: int
     id: str = Field(min_length=1, max_length=MAX_ID_LENGTH)
@@ -85,12 +88,63 @@ def _first_error(error: ValidationError) -> str:
     return "; ".join(parts)
 
 
-def parse_request(raw: bytes, adapter: TypeAdapter, known: Dict[str, Any]) -> BaseModel:
-    """A validated request, or ProtocolError with the most specific code."""
+class _DuplicateKey(ValueError):
+    pass
+
+
+def _unique_keys(pairs):
+    body = dict(pairs)
+    if len(body) != len(pairs):
+        seen = set()
+        twice = next(key for key, _ in pairs if key in seen or seen.add(key))
+        raise _DuplicateKey("key %r appears twice in one object" % twice[:64])
+    return body
+
+
+def _depth_over(value: Any, limit: int) -> bool:
+    """Whether arrays and objects nest deeper than ``limit`` (iterative: no recursion)."""
+    stack = [(value, 1)]
+    while stack:
+        node, depth = stack.pop()
+        children = (node.values() if isinstance(node, dict) else node
+                    if isinstance(node, list) else ())
+        for child in children:
+            if isinstance(child, (dict, list)):
+                if depth + 1 > limit:
+                    return True
+                stack.append((child, depth + 1))
+    return False
+
+
+def load_json(raw: bytes) -> Any:
+    """Strict JSON: UTF-8, no duplicate keys, no NaN or Infinity, at most MAX_DEPTH deep.
+
+    Nesting is checked twice: the C parser raises RecursionError near Python's recursion
+    limit (a few KB of brackets), and anything deeper than MAX_DEPTH that parsed would still
+    reach code that recurses (validation, logging, the reply's encoder)."""
     try:
-        body = json.loads(raw.decode("utf-8"))
+        text = raw.decode("utf-8")
+        body = json.loads(text, object_pairs_hook=_unique_keys, parse_constant=_no_constant)
+    except _DuplicateKey as exc:
+        raise ProtocolError(ErrorCode.BAD_REQUEST, str(exc)) from None
+    except RecursionError:
+        raise ProtocolError(ErrorCode.BAD_JSON, "nested deeper than %d levels" % MAX_DEPTH) \
+            from None
     except (UnicodeDecodeError, ValueError) as exc:
         raise ProtocolError(ErrorCode.BAD_JSON, "not UTF-8 JSON: %s" % exc) from None
+    brackets = text.count("[") + text.count("{")
+    if brackets > MAX_DEPTH and _depth_over(body, MAX_DEPTH):
+        raise ProtocolError(ErrorCode.BAD_JSON, "nested deeper than %d levels" % MAX_DEPTH)
+    return body
+
+
+def _no_constant(name: str) -> Any:
+    raise ValueError("%s is not JSON" % name)
+
+
+def parse_request(raw: bytes, adapter: TypeAdapter, known: Dict[str, Any]) -> BaseModel:
+    """A validated request, or ProtocolError with the most specific code."""
+    body = load_json(raw)
     if not isinstance(body, dict):
         raise ProtocolError(ErrorCode.BAD_JSON, "a request is a JSON object, got %s"
                             % type(body).__name__)
@@ -115,8 +169,8 @@ def parse_request(raw: bytes, adapter: TypeAdapter, known: Dict[str, Any]) -> Ba
 def request_id(raw: bytes) -> Optional[str]:
     """The id of a request that failed validation, if one can be read, to echo back."""
     try:
-        value = json.loads(raw.decode("utf-8")).get("id")
-    except (UnicodeDecodeError, ValueError, AttributeError):
+        value = load_json(raw).get("id")
+    except (ProtocolError, AttributeError):
         return None
     return value if isinstance(value, str) and len(value) <= MAX_ID_LENGTH else None
 
@@ -131,4 +185,20 @@ def error_reply(rid: Optional[str], code: str, message: str) -> Dict[str, Any]:
 
 
 def encode(message: Dict[str, Any]) -> bytes:
-    return json.dumps(message, default=str, separators=(",", ":")).encode()
+    """Strict JSON: a non-finite float (a diverged loss, an unset rate) goes out as null."""
+    try:
+        text = json.dumps(message, default=str, separators=(",", ":"), allow_nan=False)
+    except ValueError:
+        text = json.dumps(_finite(message), default=str, separators=(",", ":"),
+                          allow_nan=False)
+    return text.encode()
+
+
+def _finite(value: Any) -> Any:
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {key: _finite(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_finite(item) for item in value]
+    return value

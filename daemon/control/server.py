@@ -13,11 +13,23 @@ finishes (ROUTER replies may go out in any order), or at once as ``accepted`` wi
 when the request asked for ``"mode": "accept"``; completion is always published as
 ``event.job``.
 
-A retried request (same ``id``, e.g. surgeonctl's lazy-pirate retry after a timeout) gets the
-cached reply, or joins the job already running, so it never runs twice.
+A retried request (same client identity and ``id``, e.g. surgeonctl's lazy-pirate retry after
+a timeout, which keeps its routing id) gets the cached reply, or joins the job already running,
+so it never runs twice. The cache is per client, and an id reused for a different request is
+refused, so no client is ever answered with another's reply or another command's.
+
+NOTE [A control plane that stays up]
+No message may stop the control thread: JSON is parsed strictly and at most MAX_DEPTH deep
+(protocol.load_json), messages are read part by part and parts beyond the fourth dropped,
+anything a handler raises becomes an INTERNAL reply, and anything else the loop raises is
+logged and counted while the loop goes on. Should the thread end anyway, ``ensure_running``
+(called by the serving loop) starts it again, and ``health`` says so. Connections are capped
+per socket (connections.py) so that idle peers cannot use up the descriptors other threads
+need.
 """
 
 import collections
+import hashlib
 import logging
 import queue
 import threading
@@ -29,9 +41,10 @@ import zmq
 from surgeon_core.errors import SurgeonError
 
 from .commands import COMMANDS, argument_models
+from .connections import ConnectionCap
 from .protocol import (ErrorCode, ProtocolError, build_union, encode, error_reply, ok_reply,
                        parse_request, request_id)
-from .security import bind_endpoint, load_server_cert
+from .security import bind_endpoint, load_server_cert, require_safe_endpoint
 
 __all__ = ["ControlServer", "ControlError", "endpoints_for"]
 
@@ -40,6 +53,7 @@ HARD_LIMIT_FACTOR = 16      # libzmq drops (and disconnects) beyond this many ti
 JOB_QUEUE = 8
 PUBLISH_QUEUE = 10_000
 REPLY_CACHE = 512
+MAX_FRAMES = 4              # identity, empty delimiter, payload: one more is already wrong
 
 
 class ControlError(SurgeonError):
@@ -109,8 +123,14 @@ class ControlServer:
         self._outbox: "queue.Queue[Tuple[str, Dict]]" = queue.Queue(PUBLISH_QUEUE)
         self._jobs: "queue.Queue[Optional[Tuple]]" = queue.Queue(JOB_QUEUE)
         self._done: "queue.Queue[Tuple]" = queue.Queue()
-        self._inflight: Dict[str, List[Optional[List[bytes]]]] = {}   # id -> envelopes waiting
-        self._replies: "collections.OrderedDict[str, bytes]" = collections.OrderedDict()
+        # (client identity, id) -> (request digest, envelopes waiting) / (digest, reply)
+        self._inflight: Dict[Tuple[bytes, str], Tuple[str, List[List[bytes]]]] = {}
+        self._replies: "collections.OrderedDict[Tuple[bytes, str], Tuple[str, bytes]]" = \
+            collections.OrderedDict()
+        self._caps: List[ConnectionCap] = []
+        self.faults = 0
+        self.restarts = 0
+        self.last_fault: Optional[str] = None
         self._stop = threading.Event()
         self._threads: List[threading.Thread] = []
         self._quiet = _QuietLog()
@@ -127,13 +147,42 @@ class ControlServer:
                 self._auth.stop()
             self._context.term()
             raise ControlError("control socket %s: %s" % (self.endpoint, exc)) from None
-        for target, name in ((self._serve, "control"), (self._work, "control-jobs")):
-            thread = threading.Thread(target=target, name=name, daemon=True)
-            thread.start()
-            self._threads.append(thread)
+        self._threads = [self._thread(self._serve, "control"),
+                         self._thread(self._work, "control-jobs")]
         log.info("control on %s, telemetry on %s%s", self.endpoint, self.pub_endpoint,
                  " (CURVE)" if self._auth else "")
+        for endpoint in (self.endpoint, self.pub_endpoint):
+            if endpoint.startswith("tcp://") and self._auth is None:
+                log.warning("%s is TCP without CURVE: any local user can control this daemon "
+                            "(the default ipc:// socket is private to its user)", endpoint)
         return self
+
+    @staticmethod
+    def _thread(target, name: str) -> threading.Thread:
+        thread = threading.Thread(target=target, name=name, daemon=True)
+        thread.start()
+        return thread
+
+    def ensure_running(self) -> bool:
+        """Start again a control thread that ended (it should not); True when one was."""
+        targets = (self._serve, self._work)
+        restarted = False
+        for index, thread in enumerate(self._threads):
+            if not thread.is_alive() and not self._stop.is_set():
+                log.error("control thread %s had stopped; started again", thread.name)
+                self._threads[index] = self._thread(targets[index], thread.name)
+                self.restarts += 1
+                self.telemetry.count("control_restarts")
+                restarted = True
+        return restarted
+
+    def health(self) -> Dict[str, Any]:
+        alive = all(thread.is_alive() for thread in self._threads)
+        return {"state": "ok" if alive and not self.restarts else
+                "restarted" if alive else "down",
+                "faults": self.faults, "restarts": self.restarts, "last_fault": self.last_fault,
+                "connections": {cap.name: len(cap.open) for cap in self._caps},
+                "refused_connections": sum(cap.refused for cap in self._caps)}
 
     def _bind(self) -> None:
         access = self.config.socket_access
@@ -146,10 +195,20 @@ class ControlServer:
         for sock in (self._router, self._pub):
             sock.setsockopt(zmq.LINGER, 500)
         self._pub.setsockopt(zmq.SNDHWM, 1000)
-        if self.config.curve_server_cert:
+        for sock in (self._router, self._pub):
+            sock.setsockopt(zmq.HANDSHAKE_IVL, 5000)     # a peer that never speaks ZMTP
+            sock.setsockopt(zmq.HEARTBEAT_IVL, 10000)    # and one that went silent
+            sock.setsockopt(zmq.HEARTBEAT_TIMEOUT, 30000)
+        curve = bool(self.config.curve_server_cert)
+        for endpoint in (self.endpoint, self.pub_endpoint):
+            require_safe_endpoint(endpoint, curve)        # the rule config --check applies
+        if curve:
             self._enable_curve()
         bind_endpoint(self._router, self.endpoint, access)
         bind_endpoint(self._pub, self.pub_endpoint, access)
+        limit = self.config.max_connections
+        self._caps = [ConnectionCap(self._router, limit, "control"),
+                      ConnectionCap(self._pub, limit, "telemetry")]
 
     def _refuse_if_answered(self) -> None:
         """Binding an ipc path another daemon listens on would silently steal its socket."""
@@ -195,6 +254,8 @@ class ControlServer:
         self._remove_ipc_files()
 
     def _close_sockets(self) -> None:
+        for cap in self._caps:
+            cap.close()
         for sock in (self._router, self._pub):
             if sock is not None:
                 sock.close()
@@ -221,25 +282,60 @@ class ControlServer:
     def _serve(self) -> None:
         poller = zmq.Poller()
         poller.register(self._router, zmq.POLLIN)
+        for cap in self._caps:
+            poller.register(cap.monitor, zmq.POLLIN)
         while not self._stop.is_set():
-            left = self._rate.left()
-            if left <= 0:
-                self._stop.wait(0.005)
-            elif dict(poller.poll(20)).get(self._router):
-                self._receive_burst(left)
-            self._send_finished_jobs()
-            self._flush_outbox()
+            try:
+                self._serve_once(poller)
+            except Exception as exc:  # noqa: BLE001 - see NOTE [A control plane that stays up]
+                self._fault("control loop", exc)
+                self._stop.wait(0.05)
         self._send_finished_jobs()
         self._flush_outbox()
+
+    def _serve_once(self, poller: zmq.Poller) -> None:
+        left = self._rate.left()
+        if left <= 0:
+            self._stop.wait(0.005)
+        else:
+            ready = dict(poller.poll(20))
+            for cap in self._caps:
+                if ready.get(cap.monitor):
+                    cap.handle()
+            if ready.get(self._router):
+                self._receive_burst(left)
+        self._send_finished_jobs()
+        self._flush_outbox()
+
+    def _fault(self, where: str, exc: BaseException) -> None:
+        self.faults += 1
+        self.last_fault = "%s: %s: %s" % (where, type(exc).__name__, str(exc)[:200])
+        self.telemetry.count("control_faults")
+        log.error("%s", self.last_fault, exc_info=exc if self.faults <= 10 else None)
 
     def _receive_burst(self, limit: int) -> None:
         for _ in range(limit):
             try:
-                frames = self._router.recv_multipart(zmq.NOBLOCK, copy=True)
+                frames = self._receive()
             except zmq.Again:
                 return
             self._rate.spend(1)
-            self._handle(frames)
+            try:
+                self._handle(frames)
+            except Exception as exc:  # noqa: BLE001 - see NOTE [A control plane that stays up]
+                self._fault("request", exc)
+                self._send(frames[:1], encode(error_reply(None, ErrorCode.INTERNAL,
+                                                          "the request failed: %s"
+                                                          % type(exc).__name__)))
+
+    def _receive(self) -> List[bytes]:
+        """One message, part by part: parts beyond MAX_FRAMES are read and dropped."""
+        frames = [self._router.recv(zmq.NOBLOCK)]
+        while self._router.getsockopt(zmq.RCVMORE):
+            part = self._router.recv()
+            if len(frames) < MAX_FRAMES:
+                frames.append(part)
+        return frames
 
     def _handle(self, frames: List[bytes]) -> None:
         """[identity, (empty,) payload]: DEALER and REQ clients alike."""
@@ -261,27 +357,33 @@ class ControlServer:
         self._dispatch(envelope, request)
 
     def _dispatch(self, envelope: List[bytes], request) -> None:
-        rid = request.id
-        if rid in self._replies:
-            self._send(envelope, self._replies[rid])
+        rid, key, digest = request.id, (envelope[0], request.id), _digest(request)
+        seen = self._replies.get(key) or self._inflight.get(key)
+        if seen is not None and seen[0] != digest:
+            self._fail(envelope, rid, ErrorCode.BAD_REQUEST, "id %r was already used for "
+                       "another request: use a new id for each request" % rid)
             return
-        if rid in self._inflight:           # a retry of a job still running: answer both
-            self._inflight[rid].append(envelope)
+        if key in self._replies:
+            self._send(envelope, self._replies[key][1])
+            return
+        if key in self._inflight:           # a retry of a job still running: answer both
+            self._inflight[key][1].append(envelope)
             return
         module = COMMANDS[request.cmd]
         if not module.LONG:
-            self._reply(envelope, rid, *self._execute(module, request.args))
+            self._reply(envelope, key, digest, *self._execute(module, request.args))
             return
         waiting = [envelope] if request.mode == "wait" else []
         try:
-            self._jobs.put_nowait((rid, request.cmd, module, request.args))
+            self._jobs.put_nowait((key, digest, request.cmd, module, request.args))
         except queue.Full:
             self._fail(envelope, rid, ErrorCode.BUSY, "%d operations already queued; try again"
                        % JOB_QUEUE)
             return
-        self._inflight[rid] = waiting
+        self._inflight[key] = (digest, waiting)
         if not waiting:
-            self._reply(envelope, rid, True, {"accepted": True, "job": rid, "cmd": request.cmd})
+            self._send(envelope, encode(ok_reply(rid, {"accepted": True, "job": rid,
+                                                       "cmd": request.cmd})))
 
     def _execute(self, module, args) -> Tuple[bool, Dict[str, Any]]:
         from ..checkpoints import CheckpointError
@@ -299,9 +401,10 @@ class ControlServer:
             return False, {"code": ErrorCode.INTERNAL, "message": "%s: %s"
                            % (type(exc).__name__, exc)}
 
-    def _reply(self, envelope: List[bytes], rid: str, ok: bool, body: Dict[str, Any]) -> None:
-        message = self._result_message(rid, ok, body)
-        self._remember(rid, message)
+    def _reply(self, envelope: List[bytes], key: Tuple[bytes, str], digest: str, ok: bool,
+               body: Dict[str, Any]) -> None:
+        message = self._result_message(key[1], ok, body)
+        self._remember(key, digest, message)
         self._send(envelope, message)
 
     def _result_message(self, rid: str, ok: bool, body: Dict[str, Any]) -> bytes:
@@ -315,8 +418,8 @@ class ControlServer:
         self._quiet.bad(code, message)
         self._send(envelope, encode(error_reply(rid, code, message)))
 
-    def _remember(self, rid: str, message: bytes) -> None:
-        self._replies[rid] = message
+    def _remember(self, key: Tuple[bytes, str], digest: str, message: bytes) -> None:
+        self._replies[key] = (digest, message)
         while len(self._replies) > REPLY_CACHE:
             self._replies.popitem(last=False)
 
@@ -329,14 +432,14 @@ class ControlServer:
     def _send_finished_jobs(self) -> None:
         while True:
             try:
-                rid, cmd, ok, body = self._done.get_nowait()
+                key, digest, cmd, ok, body = self._done.get_nowait()
             except queue.Empty:
                 return
-            message = self._result_message(rid, ok, body)
-            for envelope in self._inflight.pop(rid, []):
+            message = self._result_message(key[1], ok, body)
+            for envelope in self._inflight.pop(key, (digest, []))[1]:
                 self._send(envelope, message)
-            self._remember(rid, message)
-            self._publish_now("event.job", {"event": "job", "job": rid, "cmd": cmd, "ok": ok,
+            self._remember(key, digest, message)
+            self._publish_now("event.job", {"event": "job", "job": key[1], "cmd": cmd, "ok": ok,
                                             ("result" if ok else "error"): body,
                                             "time": time.time()})
 
@@ -360,6 +463,12 @@ class ControlServer:
             job = self._jobs.get()
             if job is None or self._stop.is_set():
                 return
-            rid, cmd, module, args = job
+            key, digest, cmd, module, args = job
             ok, body = self._execute(module, args)
-            self._done.put((rid, cmd, ok, body))
+            self._done.put((key, digest, cmd, ok, body))
+
+
+def _digest(request) -> str:
+    """What a request asks for, so that a reused id is told apart from a retry."""
+    text = request.cmd + "\n" + request.args.model_dump_json() + "\n" + request.mode
+    return hashlib.sha256(text.encode()).hexdigest()

@@ -18,7 +18,7 @@ from .running import REPLAY, small_config, wait_for
 ROUNDS = int(os.environ.get("SURGEON_KILL_ROUNDS", "3"))
 SETTINGS = ["source.uri=" + REPLAY.replace("seed=0", "seed=0&fps=100"), "learner.batch_size=16",
             "learner.fresh_frames=8", "learner.min_batch_size=4", "threads=1",
-            "telemetry.interval_s=0.03", "checkpoints.every_s=0.03", "checkpoints.keep_last=3"]
+            "telemetry.interval_s=0.05", "checkpoints.every_s=0.05", "checkpoints.keep_last=3"]
 
 
 def _start(log_path):
