@@ -9,6 +9,13 @@ not list yet, so listing also reads the metadata embedded in every file and the 
 only an index (with each file's SHA-256, checked on load). Order is a sequence number, not the
 wall clock: a Jetson without a battery-backed clock boots in 1970 until NTP answers.
 
+The file name on disk is a checkpoint's identity (a copy, ``cp auto-000001.pt keep.pt``, is a
+named checkpoint ``keep``, whatever its embedded metadata says). Saves and deletes are
+serialised within the process, and ``acquire`` takes an flock on the directory so that a second
+daemon cannot write there. Only regular files are opened, without following links or blocking
+(daemon/safefiles.py), and a directory other users can write is refused: they could plant a
+checkpoint this daemon would resume from.
+
 Loading never unpickles code: ``torch.load(weights_only=True)`` accepts tensors and plain
 containers only, so a crafted file that would run code is refused. A checkpoint whose model
 fingerprint (architecture, parameter names, shapes, dtypes) differs from the running model's is
@@ -20,6 +27,7 @@ import json
 import logging
 import os
 import re
+import threading
 import time
 import uuid
 from pathlib import Path
@@ -28,7 +36,9 @@ from typing import Any, Dict, List, Optional, Tuple
 import torch
 
 from surgeon_core.errors import SurgeonError
-from surgeon_core.models.zoo import sha256_of
+
+from .safefiles import (DirectoryLock, LockHeld, NotRegular, describe_os_error, open_regular,
+                        regular_files, unsafe_directory)
 
 __all__ = ["CheckpointError", "CheckpointStore", "model_fingerprint", "default_directory",
            "describe_identity",
@@ -84,6 +94,20 @@ def describe_identity(identity: Dict[str, Any]) -> str:
         identity.get("input_size", "?"), identity.get("weights", "?"))
 
 
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open_regular(path) as handle:
+        for chunk in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def storage_error(action: str, exc: OSError) -> CheckpointError:
+    """Disk full, read-only and permission problems get their own code and words."""
+    return CheckpointError("STORAGE", "cannot %s: %s (%s); the checkpoints already saved are "
+                           "intact" % (action, describe_os_error(exc), exc))
+
+
 def _fsync_dir(directory: Path) -> None:
     fd = os.open(str(directory), os.O_RDONLY)
     try:
@@ -124,15 +148,42 @@ class CheckpointStore:
         try:
             self.directory.mkdir(mode=0o700, parents=True, exist_ok=True)
         except OSError as exc:
-            raise CheckpointError("INTERNAL", "cannot create checkpoint directory %s: %s"
-                                  % (self.directory, exc.strerror or exc)) from None
+            raise storage_error("create checkpoint directory %s" % self.directory, exc) \
+                from None
+        why = unsafe_directory(self.directory)
+        if why is not None:
+            raise CheckpointError("FORBIDDEN", "checkpoint directory refused: %s; another user "
+                                  "could plant a checkpoint this daemon would resume" % why)
         self.manifest_path = self.directory / "manifest.json"
+        self._writing = threading.RLock()
+        self._owner: Optional[DirectoryLock] = None
         self._remove_leftovers()
 
+    def acquire(self) -> None:
+        """Become the directory's only writer (until ``release`` or the process ends)."""
+        if self._owner is not None:
+            return
+        try:
+            self._owner = DirectoryLock(self.directory / ".lock")
+        except LockHeld as exc:
+            raise CheckpointError("CONFLICT", "checkpoint directory %s is in use by another "
+                                  "daemon (%s)" % (self.directory, "pid %s" % exc.owner
+                                                   if exc.owner else "lock held")) from None
+        except OSError as exc:
+            raise storage_error("lock %s" % self.directory, exc) from None
+
+    def release(self) -> None:
+        if self._owner is not None:
+            self._owner.release()
+            self._owner = None
+
     def _remove_leftovers(self) -> None:
-        """Temporary files of writes a crash interrupted."""
+        """Temporary files of writes a crash interrupted (links are removed, not followed)."""
         for tmp in self.directory.glob(".*.tmp"):
-            tmp.unlink()
+            try:
+                tmp.unlink()
+            except OSError:
+                continue
             log.info("removed %s, left by an interrupted save", tmp.name)
 
     def path(self, name: str) -> Path:
@@ -141,12 +192,13 @@ class CheckpointStore:
     # -- manifest ------------------------------------------------------------------------
     def _read_manifest(self) -> Dict[str, Dict[str, Any]]:
         try:
-            data = json.loads(self.manifest_path.read_text())
+            with open_regular(self.manifest_path) as handle:
+                data = json.loads(handle.read(64 << 20).decode("utf-8"))
             return {e["name"]: e for e in data["checkpoints"] if isinstance(e, dict) and
                     isinstance(e.get("name"), str)}
         except FileNotFoundError:
             return {}
-        except (OSError, ValueError, KeyError, TypeError) as exc:
+        except (OSError, ValueError, KeyError, TypeError, RecursionError) as exc:
             log.warning("manifest %s unreadable (%s); rebuilding it from the files",
                         self.manifest_path, exc)
             return {}
@@ -157,30 +209,41 @@ class CheckpointStore:
         _atomic_write(self.manifest_path, lambda handle: handle.write(text))
 
     def list(self) -> List[Dict[str, Any]]:
-        """Every checkpoint on disk, oldest first; the manifest fills in what it knows."""
+        """Every checkpoint on disk, oldest first; the manifest fills in what it knows. The
+        name and kind (automatic or named) come from the file's name, never from inside it."""
         manifest = self._read_manifest()
         entries = []
-        for file in self.directory.glob("*" + SUFFIX):
-            name = file.name[:-len(SUFFIX)]
-            entry = manifest.get(name)
+        for filename, regular in regular_files(self.directory, SUFFIX):
+            name = filename[:-len(SUFFIX)]
+            if not _NAME.match(name):
+                continue
+            entry = manifest.get(name) if regular else None
             if entry is None:
-                entry = self._entry_from_file(file)
-            if entry is not None:
-                entries.append(entry)
+                entry = self._entry_from_file(self.directory / filename, regular)
+            entries.append(dict(entry, name=name, auto=name.startswith(AUTO_PREFIX)))
         return sorted(entries, key=lambda e: (e.get("seq", -1), e.get("time", 0)))
 
-    def _entry_from_file(self, file: Path) -> Optional[Dict[str, Any]]:
-        """A checkpoint saved just before a crash that kept it out of the manifest."""
+    def _entry_from_file(self, file: Path, regular: bool) -> Dict[str, Any]:
+        """A checkpoint saved just before a crash that kept it out of the manifest, or a copy."""
         try:
+            if not regular:
+                raise CheckpointError("CORRUPT", "%s is not a regular file" % file.name)
             meta = self._read(file)["meta"]
-        except CheckpointError as exc:
-            return {"name": file.name[:-len(SUFFIX)], "seq": -1, "time": file.stat().st_mtime,
-                    "error": str(exc)}
-        return dict(meta, bytes=file.stat().st_size, sha256=None)
+            return dict(meta, bytes=file.stat().st_size, sha256=None)
+        except (CheckpointError, OSError) as exc:
+            return {"seq": -1, "time": 0, "error": str(exc)}
 
     # -- save ----------------------------------------------------------------------------
     def save(self, name: Optional[str], state: Dict[str, Any], meta: Dict[str, Any]) -> Dict:
-        """Write ``state`` (tensors and plain containers) under ``name`` (automatic if None)."""
+        """Write ``state`` (tensors and plain containers) under ``name`` (automatic if None).
+        A failure (disk full, read-only) leaves the directory as it was: STORAGE error."""
+        with self._writing:
+            try:
+                return self._save(name, state, meta)
+            except OSError as exc:
+                raise storage_error("save checkpoint", exc) from None
+
+    def _save(self, name: Optional[str], state: Dict[str, Any], meta: Dict[str, Any]) -> Dict:
         entries = self.list()
         seq = 1 + max([e.get("seq", 0) for e in entries] + [0])
         auto = name is None
@@ -190,27 +253,66 @@ class CheckpointStore:
         if self.identity is not None:
             meta["model"] = self.identity
         path = self.path(name)
+        if path.is_symlink() or (path.exists() and not path.is_file()):
+            raise CheckpointError("CONFLICT", "%s exists and is not a regular file" % path.name)
         payload = {"format": FORMAT, "version": FORMAT_VERSION, "meta": meta, "state": state}
-        _atomic_write(path, lambda handle: torch.save(payload, handle))
-        entry = dict(meta, bytes=path.stat().st_size, sha256=sha256_of(path))
-        entries = [e for e in entries if e["name"] != name] + [entry]
-        entries = self._retain(entries)
-        self._write_manifest(entries)
+        backup = self._backup(path)
+        try:
+            _atomic_write(path, lambda handle: torch.save(payload, handle))
+            entry = dict(meta, bytes=path.stat().st_size, sha256=_sha256(path))
+            kept, doomed = self._retain([e for e in entries if e["name"] != name] + [entry])
+            self._write_manifest(kept)
+        except BaseException:
+            # the directory as it was: no file the manifest does not know, no lost old one
+            if backup is not None:
+                self._restore(backup, path)
+            elif path.is_file():
+                path.unlink()
+            raise
+        if backup is not None:
+            backup.unlink()
+        for doomed_name in doomed:  # only once the manifest no longer lists them
+            self._unlink(doomed_name)
         return entry
 
-    def _retain(self, entries: List[Dict[str, Any]]) -> List[Dict[str, Any]]:
+    @staticmethod
+    def _restore(backup: Path, path: Path) -> None:
+        # rename(2) between two links to one file does nothing: the write never replaced it
+        if path.is_file() and os.path.samefile(str(backup), str(path)):
+            backup.unlink()
+        else:
+            os.replace(str(backup), str(path))
+
+    @staticmethod
+    def _backup(path: Path) -> Optional[Path]:
+        """A hard link to a checkpoint about to be overwritten (a leftover if we crash)."""
+        if not path.is_file():
+            return None
+        backup = path.with_name(".%s.%s.old.tmp" % (path.name, uuid.uuid4().hex[:8]))
+        os.link(str(path), str(backup))
+        return backup
+
+    def _retain(self, entries: List[Dict[str, Any]]) -> Tuple[List[Dict[str, Any]], List[str]]:
+        """(entries kept, automatic names to delete beyond keep_last)."""
         autos = [e for e in entries if e.get("auto")]
-        doomed = {e["name"] for e in autos[:max(0, len(autos) - self.keep_last)]}
-        for name in doomed:
+        doomed = [e["name"] for e in autos[:max(0, len(autos) - self.keep_last)]]
+        return [e for e in entries if e["name"] not in doomed], doomed
+
+    def _unlink(self, name: str) -> None:
+        try:
             self.path(name).unlink()
-        return [e for e in entries if e["name"] not in doomed]
+        except FileNotFoundError:
+            pass
 
     # -- load ----------------------------------------------------------------------------
     def _read(self, path: Path) -> Dict[str, Any]:
         try:
-            payload = torch.load(str(path), map_location="cpu", weights_only=True)
+            with open_regular(path) as handle:
+                payload = torch.load(handle, map_location="cpu", weights_only=True)
         except FileNotFoundError:
             raise CheckpointError("NOT_FOUND", "no checkpoint %s" % path.name) from None
+        except NotRegular as exc:
+            raise CheckpointError("CORRUPT", str(exc)) from None
         except Exception as exc:  # noqa: BLE001 - any failure to unpickle safely is a refusal
             first = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else ""
             raise CheckpointError("CORRUPT", "%s is not a loadable checkpoint (%s: %s)"
@@ -225,15 +327,21 @@ class CheckpointStore:
         """(state, meta) of a checkpoint that is intact and made for this model."""
         validate_name(name, allow_auto=True)
         path = self.path(name)
-        if not path.is_file():
+        if not os.path.lexists(str(path)):
             raise CheckpointError("NOT_FOUND", "no checkpoint named %r in %s"
                                   % (name, self.directory))
         expected = self._read_manifest().get(name, {}).get("sha256")
-        if expected and sha256_of(path) != expected:
+        try:
+            actual = _sha256(path) if expected else None
+        except NotRegular as exc:
+            raise CheckpointError("CORRUPT", str(exc)) from None
+        except OSError as exc:
+            raise storage_error("read %s" % path.name, exc) from None
+        if expected and actual != expected:
             raise CheckpointError("CORRUPT", "%s does not match the SHA-256 in the manifest"
                                   % path.name)
         payload = self._read(path)
-        meta = payload["meta"]
+        meta = dict(payload["meta"], name=name)
         theirs = meta.get("model")
         if self.identity is not None and isinstance(theirs, dict) and theirs != self.identity:
             raise CheckpointError("CONFLICT", "checkpoint %r was made for %s; this daemon runs "
@@ -249,9 +357,13 @@ class CheckpointStore:
     def delete(self, name: str) -> None:
         validate_name(name, allow_auto=True)
         path = self.path(name)
-        if not path.is_file():
-            raise CheckpointError("NOT_FOUND", "no checkpoint named %r" % name)
-        entries = [e for e in self.list() if e["name"] != name]
-        path.unlink()
-        _fsync_dir(self.directory)
-        self._write_manifest(entries)
+        with self._writing:
+            if not os.path.lexists(str(path)):
+                raise CheckpointError("NOT_FOUND", "no checkpoint named %r" % name)
+            try:
+                entries = [e for e in self.list() if e["name"] != name]
+                path.unlink()
+                _fsync_dir(self.directory)
+                self._write_manifest(entries)
+            except OSError as exc:
+                raise storage_error("delete checkpoint %s" % name, exc) from None

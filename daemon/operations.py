@@ -201,11 +201,7 @@ class Operations:
     def save_checkpoint(self, name: Optional[str]) -> Dict[str, Any]:
         store = self._require_store()
         state = self.learner.export_state()
-        try:
-            entry = store.save(name, state, self._meta())
-        except OSError as exc:
-            raise OperationError("INTERNAL", "cannot write checkpoint: %s"
-                                 % (exc.strerror or exc)) from None
+        entry = store.save(name, state, self._meta())
         self.last_checkpoint = entry["name"]
         self.telemetry.event("checkpoint.saved", name=entry["name"], steps=entry["steps"],
                              bytes=entry["bytes"])

@@ -19,7 +19,7 @@ import torch
 from surgeon_core.methods import args_for, get_method
 from surgeon_core.models.spec import describe as describe_model
 
-from .checkpoints import CheckpointStore, default_directory, model_fingerprint
+from .checkpoints import CheckpointError, CheckpointStore, default_directory, model_fingerprint
 from .config import ConfigError, DaemonConfig
 from .learner import Learner
 from .memory import MB, BudgetPolicy, MemoryProbe
@@ -99,6 +99,17 @@ def check_config(config: DaemonConfig):
     return built
 
 
+def open_store(cfg, fingerprint: str, identity=None) -> CheckpointStore:
+    """The configured checkpoint directory; one other users could write is a config error."""
+    directory = Path(cfg.directory) if cfg.directory else default_directory()
+    try:
+        return CheckpointStore(directory, fingerprint, cfg.keep_last, identity=identity)
+    except CheckpointError as exc:
+        if exc.code == "FORBIDDEN":
+            raise ConfigError("checkpoints.directory: %s" % exc) from None
+        raise
+
+
 def _check_control_keys(control) -> None:
     """The CURVE certificate is read at bind; an unreadable one is a config error now."""
     if not control.enabled or not control.curve_server_cert:
@@ -175,8 +186,7 @@ class Daemon:
         """Checkpoints and the operator's view; resumes the configured checkpoint."""
         cfg = self.config.checkpoints
         fingerprint = model_fingerprint(self.built.builder, self.method.model.state_dict())
-        store = CheckpointStore(Path(cfg.directory) if cfg.directory else default_directory(),
-                                fingerprint, cfg.keep_last, identity=self.built.identity)
+        store = open_store(cfg, fingerprint, self.built.identity)
         ops = Operations(self, store, fingerprint)
         name, problems = ops.resume(cfg.resume)
         for problem in problems:
@@ -247,7 +257,12 @@ class Daemon:
     def run(self) -> Dict:
         """Serve until the stream ends, a limit is hit or a stop is requested; the last snapshot."""
         self._warm_up()
-        self._start_endpoints()
+        self.ops.store.acquire()       # a second daemon on this directory stops here
+        try:
+            self._start_endpoints()
+        except BaseException:
+            self.ops.store.release()
+            raise
         self.grabber.start()
         if self.config.learner.enabled:
             self.learner.start()
@@ -289,6 +304,7 @@ class Daemon:
             self.notifier.close()
             if self.metrics is not None:
                 self.metrics.stop()
+            self.ops.store.release()
         return final
 
     def _start_reporter(self) -> threading.Thread:

@@ -38,6 +38,8 @@ class ErrorCode:
     CONFLICT = "CONFLICT"                    # e.g. a checkpoint made for another model
     CORRUPT = "CORRUPT"                      # a checkpoint that fails to load
     UNAVAILABLE = "UNAVAILABLE"              # the operation does not apply now (learner off)
+    STORAGE = "STORAGE"                      # disk full, read-only or no permission; nothing lost
+    FORBIDDEN = "FORBIDDEN"                  # e.g. a directory other users can write
     INTERNAL = "INTERNAL"
 
 

@@ -128,6 +128,7 @@ class ControlServer:
         self._replies: "collections.OrderedDict[Tuple[bytes, str], Tuple[str, bytes]]" = \
             collections.OrderedDict()
         self._caps: List[ConnectionCap] = []
+        self._endpoint_lock = None
         self.faults = 0
         self.restarts = 0
         self.last_fault: Optional[str] = None
@@ -143,6 +144,7 @@ class ControlServer:
             self._bind()
         except (zmq.ZMQError, OSError, ValueError, ControlError) as exc:
             self._close_sockets()
+            self._release_endpoint()
             if self._auth is not None:
                 self._auth.stop()
             self._context.term()
@@ -186,6 +188,7 @@ class ControlServer:
 
     def _bind(self) -> None:
         access = self.config.socket_access
+        self._lock_endpoint(access)
         self._refuse_if_answered()
         self._router = self._context.socket(zmq.ROUTER)
         self._pub = self._context.socket(zmq.PUB)
@@ -209,6 +212,22 @@ class ControlServer:
         limit = self.config.max_connections
         self._caps = [ConnectionCap(self._router, limit, "control"),
                       ConnectionCap(self._pub, limit, "telemetry")]
+
+    def _lock_endpoint(self, access: str) -> None:
+        """An flock beside the ipc socket: a second daemon is refused even while the first
+        is stopped (SIGSTOP) and cannot answer the ping below."""
+        from ..safefiles import DirectoryLock, LockHeld
+        from .security import ipc_path, prepare_ipc
+
+        path = ipc_path(self.endpoint)
+        if path is None:
+            return                  # TCP: bind itself fails on a port in use
+        prepare_ipc(path, access)
+        try:
+            self._endpoint_lock = DirectoryLock(path.with_name(path.name + ".lock"))
+        except LockHeld as exc:
+            raise ControlError("another daemon already answers on %s (%s)"
+                               % (self.endpoint, exc.strerror)) from None
 
     def _refuse_if_answered(self) -> None:
         """Binding an ipc path another daemon listens on would silently steal its socket."""
@@ -252,6 +271,12 @@ class ControlServer:
             self._auth.stop()
         self._context.term()
         self._remove_ipc_files()
+        self._release_endpoint()
+
+    def _release_endpoint(self) -> None:
+        if self._endpoint_lock is not None:
+            self._endpoint_lock.release()
+            self._endpoint_lock = None
 
     def _close_sockets(self) -> None:
         for cap in self._caps:
