@@ -102,10 +102,11 @@ def _sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
-def storage_error(action: str, exc: OSError) -> CheckpointError:
+def storage_error(action: str, exc: OSError, intact: bool = True) -> CheckpointError:
     """Disk full, read-only and permission problems get their own code and words."""
-    return CheckpointError("STORAGE", "cannot %s: %s (%s); the checkpoints already saved are "
-                           "intact" % (action, describe_os_error(exc), exc))
+    return CheckpointError("STORAGE", "cannot %s: %s (%s)%s" % (
+        action, describe_os_error(exc), exc,
+        "; the checkpoints already saved are intact" if intact else ""))
 
 
 def _fsync_dir(directory: Path) -> None:
@@ -148,8 +149,8 @@ class CheckpointStore:
         try:
             self.directory.mkdir(mode=0o700, parents=True, exist_ok=True)
         except OSError as exc:
-            raise storage_error("create checkpoint directory %s" % self.directory, exc) \
-                from None
+            raise storage_error("create checkpoint directory %s" % self.directory, exc,
+                                intact=False) from None
         why = unsafe_directory(self.directory)
         if why is not None:
             raise CheckpointError("FORBIDDEN", "checkpoint directory refused: %s; another user "

@@ -92,11 +92,12 @@ def _run(args) -> int:
     daemon = Daemon(config, on_snapshot=view)
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: daemon.request_stop())
+    signal.signal(signal.SIGHUP, lambda *_: daemon.request_reopen())
     final = daemon.run()
     if view is not None:
         view.close()
     print(summary_text(final))
-    return 0
+    return daemon.exit_code
 
 
 def _config(args) -> int:

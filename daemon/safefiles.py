@@ -13,11 +13,12 @@ import errno
 import fcntl
 import os
 import stat
+import tempfile
 from pathlib import Path
 from typing import BinaryIO, Iterator, Optional, Tuple
 
 __all__ = ["NotRegular", "open_regular", "regular_files", "unsafe_directory", "DirectoryLock",
-           "LockHeld", "describe_os_error"]
+           "LockHeld", "describe_os_error", "unwritable"]
 
 
 class NotRegular(OSError):
@@ -91,6 +92,30 @@ class DirectoryLock:
         if self._fd is not None:
             os.close(self._fd)          # closing drops the flock
             self._fd = None
+
+
+def unwritable(path: Path, directory: bool) -> Optional[str]:
+    """Why ``path`` (a file, or with ``directory`` a folder) could not be created or written
+    by this process, or None. The nearest existing folder is tried with a nameless
+    temporary file; nothing is left behind."""
+    if path.exists():
+        if directory != path.is_dir():
+            return "%s exists and is not a %s" % (path, "directory" if directory else "file")
+        target = path
+    else:
+        target = path.parent
+        while not target.exists() and target != target.parent:
+            target = target.parent
+        if not target.is_dir():
+            return "%s is not a directory" % target
+    try:
+        if target.is_dir():    # the real test (root passes access(2) on /proc, for one)
+            tempfile.TemporaryFile(dir=str(target)).close()
+        elif not os.access(str(target), os.W_OK):
+            return "%s cannot be written by this user (uid %d)" % (target, os.getuid())
+    except OSError as exc:
+        return "cannot create files in %s: %s" % (target, describe_os_error(exc))
+    return None
 
 
 def describe_os_error(exc: OSError) -> str:

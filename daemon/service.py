@@ -20,6 +20,7 @@ from surgeon_core.methods import args_for, get_method
 from surgeon_core.models.spec import describe as describe_model
 
 from .checkpoints import CheckpointError, CheckpointStore, default_directory, model_fingerprint
+from .safefiles import unsafe_directory, unwritable
 from .config import ConfigError, DaemonConfig
 from .learner import Learner
 from .memory import MB, BudgetPolicy, MemoryProbe
@@ -34,6 +35,7 @@ from .telemetry import JsonlWriter, Telemetry
 __all__ = ["Daemon", "resolve_device", "build_method", "check_learner_files", "check_config"]
 
 log = logging.getLogger("surgeond")
+EX_TEMPFAIL = 75      # sysexits.h: try again later (systemd's Restart=on-failure does)
 
 
 def resolve_device(name: str) -> torch.device:
@@ -92,7 +94,7 @@ def check_config(config: DaemonConfig):
     except UnknownSource as exc:
         raise ConfigError("source.uri: %s" % exc) from None
     resolve_device(config.model.device)
-    _check_control_keys(config.control)
+    check_files(config)
     built = load_model(config.model)
     check_learner_files(config, built)
     build_method(config, built.model)
@@ -110,16 +112,27 @@ def open_store(cfg, fingerprint: str, identity=None) -> CheckpointStore:
         raise
 
 
-def _check_control_keys(control) -> None:
-    """The CURVE certificate is read at bind; an unreadable one is a config error now."""
-    if not control.enabled or not control.curve_server_cert:
-        return
-    from .control.security import load_server_cert
+def check_files(config: DaemonConfig) -> None:
+    """The files ``run`` opens, checked the same way by ``config --check``: the CURVE
+    certificate is readable, output files and the checkpoint directory can be written."""
+    control = config.control
+    if control.enabled and control.curve_server_cert:
+        from .control.security import load_server_cert
 
-    try:
-        load_server_cert(control.curve_server_cert)
-    except ValueError as exc:
-        raise ConfigError("control.curve_server_cert: %s" % exc) from None
+        try:
+            load_server_cert(control.curve_server_cert)
+        except ValueError as exc:
+            raise ConfigError("control.curve_server_cert: %s" % exc) from None
+    for name, path in (("output.predictions", config.output.predictions),
+                       ("telemetry.jsonl", config.telemetry.jsonl)):
+        problem = path and unwritable(Path(path), directory=False)
+        if problem:
+            raise ConfigError("%s: %s" % (name, problem))
+    directory = Path(config.checkpoints.directory or default_directory())
+    problem = unwritable(directory, directory=True) or (
+        directory.is_dir() and unsafe_directory(directory))
+    if problem:
+        raise ConfigError("checkpoints.directory: %s" % problem)
 
 
 def _warn_about_the_model(built, uri: str) -> None:
@@ -141,6 +154,7 @@ class Daemon:
         if config.threads:
             torch.set_num_threads(config.threads)
         self.device = resolve_device(config.model.device)
+        check_files(config)
         try:
             self.factory = source_factory(config.source.uri, config.source)
         except UnknownSource as exc:
@@ -170,6 +184,8 @@ class Daemon:
         self.telemetry_log = JsonlWriter(config.telemetry.jsonl)
         self.on_snapshot = on_snapshot
         self._stop = threading.Event()
+        self._reopen = threading.Event()
+        self.exit_code = 0
         self.frames = 0
         self._domain: Optional[str] = None
         self.ops = self._operations()
@@ -227,6 +243,18 @@ class Daemon:
 
     def request_stop(self) -> None:
         self._stop.set()
+
+    def request_reopen(self) -> None:
+        """SIGHUP: reopen output files (after log rotation). Safe in a signal handler: it
+        only sets a flag, which the serving loop acts on."""
+        self._reopen.set()
+
+    def _reopen_outputs(self) -> None:
+        self._reopen.clear()
+        for writer in (self.predictions, self.telemetry_log):
+            writer.reopen()
+        log.info("output files reopened (SIGHUP)")
+        self.telemetry.event("outputs.reopened")
 
     def snapshot(self) -> Dict:
         self.telemetry.set(source=self.grabber.stats(), learner_steps=self.learner.steps)
@@ -314,10 +342,17 @@ class Daemon:
 
     def _supervise(self, every_s: float = 1.0) -> None:
         """The serving loop (the root thread) starts again any helper thread that ended."""
+        if self._reopen.is_set():
+            self._reopen_outputs()
         now = time.monotonic()
         if now - self._last_supervised < every_s:
             return
         self._last_supervised = now
+        if self.grabber.stuck:
+            log.error("source %s: %s; stopping so that systemd restarts the daemon",
+                      self.grabber.description, self.grabber.last_error)
+            self.exit_code = EX_TEMPFAIL
+            self.request_stop()
         if not self._reporter.is_alive() and not self._stop.is_set():
             log.error("telemetry thread had stopped; started again")
             self.telemetry.count("telemetry_restarts")

@@ -8,6 +8,7 @@ plane's PUB socket; listeners must return at once.
 
 import collections
 import json
+import logging
 import threading
 import time
 from pathlib import Path
@@ -16,6 +17,8 @@ from typing import Any, Callable, Deque, Dict, List, Optional
 import numpy as np
 
 __all__ = ["LatencyWindow", "Telemetry", "JsonlWriter", "STAGES"]
+
+log = logging.getLogger("surgeond")
 
 STAGES = ("capture", "preprocess", "infer", "adapt")
 # serving inference split by what the learner was doing: stepping, off or paused, or starting
@@ -165,17 +168,41 @@ class JsonlWriter:
     def __init__(self, path: Optional[str]):
         self.path = Path(path) if path else None
         self._file = None
+        self.failed_writes = 0
         self._lock = threading.Lock()
         if self.path is not None:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             self._file = open(self.path, "a", buffering=1)
 
     def write(self, record: Dict[str, Any]) -> None:
+        """One line; a failed write (disk full) is counted and logged once, never raised:
+        serving must not stop because an output file cannot grow."""
         if self._file is None:
             return
         line = json.dumps(record, default=_plain)
         with self._lock:
-            self._file.write(line + "\n")
+            try:
+                self._file.write(line + "\n")
+            except (OSError, ValueError) as exc:
+                self.failed_writes += 1
+                if self.failed_writes == 1:
+                    log.error("cannot write %s: %s (lines are dropped until it can)",
+                              self.path, exc)
+
+    def reopen(self) -> None:
+        """After log rotation moved the file (SIGHUP): continue in a new file at the path.
+        If it cannot be opened the old handle stays in use."""
+        if self.path is None:
+            return
+        with self._lock:
+            try:
+                fresh = open(self.path, "a", buffering=1)
+            except OSError as exc:
+                log.error("cannot reopen %s: %s; still writing the old file", self.path, exc)
+                return
+            if self._file is not None:
+                self._file.close()
+            self._file, self.failed_writes = fresh, 0
 
     def close(self) -> None:
         with self._lock:

@@ -8,6 +8,13 @@ frame arrives within ``read_timeout_s``, bumps the generation (so a read that re
 ignored), releases the device from a helper thread and starts a new attempt after a backoff
 that doubles up to ``reconnect_max_s`` and resets once frames flow again.
 
+Abandoned readers are kept count of: while MAX_HUNG of them are still blocked (a FIFO, a driver
+that never returns) no new attempt starts, so a source that hangs every read cannot pile up
+threads and the memory they hold. Such a source is ``stuck``: only a new process frees those
+threads, so the daemon then stops with EX_TEMPFAIL for systemd to restart it (from its newest
+checkpoint). A factory or a
+reader that raises anything is a failed attempt with its error reported, never a dead thread.
+
 Live sources overwrite the one pending frame (older unconsumed frames count as drops);
 non-live sources (files, directories, replay) hand over every frame and wait for the consumer.
 """
@@ -15,13 +22,14 @@ non-live sources (files, directories, replay) hand over every frame and wait for
 import logging
 import threading
 import time
-from typing import Callable, Optional
+from typing import Callable, List, Optional
 
-from .base import CaptureError, EndOfStream, Frame, FrameSource
+from .base import EndOfStream, Frame, FrameSource
 
 __all__ = ["Grabber", "SourceState"]
 
 log = logging.getLogger("surgeond.source")
+MAX_HUNG = 4          # abandoned reads still blocked before no new attempt starts
 
 
 class SourceState:
@@ -62,6 +70,7 @@ class Grabber:
         self.failures = 0
         self.last_error: Optional[str] = None
         self.description = ""
+        self._hung: List[threading.Thread] = []
 
     # -- consumer side -------------------------------------------------------------------
     def start(self) -> "Grabber":
@@ -101,6 +110,12 @@ class Grabber:
         """Rebuild the source now (an operator's request), skipping any backoff."""
         self._restart.set()
 
+    @property
+    def stuck(self) -> bool:
+        """MAX_HUNG abandoned reads are still blocked: the source cannot be rebuilt."""
+        self._hung = [thread for thread in self._hung if thread.is_alive()]
+        return len(self._hung) >= MAX_HUNG
+
     def stats(self) -> dict:
         return {"state": self.state, "frames": self.frames, "drops": self.drops,
                 "reconnects": self.reconnects, "failures": self.failures,
@@ -110,19 +125,7 @@ class Grabber:
     def _supervise(self) -> None:
         backoff = self.backoff_initial_s
         while not self._stop.is_set():
-            source = self._factory()
-            self.description = source.describe()
-            self.live = source.live
-            with self._cond:
-                self._generation += 1
-                generation = self._generation
-                self._heartbeat = time.monotonic()
-                self._set_state(SourceState.CONNECTING)
-            reader = threading.Thread(target=self._read_loop, args=(source, generation),
-                                      name="grab-%d" % generation, daemon=True)
-            reader.start()
-            outcome = self._watch(reader, generation)
-            threading.Thread(target=source.close, name="release", daemon=True).start()
+            outcome = self._attempt()
             if outcome == "ended" or self._stop.is_set():
                 return
             with self._cond:
@@ -143,6 +146,33 @@ class Grabber:
                 return
             backoff = min(backoff * 2, self.backoff_max_s)
             self.reconnects += 1
+
+    def _attempt(self) -> str:
+        """One connection: build, read until it ends, fails or stalls; the outcome."""
+        if self.stuck:
+            self.last_error = ("%d earlier reads are still blocked; no new attempt until one "
+                               "returns" % len(self._hung))
+            return "failed"
+        try:
+            source = self._factory()
+        except Exception as exc:  # noqa: BLE001 - a source that cannot even be built
+            self.last_error = "cannot build the source: %s: %s" % (type(exc).__name__, exc)
+            return "failed"
+        self.description = source.describe()
+        self.live = source.live
+        with self._cond:
+            self._generation += 1
+            generation = self._generation
+            self._heartbeat = time.monotonic()
+            self._set_state(SourceState.CONNECTING)
+        reader = threading.Thread(target=self._read_loop, args=(source, generation),
+                                  name="grab-%d" % generation, daemon=True)
+        reader.start()
+        outcome = self._watch(reader, generation)
+        if reader.is_alive():
+            self._hung.append(reader)
+        threading.Thread(target=source.close, name="release", daemon=True).start()
+        return outcome
 
     def _wait_backoff(self, seconds: float) -> bool:
         """Sleep out a backoff; True when stopped, False when done or a restart cut it short."""
@@ -186,7 +216,7 @@ class Grabber:
             with self._cond:
                 if generation == self._generation:
                     self._set_state(SourceState.ENDED)
-        except (CaptureError, OSError, RuntimeError, ValueError) as exc:
+        except Exception as exc:  # noqa: BLE001 - CaptureError, OSError, cv2.error, MemoryError...
             with self._cond:
                 if generation == self._generation:
                     self.last_error = "%s: %s" % (type(exc).__name__, exc)

@@ -14,6 +14,7 @@ from surgeon_core.data import load_cifar10
 from surgeon_core.data.corruptions import CORRUPTIONS, corrupt
 
 from .base import EndOfStream, Frame, FrameSource
+from .params import QueryParams
 
 __all__ = ["ReplaySource", "parse_schedule"]
 
@@ -44,13 +45,12 @@ class ReplaySource(FrameSource):
         super().__init__(uri)
         if dataset != "cifar10":
             raise ValueError("replay:// knows the dataset cifar10, got %r" % dataset)
-        self.schedule = parse_schedule(params.get("schedule", "clean:1000"))
-        self.severity = int(params.get("severity", 5))
-        self.fps = float(params.get("fps", 0))
-        self.seed = int(params.get("seed", 0))
-        self.loop = params.get("loop", "0") in ("1", "true", "yes")
-        if not 1 <= self.severity <= 5 or self.fps < 0:
-            raise ValueError("replay:// needs severity in 1..5 and fps >= 0")
+        query = QueryParams("replay", params, ("schedule", "severity", "fps", "seed", "loop"))
+        self.schedule = parse_schedule(query.text("schedule", "clean:1000"))
+        self.severity = query.integer("severity", 5, 1, 5)
+        self.fps = query.fps()
+        self.seed = query.integer("seed", 0, 0, 2 ** 32 - 1)
+        self.loop = query.flag("loop")
         # loaded now, so that missing data fails at start-up with DataNotFound's message
         images, labels = load_cifar10("test")
         order = np.random.default_rng(self.seed).permutation(len(images))

@@ -6,6 +6,7 @@ from typing import Dict, Optional
 import numpy as np
 
 from .base import EndOfStream, Frame, FrameSource
+from .params import QueryParams
 
 __all__ = ["SyntheticSource"]
 
@@ -17,13 +18,12 @@ class SyntheticSource(FrameSource):
 
     def __init__(self, uri: str, params: Dict[str, str]):
         super().__init__(uri)
-        self.width = int(params.get("width", 64))
-        self.height = int(params.get("height", 64))
-        self.fps = float(params.get("fps", 0))
-        self.frames: Optional[int] = int(params["frames"]) if "frames" in params else None
-        self.seed = int(params.get("seed", 0))
-        if self.width < 1 or self.height < 1 or self.fps < 0:
-            raise ValueError("synthetic:// needs width, height >= 1 and fps >= 0")
+        query = QueryParams("synthetic", params, ("width", "height", "fps", "frames", "seed"))
+        self.width = query.integer("width", 64, 1, 8192)
+        self.height = query.integer("height", 64, 1, 8192)
+        self.fps = query.fps()
+        self.frames: Optional[int] = query.integer("frames", None, 1, 10 ** 12)
+        self.seed = query.integer("seed", 0, 0, 2 ** 32 - 1)
         self._rng = np.random.default_rng(self.seed)
         self._index = 0
         self._next_due = 0.0

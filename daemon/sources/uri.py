@@ -17,6 +17,7 @@ from urllib.parse import parse_qsl, urlsplit
 
 from .base import FrameSource
 from .directory import DirectorySource
+from .params import QueryParams
 from .opencv import FileSource, OpenCVSource, gstreamer_available
 from .pipelines import csi_pipeline, file_pipeline, rtsp_pipeline, v4l2_pipeline
 from .replay import ReplaySource
@@ -44,7 +45,25 @@ def _use_gstreamer(backend: str) -> bool:
 
 
 def source_factory(uri: str, settings) -> SourceFactory:
-    """A factory for ``uri``; ``settings`` is a SourceConfig. Checks the URI now, opens later."""
+    """A factory for ``uri``; ``settings`` is a SourceConfig. Checks the URI and its
+    parameters now (UnknownSource names the problem), opens later."""
+    try:
+        return _factory(uri, settings)
+    except UnknownSource:
+        raise
+    except ValueError as exc:
+        raise UnknownSource("source %r: %s" % (uri, exc)) from None
+
+
+def _query(query: str) -> Dict[str, str]:
+    pairs = parse_qsl(query, keep_blank_values=True)
+    params = dict(pairs)
+    if len(params) != len(pairs):
+        raise UnknownSource("a parameter appears twice in %r" % query)
+    return params
+
+
+def _factory(uri: str, settings) -> SourceFactory:
     scheme, sep, rest = uri.partition("://")
     if not sep or scheme not in SCHEMES:
         raise UnknownSource("source %r: expected one of %s"
@@ -55,7 +74,7 @@ def source_factory(uri: str, settings) -> SourceFactory:
         _use_gstreamer("gstreamer")
         return lambda: OpenCVSource(uri, rest, "gstreamer", live=True)
     parts = urlsplit(uri)
-    params: Dict[str, str] = dict(parse_qsl(parts.query))
+    params = _query(parts.query) if scheme in ("synthetic", "replay", "dir", "file") else {}
     location = parts.netloc + parts.path
     if scheme == "synthetic":
         SyntheticSource(uri, params)   # validate now
@@ -65,7 +84,8 @@ def source_factory(uri: str, settings) -> SourceFactory:
         made = [first]
         return lambda: made.pop() if made else ReplaySource(uri, parts.netloc, params)
     if scheme == "dir":
-        return lambda: DirectorySource(uri, location, params)
+        cursor = DirectorySource(uri, location, params).cursor   # parameters checked now
+        return lambda: DirectorySource(uri, location, params, cursor)
     if not location:
         raise UnknownSource("source %r names no device, address or file" % uri)
     return _camera_factory(scheme, uri, location, params, settings)
@@ -91,7 +111,7 @@ def _camera_factory(scheme, uri, location, params, settings) -> SourceFactory:
                                         "gstreamer")
         return lambda: OpenCVSource(uri, uri, "ffmpeg")
     # file://
-    loop = params.get("loop", "0") in ("1", "true", "yes")
+    loop = QueryParams("file", params, ("loop",)).flag("loop")
     if gst:
         return lambda: FileSource(uri, file_pipeline(location), "gstreamer", loop)
     return lambda: FileSource(uri, location, "any", loop)
