@@ -3,7 +3,11 @@ message, connection or setting may kill a thread, hang the plane or change what 
 
 import errno
 import json
+import os
+import signal
 import socket
+import subprocess
+import sys
 
 import pytest
 import zmq
@@ -208,3 +212,34 @@ def test_refused_live_settings_change_nothing():
         assert client.call("config.set", {"key": "telemetry.interval_s", "value": 3600}
                            )["value"] == 3600
         assert client.call("config.get", {"key": "telemetry.interval_s"})["value"] == 3600
+
+
+def _surgeond(*settings):
+    args = [sys.executable, "-m", "daemon.cli", "run", "--set",
+            "source.uri=synthetic://?width=32&height=32&fps=30", "--set", "threads=1"]
+    for item in settings:
+        args += ["--set", item]
+    return subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+
+
+def test_a_second_daemon_cannot_take_the_sockets_of_a_stopped_one():
+    endpoint = "ipc://%s/control.sock" % os.environ["RUNTIME_DIRECTORY"]
+    first = _surgeond("learner.enabled=false")
+    try:
+        assert ControlClient(endpoint, timeout_s=60, retries=1).call("ping")["pong"]
+        first.send_signal(signal.SIGSTOP)            # cannot answer the second one's probe
+        second = _surgeond("learner.enabled=false", "checkpoints.directory=%s/other"
+                           % os.environ["STATE_DIRECTORY"])
+        output = second.communicate(timeout=120)[0].decode()
+        assert second.returncode != 0 and "already answers" in output, output[-2000:]
+        first.send_signal(signal.SIGCONT)
+        pid = ControlClient(endpoint, timeout_s=10, retries=1).call("ping")["pid"]
+        assert pid == first.pid
+        first.send_signal(signal.SIGTERM)
+        first.communicate(timeout=60)
+        assert first.returncode == 0
+    finally:
+        for process in (first,):
+            if process.poll() is None:
+                process.send_signal(signal.SIGCONT)
+                process.kill()
