@@ -207,5 +207,8 @@ class JsonlWriter:
     def close(self) -> None:
         with self._lock:
             if self._file is not None:
-                self._file.close()
+                try:
+                    self._file.close()
+                except OSError as exc:   # the last buffered line could not be flushed
+                    log.error("closing %s: %s", self.path, exc)
                 self._file = None

@@ -144,3 +144,13 @@ def test_sighup_reopens_output_files_and_does_not_stop_the_daemon(tmp_path):
             process.kill()
     assert process.returncode == 0, output[-2000:]
     assert "output files reopened" in output
+
+
+def test_a_full_disk_under_an_output_file_drops_lines_without_raising():
+    from daemon.telemetry import JsonlWriter
+
+    writer = JsonlWriter("/dev/full")         # every write fails with ENOSPC
+    for index in range(3):
+        writer.write({"frame": index})
+    assert writer.failed_writes == 3
+    writer.close()
