@@ -119,6 +119,11 @@ def _config(args) -> int:
 
 def main(argv: Optional[List[str]] = None) -> int:
     args = _parser().parse_args(argv)
+    import os
+
+    from surgeon_core.allocator import cuda_alloc_conf
+
+    os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", cuda_alloc_conf())   # before CUDA starts
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     try:
         if args.command == "run":

@@ -160,6 +160,10 @@ class MemoryConfig(_Section):
     tegrastats: str = Field("auto", pattern="^(auto|on|off)$")
     tegrastats_path: str = "tegrastats"
     jtop: bool = Field(False, description="read jetson-stats' service (optional, AGPL)")
+    malloc: str = Field("trim", pattern="^(trim|return|default)$", description="glibc: trim "
+                        "(free pages handed back before each step), return (every large block "
+                        "returned at free: footprint follows live tensors, steps slower), "
+                        "default (glibc untouched); NOTE [Giving memory back]")
 
 
 class TelemetryConfig(_Section):

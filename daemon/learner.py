@@ -363,7 +363,9 @@ class Learner:
         self.telemetry.set(loss=result.loss, cache_mb=result.cache_bytes / MB,
                            paper_mb=result.paper_bytes / MB, mean_keep=result.mean_keep,
                            overall_keep=result.overall_keep, batch_size=self.batch_size,
-                           selected=result.selected, learner_steps=self.steps)
+                           selected=result.selected, learner_steps=self.steps,
+                           peak_mb=_mb(result.peak_bytes), reserved_mb=_mb(result.reserved_bytes),
+                           resident_peak_mb=_mb(result.resident_bytes))
 
     def _healthy(self, result) -> bool:
         if not bool(torch.isfinite(result.logits).all()):
@@ -403,6 +405,10 @@ class Learner:
 
     def _snapshot(self):
         return copy.deepcopy(self.method.state_dict())
+
+
+def _mb(value: Optional[int]) -> Optional[float]:
+    return None if value is None else value / MB
 
 
 def _changed(old: Optional[int], new: Optional[int], tolerance: float = 0.05) -> bool:

@@ -25,9 +25,18 @@ _COUNTERS = {   # telemetry counter -> (metric name, help)
     "bad_frames": ("surgeon_bad_frames_total", "Frames that could not be preprocessed."),
     "control_requests": ("surgeon_control_requests_total", "Control requests received."),
     "control_errors": ("surgeon_control_errors_total", "Control requests answered with an error."),
+    "control_faults": ("surgeon_control_faults_total", "Unexpected errors in the control thread."),
+    "control_restarts": ("surgeon_control_restarts_total", "Control threads started again."),
+    "learner_faults": ("surgeon_learner_faults_total", "Learner loop restarts after a fault."),
+    "telemetry_faults": ("surgeon_telemetry_faults_total", "Failed telemetry rounds."),
 }
 _GAUGES = {     # telemetry gauge -> (metric name, help, scale)
     "cache_mb": ("surgeon_cache_bytes", "Activation cache measured at the last step.", 2**20),
+    "peak_mb": ("surgeon_step_peak_bytes", "Memory the last step added at its peak.", 2**20),
+    "resident_peak_mb": ("surgeon_step_resident_peak_bytes",
+                         "Process resident peak during the last step (CPU).", 2**20),
+    "reserved_mb": ("surgeon_cuda_reserved_peak_bytes",
+                    "CUDA caching allocator's peak reservation in the last step.", 2**20),
     "budget_mb": ("surgeon_memory_budget_bytes", "Cache budget in force.", 2**20),
     "memory_available_mb": ("surgeon_memory_available_bytes", "Available memory.", 2**20),
     "process_rss_mb": ("surgeon_process_resident_bytes", "Resident set size.", 2**20),

@@ -69,6 +69,8 @@ class Operations:
             "learner": {"state": self.learner_state(), "steps": learner.steps,
                         "batch_size": learner.batch_size, "paused_reason": learner.paused_reason},
             "budget_mb": snap.get("budget_mb"), "cache_mb": snap.get("cache_mb"),
+            "peak_mb": snap.get("peak_mb"), "resident_peak_mb": snap.get("resident_peak_mb"),
+            "reserved_mb": snap.get("reserved_mb"), "process_rss_mb": snap.get("process_rss_mb"),
             "source": snap.get("source"), "last_checkpoint": self.last_checkpoint,
             "resumed_from": self.resumed_from,
             "control": None if self.daemon.control is None else self.daemon.control.health(),

@@ -16,6 +16,7 @@ from typing import Callable, Dict, Optional
 
 import torch
 
+from surgeon_core.allocator import tune_malloc
 from surgeon_core.methods import args_for, get_method
 from surgeon_core.models.spec import describe as describe_model
 
@@ -151,6 +152,7 @@ class Daemon:
     def __init__(self, config: DaemonConfig,
                  on_snapshot: Optional[Callable[[Dict], None]] = None):
         self.config = config
+        tune_malloc(config.memory.malloc)   # NOTE [Giving memory back]
         if config.threads:
             torch.set_num_threads(config.threads)
         self.device = resolve_device(config.model.device)
@@ -373,9 +375,10 @@ class Daemon:
     def status_line(self) -> str:
         """systemd's STATUS=: what `systemctl status surgeond` shows."""
         snap = self.telemetry.snapshot()
-        cache, budget = snap.get("cache_mb"), snap.get("budget_mb")
-        memory = "cache %s/%s MB" % ("-" if cache is None else "%.1f" % cache,
-                                     "-" if budget is None else "%.1f" % budget)
+        cache, budget, peak = snap.get("cache_mb"), snap.get("budget_mb"), snap.get("peak_mb")
+        memory = "cache %s/%s MB, step peak %s MB" % (
+            "-" if cache is None else "%.1f" % cache, "-" if budget is None else "%.1f" % budget,
+            "-" if peak is None else "%.0f" % peak)
         shares = snap.get("classes") or {}
         seen = ", ".join("%s %.0f%%" % (name, 100 * share)
                          for name, share in list(shares.items())[:2])

@@ -93,14 +93,20 @@ def _device_name(device) -> str:
 def _table(meta, results) -> str:
     lines = ["%(model)s at %(input_size)d px, batch %(batch_size)d, %(device)s, torch %(torch)s, "
              "%(threads)d threads; weights %(weights)s" % meta, "",
-             "| config | measured cache MiB | x full | paper-convention MiB | step s | x full "
-             "| mean keep | largest parts of the cache (kind/role MiB) |",
-             "|---|---:|---:|---:|---:|---:|---:|---|"]
+             "| config | measured cache MiB | x full | paper-convention MiB | step peak MiB "
+             "| x full | step s | x full | mean keep | largest parts of the cache "
+             "(kind/role MiB) |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
     for r in results:
         keep = "%.3f" % r.mean_keep if r.mean_keep is not None else "-"
-        lines.append("| %s | %.1f | %.3f | %.1f | %.3f | %.2f | %s | %s |" % (
-            r.config, r.cache_bytes / 2**20, r.cache_ratio, r.paper_bytes / 2**20,
-            r.step_seconds, r.time_ratio, keep, _largest(r.kinds)))
+        peak = "-" if r.peak_step_bytes is None else "%.1f" % (r.peak_step_bytes / 2**20)
+        peak_ratio = "-" if r.peak_ratio is None else "%.3f" % r.peak_ratio
+        lines.append("| %s | %.1f | %.3f | %.1f | %s | %s | %.3f | %.2f | %s | %s |" % (
+            r.config, r.cache_bytes / 2**20, r.cache_ratio, r.paper_bytes / 2**20, peak,
+            peak_ratio, r.step_seconds, r.time_ratio, keep, _largest(r.kinds)))
+    lines += ["", "step peak: what one step added at its worst above what the process held when "
+              "it began (CPU: the kernel's resident high-water mark, reset per step, glibc told "
+              "to return freed memory; CUDA: max_memory_allocated); NOTE [Step peak]"]
     return "\n".join(lines)
 
 
@@ -378,6 +384,9 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Optional[List[str]] = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     args = build_parser().parse_args(argv)
+    from ..allocator import tune_malloc
+
+    tune_malloc()      # as the daemon does: step peaks and footprints are then what a box sees
     try:
         return args.func(args)
     except (SurgeonError, KeyError, ValueError, TypeError) as exc:

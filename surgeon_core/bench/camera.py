@@ -16,7 +16,7 @@ from torch import nn
 
 from ..data import to_tensor
 from ..methods import args_for, get_method
-from .continual import MethodRun, peak_probe, record_step, Tally
+from .continual import MethodRun, record_step, Tally
 from .streams import Stream
 
 __all__ = ["run_camera", "serving_compatible"]
@@ -48,7 +48,7 @@ def run_camera(name: str, base: nn.Module, stream: Stream, batch_size: int, fres
     why = serving_compatible(method.model)
     if why is not None:
         raise ValueError("%s cannot run on the camera protocol: %s" % (name, why))
-    run, peak, tally = MethodRun(name), peak_probe(device), Tally(stream)
+    run, tally = MethodRun(name), Tally(stream)
     buffer, fresh = [], 0
     start = time.perf_counter()
     for window in stream.windows:
@@ -66,7 +66,7 @@ def run_camera(name: str, base: nn.Module, stream: Stream, batch_size: int, fres
             if len(buffer) == batch_size and fresh >= fresh_frames:   # the daemon's _ready
                 batch = torch.stack(buffer).float().div_(255.0)
                 record_step(run, method.step(batch), 100.0 * (1.0 - float(right.float().mean())))
-                run.peak_bytes, fresh = max(run.peak_bytes, peak()), 0
+                fresh = 0
             if progress is not None:
                 progress.update(1)
     tally.finish(run)

@@ -39,7 +39,8 @@ class MethodRun:
     step_seconds: List[float] = field(default_factory=list)
     keeps: List[float] = field(default_factory=list)
     overall_keeps: List[float] = field(default_factory=list)
-    peak_bytes: int = 0
+    peak_bytes: List[int] = field(default_factory=list)       # per step, NOTE [Step peak]
+    resident_bytes: List[int] = field(default_factory=list)   # CPU: process peak per step
     updates: int = 0
     wall_seconds: float = 0.0
 
@@ -58,18 +59,11 @@ class MethodRun:
                 "mean_keep": statistics.mean(self.keeps) if self.keeps else None,
                 "overall_keep": (statistics.mean(self.overall_keeps) if self.overall_keeps
                                  else None),
-                "peak_mb": self.peak_bytes / mb, "updates": self.updates,
+                "peak_mb": max(self.peak_bytes, default=0) / mb,
+                "peak_mb_mean": statistics.mean(self.peak_bytes) / mb if self.peak_bytes else 0,
+                "resident_mb_max": max(self.resident_bytes, default=0) / mb,
+                "updates": self.updates,
                 "wall_seconds": self.wall_seconds}
-
-
-def peak_probe(device: torch.device) -> Callable[[], int]:
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
-        return lambda: torch.cuda.max_memory_allocated(device)
-    import psutil
-
-    process = psutil.Process()
-    return lambda: process.memory_info().rss
 
 
 def run_method(name: str, base: nn.Module, stream: Stream, batch_size: int,
@@ -77,8 +71,7 @@ def run_method(name: str, base: nn.Module, stream: Stream, batch_size: int,
                preprocess: Optional[Callable[[torch.Tensor], torch.Tensor]] = None) -> MethodRun:
     """Adapt a fresh copy of ``base`` with method ``name`` along the whole stream."""
     method = get_method(name)(copy.deepcopy(base).to(device), args_for(name, **(overrides or {})))
-    run, peak = MethodRun(name), peak_probe(device)
-    tally = Tally(stream)
+    run, tally = MethodRun(name), Tally(stream)
     start = time.perf_counter()
     for window in stream.windows:
         for i in range(0, len(window), batch_size):
@@ -88,7 +81,6 @@ def run_method(name: str, base: nn.Module, stream: Stream, batch_size: int,
             right = (result.logits.argmax(1) == y).cpu().numpy()
             tally.add(window, window.block_ids[i:i + batch_size], right)
             record_step(run, result, 100.0 * (1.0 - right.mean()))
-            run.peak_bytes = max(run.peak_bytes, peak())
             if progress is not None:
                 progress.update(1)
     tally.finish(run)
@@ -137,6 +129,10 @@ def record_step(run: MethodRun, result, batch_error: float) -> None:
         run.keeps.append(result.mean_keep)
     if result.overall_keep is not None:
         run.overall_keeps.append(result.overall_keep)
+    if getattr(result, "peak_bytes", None) is not None:
+        run.peak_bytes.append(result.peak_bytes)
+    if getattr(result, "resident_bytes", None) is not None:
+        run.resident_bytes.append(result.resident_bytes)
 
 
 def run_stream(base: nn.Module, methods: List[str], stream: Stream, batch_size: int = 200,

@@ -21,6 +21,8 @@ from ..capture import ActivationCapture, CapturePolicy, paper_bytes
 from ..engine import EngineConfig, SparseBackprop, entropy
 from ..methods.base import norm_modules
 from ..norm import convert_batchnorm
+from ..allocator import before_step
+from ..peak import PeakMeter
 
 __all__ = ["ConfigResult", "run_memory_benchmark", "CONFIGS"]
 
@@ -41,6 +43,7 @@ class ConfigResult:
     mean_keep: Optional[float] = None
     budget_bytes: Optional[int] = None
     peak_step_bytes: Optional[int] = None
+    peak_ratio: Optional[float] = None
     kinds: Dict[str, int] = dataclasses.field(default_factory=dict)  # "kind/role" -> bytes
 
 
@@ -76,6 +79,7 @@ class _Runner:
 
     def step(self, x: torch.Tensor) -> None:
         _sync(x)
+        before_step()      # as Method.step does: NOTE [Giving memory back]
         start = time.perf_counter()
         if self.engine is None:
             loss, _ = _entropy_loss(self.model, x)
@@ -155,13 +159,13 @@ def run_memory_benchmark(model: nn.Module, x: torch.Tensor, steps: int = 5,
 
 
 def _peak_step_bytes(runner: _Runner, x: torch.Tensor) -> Optional[int]:
-    if not x.is_cuda:
-        return None
-    torch.cuda.synchronize(x.device)
-    base = torch.cuda.memory_allocated(x.device)
-    torch.cuda.reset_peak_memory_stats(x.device)
-    runner.step(x)
-    return torch.cuda.max_memory_allocated(x.device) - base
+    """One more step under the PeakMeter (NOTE [Step peak]): CUDA's allocator peak, or on the
+    CPU the kernel's resident high-water mark; untimed."""
+    before_step()
+    with PeakMeter(x.device) as meter:
+        runner.step(x)
+    runner.times.pop()
+    return meter.peak_bytes
 
 
 def _results(runners: List[_Runner]) -> List[ConfigResult]:
@@ -173,6 +177,8 @@ def _results(runners: List[_Runner]) -> List[ConfigResult]:
     for res in out:
         res.cache_ratio = res.cache_bytes / full.cache_bytes if full.cache_bytes else 0.0
         res.time_ratio = res.step_seconds / full.step_seconds if full.step_seconds else 0.0
+        if res.peak_step_bytes is not None and full.peak_step_bytes:
+            res.peak_ratio = res.peak_step_bytes / full.peak_step_bytes
     return out
 
 

@@ -68,8 +68,10 @@ def markdown_table(runs: List[MethodRun], meta: Dict) -> str:
         lines.append("| " + " | ".join(cells) + " |")
     notes = [_LEGEND] + (_MARGIN_NOTE if margin else []) + [
         _OPTIONAL[name][2] for name in optional] + [
-        "peak MiB: the process's resident peak (CPU) or the allocator's (CUDA) while the method "
-        "ran; on the CPU it only grows from one method to the next", "\"-\": not applicable"]
+        "peak MiB: the largest step peak of the method, above what the process held when the "
+        "step began (CPU: the kernel's resident high-water mark, reset per step, with glibc "
+        "told to return freed memory; CUDA: the allocator's max_memory_allocated)",
+        "\"-\": not applicable"]
     return "\n".join(lines + [""] + ["- " + n for n in notes])
 
 

@@ -18,6 +18,8 @@ from torch import nn
 
 from ..capture import ActivationCapture, CapturePolicy, paper_bytes
 from ..engine import entropy
+from ..allocator import before_step
+from ..peak import PeakMeter
 
 __all__ = ["StepResult", "Method", "bn_modules", "norm_modules", "use_batch_statistics",
            "quiet_stochastic_layers", "entropy"]
@@ -39,6 +41,9 @@ class StepResult:
     selected: Optional[int] = None
     mean_keep: Optional[float] = None   # sparse methods: mean keep ratio of the trained layers
     overall_keep: Optional[float] = None   # sparse methods: kept / prunable values (trainable)
+    peak_bytes: Optional[int] = None       # the step's peak above its start, NOTE [Step peak]
+    reserved_bytes: Optional[int] = None   # CUDA: the caching allocator's peak reservation
+    resident_bytes: Optional[int] = None   # CPU: the process's resident peak during the step
 
 
 def bn_modules(model: nn.Module) -> List[nn.modules.batchnorm._BatchNorm]:
@@ -112,9 +117,13 @@ class Method:
             self.optimizer.load_state_dict(state["optimizer"])
 
     def step(self, x: torch.Tensor) -> StepResult:
+        before_step()      # NOTE [Giving memory back]
         start = time.perf_counter()
-        result = self._adapt(x)
+        with PeakMeter(x.device) as meter:
+            result = self._adapt(x)
         result.seconds = time.perf_counter() - start
+        result.peak_bytes, result.reserved_bytes = meter.peak_bytes, meter.reserved_bytes
+        result.resident_bytes = meter.resident_bytes
         return result
 
     def _adapt(self, x: torch.Tensor) -> StepResult:

@@ -61,6 +61,8 @@ def test_status_telemetry_and_the_pub_stream():
         status = client.call("status")
         assert status["arch"] == "cifar:resnet20" and status["learner"]["state"] == "running"
         assert status["frames"] > 0 and len(status["model_fingerprint"]) == 16
+        assert status["peak_mb"] > 0 and status["resident_peak_mb"] > status["peak_mb"]
+        assert "step peak %.0f MB" % daemon.telemetry.gauges["peak_mb"] in daemon.status_line()
         snap = client.call("telemetry")
         assert snap["counters"]["frames"] > 0 and "infer" in snap["latency_ms"]
         sub = _events(client, daemon)

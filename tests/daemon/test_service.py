@@ -14,6 +14,7 @@ from daemon.control.client import ControlClient
 from daemon.learner import COLLAPSE_STEPS, RECOVER_STEPS
 from daemon.memory import MB
 from daemon.service import Daemon
+from surgeon_core.methods.base import StepResult
 
 from .running import REPLAY, Running as _Running, small_config, wait_for as _wait
 
@@ -135,9 +136,9 @@ def test_a_budget_that_trains_nothing_shrinks_the_batch(monkeypatch):
     daemon = Daemon(_config("memory.budget_mb=8"))
     learner = daemon.learner
     learner._refresh_budget()
-    nothing_trained = SimpleNamespace(logits=torch.randn(16, 10), loss=0.1, cache_bytes=1000,
-                                      paper_bytes=0, mean_keep=None, overall_keep=0.0,
-                                      updated=False, selected=0, seconds=0.01)
+    nothing_trained = StepResult(logits=torch.randn(16, 10), loss=0.1, cache_bytes=1000,
+                                 paper_bytes=0, mean_keep=None, overall_keep=0.0,
+                                 updated=False, selected=0, seconds=0.01)
     monkeypatch.setattr(daemon.method, "step", lambda x: nothing_trained)
     for _ in range(40):
         learner.buffer.push(torch.zeros(3, 32, 32, dtype=torch.uint8))
@@ -160,9 +161,9 @@ def test_after_clean_steps_the_batch_and_budget_grow_back(monkeypatch):
     learner._last_poll = -float("inf")
     learner._refresh_budget()
     assert learner.budget_bytes == 4 * MB                # the OOM halved the budget
-    healthy = SimpleNamespace(logits=torch.randn(8, 10), loss=0.1, cache_bytes=1000,
-                              paper_bytes=0, mean_keep=0.3, overall_keep=0.2, updated=True,
-                              selected=8, seconds=0.01)
+    healthy = StepResult(logits=torch.randn(8, 10), loss=0.1, cache_bytes=1000,
+                         paper_bytes=0, mean_keep=0.3, overall_keep=0.2, updated=True,
+                         selected=8, seconds=0.01)
     monkeypatch.setattr(daemon.method, "step", lambda x: healthy)
     for _ in range(RECOVER_STEPS):
         learner._step()

@@ -43,6 +43,7 @@ def test_a_scrape_shows_latency_histograms_cache_bytes_and_counters():
     assert infer and infer[0].value > 0
     assert samples["surgeon_adaptation_step_seconds_count"][0].value >= 2
     assert 0 < samples["surgeon_cache_bytes"][0].value <= 4 * 2**20
+    assert samples["surgeon_step_peak_bytes"][0].value > 0
     assert samples["surgeon_memory_budget_bytes"][0].value == 4 * 2**20
     assert samples["surgeon_frames_total"][0].value > 0
     assert samples["surgeon_source_up"][0].value == 1

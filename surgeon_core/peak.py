@@ -1,0 +1,93 @@
+"""The memory a step really needs: its peak, not only the bytes autograd caches.
+
+NOTE [Step peak]
+A box runs out of memory at the step's peak (the dense forward, the packing temporaries, the
+augmentation, backward's gradients), and what tegrastats and psutil report is the process's
+resident set. ``PeakMeter`` measures both around one step:
+
+- CUDA: ``max_memory_allocated`` above what was allocated at the start (the tensors the step
+  added at its worst), and ``max_memory_reserved`` (what the caching allocator held).
+- CPU (Linux): writing ``5`` to ``/proc/self/clear_refs`` resets the kernel's resident
+  high-water mark (VmHWM) to the current resident set; VmHWM read after the step, minus the
+  resident set before it, is the step's peak as the kernel saw it. Memory the allocator kept
+  from earlier steps and reuses would not show, so the heaps' free pages are handed back
+  before each step (NOTE [Giving memory back]); what then shows depends on the allocator
+  mode: every page the step touched ('trim', the default), or the tensors alive at the worst
+  moment ('return'). The mark is per process: another thread allocating meanwhile (the
+  daemon's serving) counts too, which is what the box sees.
+
+Elsewhere (no procfs, clear_refs not writable) the peak is None, never a guess.
+"""
+
+import time
+from typing import Optional
+
+import torch
+
+__all__ = ["PeakMeter", "resident_bytes"]
+
+_STATUS = "/proc/self/status"
+_CLEAR_REFS = "/proc/self/clear_refs"
+
+
+def _status_kib(field: str) -> Optional[int]:
+    try:
+        with open(_STATUS) as status:
+            for line in status:
+                if line.startswith(field):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        return None
+    return None
+
+
+def resident_bytes() -> Optional[int]:
+    """The process's resident set (VmRSS) now."""
+    return _status_kib("VmRSS:")
+
+
+def _reset_high_water() -> bool:
+    try:
+        with open(_CLEAR_REFS, "w") as refs:
+            refs.write("5")
+        return True
+    except OSError:
+        return False
+
+
+class PeakMeter:
+    """``with PeakMeter(device) as meter: step()``; then ``meter.peak_bytes`` (the step's peak
+    above its start), ``meter.reserved_bytes`` (CUDA: the allocator's peak reservation) and
+    ``meter.resident_bytes`` (CPU: the process's resident peak during the step)."""
+
+    def __init__(self, device: torch.device):
+        self.device = torch.device(device)
+        self.peak_bytes: Optional[int] = None
+        self.reserved_bytes: Optional[int] = None
+        self.resident_bytes: Optional[int] = None
+        self._start: Optional[int] = None
+        self.seconds = 0.0
+
+    def __enter__(self) -> "PeakMeter":
+        self._t0 = time.perf_counter()
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            self._start = torch.cuda.memory_allocated(self.device)
+            torch.cuda.reset_peak_memory_stats(self.device)
+        elif _reset_high_water():
+            self._start = resident_bytes()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self._start is None:
+            return
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            self.peak_bytes = torch.cuda.max_memory_allocated(self.device) - self._start
+            self.reserved_bytes = torch.cuda.max_memory_reserved(self.device)
+        else:
+            high = _status_kib("VmHWM:")
+            if high is not None:
+                self.resident_bytes = high
+                self.peak_bytes = max(0, high - self._start)
+        self.seconds = time.perf_counter() - self._t0

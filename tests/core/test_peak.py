@@ -1,0 +1,77 @@
+"""The step's peak and the process footprint (NOTE [Step peak], NOTE [Giving memory back])."""
+
+import copy
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from surgeon_core.methods import args_for, get_method
+from surgeon_core.models import cifar_resnet_by_name
+from surgeon_core.peak import PeakMeter, resident_bytes
+
+MB = 2 ** 20
+linux = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="procfs")
+
+
+@linux
+def test_the_meter_sees_a_transient_and_not_what_was_held_before():
+    held = torch.ones(32 * MB // 4)                 # resident before the step: not its peak
+    with PeakMeter(torch.device("cpu")) as meter:
+        transient = torch.ones(64 * MB // 4)         # 64 MiB, touched, freed inside
+        del transient
+    assert 60 * MB <= meter.peak_bytes <= 80 * MB
+    assert meter.resident_bytes >= resident_bytes() + 60 * MB
+    with PeakMeter(torch.device("cpu")) as quiet:
+        torch.ones(1000).sum()
+    assert quiet.peak_bytes < 8 * MB
+    del held
+
+
+@linux
+def test_glibc_is_told_to_return_freed_memory():
+    """In a fresh process: tensors of mixed sizes (about 200 MiB) allocated and freed, three
+    times over. With the settings the resident set goes back to where it was; with glibc's
+    adaptive defaults it keeps most of them."""
+    script = ("import random, sys, torch\n"
+              "from surgeon_core.allocator import tune_malloc\n"
+              "from surgeon_core.peak import resident_bytes\n"
+              "if sys.argv[1] == 'tuned': assert tune_malloc('return')['mmap_threshold'] > 0\n"
+              "random.seed(0)\n"
+              "start = resident_bytes()\n"
+              "for _ in range(3):\n"
+              "    blocks = [torch.ones(random.randint(50000, 1000000)) for _ in range(100)]\n"
+              "    del blocks\n"
+              "print(resident_bytes() - start)\n")
+    kept = {}
+    for mode in ("tuned", "default"):
+        out = subprocess.run([sys.executable, "-c", script, mode], capture_output=True,
+                             text=True, check=True)
+        kept[mode] = int(out.stdout.strip().splitlines()[-1])
+    assert kept["tuned"] < 10 * MB and kept["default"] > 50 * MB, kept
+
+
+@linux
+def test_every_step_reports_its_peak(resnet20_weights):
+    model = cifar_resnet_by_name("resnet20", resnet20_weights)
+    x = torch.rand(64, 3, 32, 32)
+    for name in ("tent", "surgeon"):
+        method = get_method(name)(copy.deepcopy(model), args_for(name))
+        for _ in range(2):
+            result = method.step(x)
+        assert result.peak_bytes > MB and result.resident_bytes > result.peak_bytes
+
+
+@linux
+def test_with_memory_returned_surgeons_step_peak_is_a_fraction_of_full_backprops():
+    """In its own process (the mode is process-wide): ResNet-20, batch 64."""
+    out = subprocess.run([sys.executable, "-m", "surgeon_core.bench", "memory", "--batch-size",
+                          "64", "--steps", "1", "--threads", "1", "--json"],
+                         capture_output=True, text=True, check=True,
+                         env=dict(os.environ, SURGEON_MALLOC="return"))
+    rows = {row["config"]: row for row in json.loads(out.stdout)["results"]}
+    assert rows["full"]["peak_step_bytes"] > 50 * MB
+    assert rows["surgeon"]["peak_ratio"] < 0.4, rows["surgeon"]
