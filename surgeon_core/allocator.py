@@ -28,7 +28,7 @@ import logging
 import os
 from typing import Dict, Optional
 
-__all__ = ["tune_malloc", "before_step", "trim", "cuda_alloc_conf", "MODES"]
+__all__ = ["tune_malloc", "before_step", "returns_memory", "trim", "cuda_alloc_conf", "MODES"]
 
 log = logging.getLogger("surgeon.allocator")
 
@@ -58,6 +58,11 @@ def tune_malloc(mode: Optional[str] = None) -> Optional[Dict[str, int]]:
             applied[name] = value
     log.debug("malloc mode %s: %s", mode, applied)
     return applied
+
+
+def returns_memory() -> bool:
+    """Whether free memory goes back before each step, so a resident peak means something."""
+    return _state["mode"] in ("trim", "return")
 
 
 def before_step() -> None:

@@ -16,13 +16,16 @@ resident set. ``PeakMeter`` measures both around one step:
   moment ('return'). The mark is per process: another thread allocating meanwhile (the
   daemon's serving) counts too, which is what the box sees.
 
-Elsewhere (no procfs, clear_refs not writable) the peak is None, never a guess.
+Elsewhere (no procfs, clear_refs not writable, glibc left to keep what it frees) the peak is
+None, never a guess.
 """
 
 import time
 from typing import Optional
 
 import torch
+
+from .allocator import returns_memory
 
 __all__ = ["PeakMeter", "resident_bytes"]
 
@@ -74,7 +77,7 @@ class PeakMeter:
             torch.cuda.synchronize(self.device)
             self._start = torch.cuda.memory_allocated(self.device)
             torch.cuda.reset_peak_memory_stats(self.device)
-        elif _reset_high_water():
+        elif returns_memory() and _reset_high_water():
             self._start = resident_bytes()
         return self
 

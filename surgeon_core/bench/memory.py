@@ -22,6 +22,7 @@ from ..engine import EngineConfig, SparseBackprop, entropy
 from ..methods.base import norm_modules
 from ..norm import convert_batchnorm
 from ..allocator import before_step
+from ..opcount import OpCounter
 from ..peak import PeakMeter
 
 __all__ = ["ConfigResult", "run_memory_benchmark", "CONFIGS"]
@@ -44,6 +45,8 @@ class ConfigResult:
     budget_bytes: Optional[int] = None
     peak_step_bytes: Optional[int] = None
     peak_ratio: Optional[float] = None
+    ops: Optional[int] = None             # operators dispatched by one step (kernels, no views)
+    ops_ratio: Optional[float] = None
     kinds: Dict[str, int] = dataclasses.field(default_factory=dict)  # "kind/role" -> bytes
 
 
@@ -66,6 +69,7 @@ class _Runner:
         self.kinds: Dict[str, int] = {}
         self.mean_keep: Optional[float] = None
         self.peak: Optional[int] = None
+        self.ops: Optional[int] = None
 
     def measure_cache(self, x: torch.Tensor) -> None:
         """Plain autograd's cache, read by the meter in passthrough mode (not timed)."""
@@ -155,6 +159,7 @@ def run_memory_benchmark(model: nn.Module, x: torch.Tensor, steps: int = 5,
             runner.step(x)
     for runner in runners:
         runner.peak = _peak_step_bytes(runner, x)
+        runner.ops = _ops_per_step(runner, x)
     return _results(runners)
 
 
@@ -168,15 +173,25 @@ def _peak_step_bytes(runner: _Runner, x: torch.Tensor) -> Optional[int]:
     return meter.peak_bytes
 
 
+def _ops_per_step(runner: _Runner, x: torch.Tensor) -> int:
+    """One more, untimed step under the OpCounter."""
+    with OpCounter() as ops:
+        runner.step(x)
+    runner.times.pop()
+    return ops.kernels
+
+
 def _results(runners: List[_Runner]) -> List[ConfigResult]:
     out = [ConfigResult(r.name, r.description, r.cache, r.paper, statistics.median(r.times),
                         mean_keep=r.mean_keep, budget_bytes=r.budget, peak_step_bytes=r.peak,
-                        kinds=r.kinds)
+                        ops=r.ops, kinds=r.kinds)
            for r in runners]
     full = out[0]
     for res in out:
         res.cache_ratio = res.cache_bytes / full.cache_bytes if full.cache_bytes else 0.0
         res.time_ratio = res.step_seconds / full.step_seconds if full.step_seconds else 0.0
+        if res.ops is not None and full.ops:
+            res.ops_ratio = res.ops / full.ops
         if res.peak_step_bytes is not None and full.peak_step_bytes:
             res.peak_ratio = res.peak_step_bytes / full.peak_step_bytes
     return out

@@ -69,8 +69,8 @@ def markdown_table(runs: List[MethodRun], meta: Dict) -> str:
     notes = [_LEGEND] + (_MARGIN_NOTE if margin else []) + [
         _OPTIONAL[name][2] for name in optional] + [
         "peak MiB: the largest step peak of the method, above what the process held when the "
-        "step began (CPU: the kernel's resident high-water mark, reset per step, with glibc "
-        "told to return freed memory; CUDA: the allocator's max_memory_allocated)",
+        "step began (CPU: the kernel's resident high-water mark, reset per step after the heaps' "
+        "free pages were handed back; CUDA: the allocator's max_memory_allocated)",
         "\"-\": not applicable"]
     return "\n".join(lines + [""] + ["- " + n for n in notes])
 

@@ -9,6 +9,7 @@ import sys
 import pytest
 import torch
 
+from surgeon_core.allocator import tune_malloc
 from surgeon_core.methods import args_for, get_method
 from surgeon_core.models import cifar_resnet_by_name
 from surgeon_core.peak import PeakMeter, resident_bytes
@@ -19,6 +20,7 @@ linux = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="procfs"
 
 @linux
 def test_the_meter_sees_a_transient_and_not_what_was_held_before():
+    tune_malloc("trim")
     held = torch.ones(32 * MB // 4)                 # resident before the step: not its peak
     with PeakMeter(torch.device("cpu")) as meter:
         transient = torch.ones(64 * MB // 4)         # 64 MiB, touched, freed inside
@@ -56,6 +58,7 @@ def test_glibc_is_told_to_return_freed_memory():
 
 @linux
 def test_every_step_reports_its_peak(resnet20_weights):
+    tune_malloc("trim")
     model = cifar_resnet_by_name("resnet20", resnet20_weights)
     x = torch.rand(64, 3, 32, 32)
     for name in ("tent", "surgeon"):
@@ -75,3 +78,13 @@ def test_with_memory_returned_surgeons_step_peak_is_a_fraction_of_full_backprops
     rows = {row["config"]: row for row in json.loads(out.stdout)["results"]}
     assert rows["full"]["peak_step_bytes"] > 50 * MB
     assert rows["surgeon"]["peak_ratio"] < 0.4, rows["surgeon"]
+
+
+def test_no_peak_is_claimed_where_the_allocator_keeps_what_it_frees():
+    tune_malloc("default")
+    try:
+        with PeakMeter(torch.device("cpu")) as meter:
+            torch.ones(1000).sum()
+        assert meter.peak_bytes is None
+    finally:
+        tune_malloc("trim")

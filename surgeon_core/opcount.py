@@ -1,0 +1,43 @@
+"""How many ATen operators a step dispatches: on a GPU each is at least one kernel launch,
+and a Jetson's slow cores launch slowly, so the count predicts a launch-bound step.
+
+``OpCounter`` is a TorchDispatchMode (torch 2.0 has it), so it sees every operator below
+autograd, forward and backward alike, on any device; the CPU count is the CUDA count, which
+lets CI hold the line without a GPU. Counting slows the step; time it without.
+"""
+
+import collections
+from typing import Counter, Dict
+
+from torch.utils._python_dispatch import TorchDispatchMode
+
+__all__ = ["OpCounter", "VIEWS"]
+
+# metadata-only operators: no kernel runs (autograd's AccumulateGrad detaches, for one)
+VIEWS = frozenset(("detach", "view", "_unsafe_view", "alias", "as_strided", "expand", "t",
+                   "transpose", "permute", "unsqueeze", "squeeze", "slice", "select", "split",
+                   "unbind", "narrow", "_reshape_alias", "view_as_real", "lift_fresh"))
+
+
+class OpCounter(TorchDispatchMode):
+    """``with OpCounter() as ops: step()``; then ``ops.total`` and ``ops.by_name``."""
+
+    def __init__(self):
+        super().__init__()
+        self.by_name: Counter[str] = collections.Counter()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.by_name[func.overloadpacket.__name__] += 1
+        return func(*args, **(kwargs or {}))
+
+    @property
+    def total(self) -> int:
+        return sum(self.by_name.values())
+
+    @property
+    def kernels(self) -> int:
+        """Operators that run a kernel (views and detaches left out)."""
+        return sum(n for name, n in self.by_name.items() if name not in VIEWS)
+
+    def most_common(self, count: int = 8) -> Dict[str, int]:
+        return dict(self.by_name.most_common(count))
