@@ -46,8 +46,11 @@ class SourceConfig(_Section):
     backend: str = Field("auto", pattern="^(auto|gstreamer|opencv)$",
                          description="auto: GStreamer when OpenCV has it, else OpenCV's own")
     rtsp_latency_ms: int = Field(200, ge=0)
-    decoder: str = Field("auto", description="GStreamer H.264 decoder; auto: nvv4l2decoder on "
-                         "Jetson, avdec_h264 elsewhere")
+    decoder: str = Field("auto", description="GStreamer decoder for RTSP and MJPEG cameras; "
+                         "auto: nvv4l2decoder (+ nvvidconv) on Jetson, decodebin or the "
+                         "software decoder elsewhere")
+    codec: str = Field("h264", pattern="^(h264|h265)$", description="RTSP stream codec, for "
+                       "a pinned decoder (Jetson's); decodebin finds it by itself")
     read_timeout_s: float = Field(3.0, gt=0, le=3600,
                                   description="no frame for this long: rebuild")
     reconnect_initial_s: float = Field(0.5, gt=0, le=3600)

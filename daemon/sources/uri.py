@@ -1,7 +1,8 @@
 """Source URIs to source factories (DESIGN.md decision 6, after jetson-utils' URI scheme).
 
-    csi://0                       nvarguscamerasrc (Jetson CSI camera, GStreamer only)
-    v4l2:///dev/video0            USB camera (GStreamer v4l2src, else OpenCV's V4L2)
+    csi://0?flip=2&sensor_mode=3  nvarguscamerasrc (Jetson CSI camera, GStreamer only)
+    v4l2:///dev/video0?format=mjpeg  USB camera (GStreamer v4l2src, else OpenCV's V4L2)
+                                  (both take width, height and fps too)
     rtsp://host:8554/stream       network stream (rtspsrc, else OpenCV's FFmpeg)
     file://clip.mp4               video file (decodebin, else OpenCV's own); ?loop=1 repeats
     dir://frames/                 image files in name order; ?fps=10&loop=1
@@ -74,7 +75,8 @@ def _factory(uri: str, settings) -> SourceFactory:
         _use_gstreamer("gstreamer")
         return lambda: OpenCVSource(uri, rest, "gstreamer", live=True)
     parts = urlsplit(uri)
-    params = _query(parts.query) if scheme in ("synthetic", "replay", "dir", "file") else {}
+    params = (_query(parts.query) if scheme in ("synthetic", "replay", "dir", "file", "csi",
+                                                 "v4l2") else {})
     location = parts.netloc + parts.path
     if scheme == "synthetic":
         SyntheticSource(uri, params)   # validate now
@@ -91,24 +93,41 @@ def _factory(uri: str, settings) -> SourceFactory:
     return _camera_factory(scheme, uri, location, params, settings)
 
 
-def _camera_factory(scheme, uri, location, params, settings) -> SourceFactory:
-    gst = _use_gstreamer(settings.backend)
-    w, h, fps = settings.width, settings.height, settings.fps
+def _device_factory(scheme, uri, location, params, settings, gst) -> SourceFactory:
+    """csi://N?flip=2&sensor_mode=3 and v4l2:///dev/videoN?format=mjpeg; width, height and
+    fps in the URI override the source settings."""
+    keys = ("width", "height", "fps") + (("flip", "sensor_mode") if scheme == "csi"
+                                         else ("format",))
+    query = QueryParams(scheme, params, keys)
+    w = query.integer("width", settings.width, 16, 8192)
+    h = query.integer("height", settings.height, 16, 8192)
+    fps = query.integer("fps", settings.fps, 1, 240)
     if scheme == "csi":
         if not location.isdigit():
             raise UnknownSource("csi:// takes a sensor number, e.g. csi://0, got %r" % uri)
         if not gst:
             raise UnknownSource("csi:// needs OpenCV with GStreamer (the Jetson system build)")
-        return lambda: OpenCVSource(uri, csi_pipeline(int(location), w, h, fps), "gstreamer")
-    if scheme == "v4l2":
-        if gst:
-            return lambda: OpenCVSource(uri, v4l2_pipeline(location, w, h, fps), "gstreamer")
-        return lambda: OpenCVSource(uri, location, "v4l2", width=w, height=h)
+        text = csi_pipeline(int(location), w, h, fps, query.integer("flip", 0, 0, 7),
+                            query.integer("sensor_mode", None, 0, 64))
+        return lambda: OpenCVSource(uri, text, "gstreamer")
+    fmt = query.text("format", "raw")
+    if fmt not in ("raw", "mjpeg"):
+        raise UnknownSource("v4l2:// format=%r: choose raw or mjpeg" % fmt)
+    if gst:
+        text = v4l2_pipeline(location, w, h, fps, fmt, settings.decoder)
+        return lambda: OpenCVSource(uri, text, "gstreamer")
+    return lambda: OpenCVSource(uri, location, "v4l2", width=w, height=h)
+
+
+def _camera_factory(scheme, uri, location, params, settings) -> SourceFactory:
+    gst = _use_gstreamer(settings.backend)
+    if scheme in ("csi", "v4l2"):
+        return _device_factory(scheme, uri, location, params, settings, gst)
     if scheme in ("rtsp", "rtsps"):
         latency = settings.rtsp_latency_ms
         if gst:
-            return lambda: OpenCVSource(uri, rtsp_pipeline(uri, latency, settings.decoder),
-                                        "gstreamer")
+            text = rtsp_pipeline(uri, latency, settings.decoder, settings.codec)
+            return lambda: OpenCVSource(uri, text, "gstreamer")
         return lambda: OpenCVSource(uri, uri, "ffmpeg")
     # file://
     loop = QueryParams("file", params, ("loop",)).flag("loop")
