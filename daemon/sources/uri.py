@@ -13,6 +13,7 @@
 A factory builds a fresh, unopened source each call: reconnecting means rebuilding.
 """
 
+from pathlib import Path
 from typing import Callable, Dict
 from urllib.parse import parse_qsl, urlsplit
 
@@ -67,8 +68,8 @@ def _query(query: str) -> Dict[str, str]:
 def _factory(uri: str, settings) -> SourceFactory:
     scheme, sep, rest = uri.partition("://")
     if not sep or scheme not in SCHEMES:
-        raise UnknownSource("source %r: expected one of %s"
-                            % (uri, ", ".join(s + "://" for s in SCHEMES)))
+        raise UnknownSource("source %r: expected one of %s%s"
+                            % (uri, ", ".join(s + "://" for s in SCHEMES), _did_you_mean(uri)))
     if scheme == "gst":
         if "appsink" not in rest:
             raise UnknownSource("gst:// pipeline must end in an appsink: %r" % rest)
@@ -91,6 +92,19 @@ def _factory(uri: str, settings) -> SourceFactory:
     if not location:
         raise UnknownSource("source %r names no device, address or file" % uri)
     return _camera_factory(scheme, uri, location, params, settings)
+
+
+def _did_you_mean(uri: str) -> str:
+    """A bare path, as people type it: suggest the URI it stands for."""
+    path = Path(uri)
+    if uri.startswith("/dev/video"):
+        return "; did you mean v4l2://%s ?" % uri
+    if path.is_dir():
+        return "; did you mean dir://%s ?" % path.resolve()
+    if path.is_file() or path.suffix.lower() in (".mp4", ".mkv", ".avi", ".mov", ".h264",
+                                                 ".h265", ".ts", ".webm"):
+        return "; did you mean file://%s ?" % path.resolve()
+    return ""
 
 
 def _device_factory(scheme, uri, location, params, settings, gst) -> SourceFactory:
@@ -131,6 +145,9 @@ def _camera_factory(scheme, uri, location, params, settings) -> SourceFactory:
         return lambda: OpenCVSource(uri, uri, "ffmpeg")
     # file://
     loop = QueryParams("file", params, ("loop",)).flag("loop")
+    if not Path(location).is_file():
+        raise UnknownSource("file://: %s %s" % (location, "is not a regular file"
+                                                 if Path(location).exists() else "does not exist"))
     if gst:
         return lambda: FileSource(uri, file_pipeline(location), "gstreamer", loop)
     return lambda: FileSource(uri, location, "any", loop)

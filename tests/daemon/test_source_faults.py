@@ -96,11 +96,12 @@ class _Hangs(FrameSource):
 
 
 def test_hung_readers_are_bounded_and_the_source_reported_stuck():
+    before = set(threading.enumerate())     # other tests' abandoned readers
     grabber = Grabber(lambda: _Hangs("fake://hangs"), read_timeout_s=0.1,
                       backoff_initial_s=0.02, backoff_max_s=0.05).start()
     wait_for(lambda: grabber.stuck, timeout=10)
     time.sleep(0.5)
-    readers = [t for t in threading.enumerate() if t.name.startswith("grab-")
+    readers = [t for t in set(threading.enumerate()) - before if t.name.startswith("grab-")
                and t.is_alive()]
     assert len(readers) <= grabber_module.MAX_HUNG + 1
     assert "still blocked" in grabber.last_error

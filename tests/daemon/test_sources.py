@@ -47,7 +47,7 @@ def test_replay_schedule_and_data_errors(monkeypatch, tmp_path):
 
 
 @pytest.mark.parametrize("uri", ["ftp://x", "camera0", "gst://videotestsrc", "csi://front",
-                                 "file://", "synthetic://?width=0"])
+                                 "file://", "synthetic://?width=0", "file:///nowhere/x.mp4"])
 def test_bad_uris_are_refused_at_start(uri):
     with pytest.raises((UnknownSource, ValueError)):
         source_factory(uri, SourceConfig(backend="opencv"))
@@ -90,10 +90,14 @@ def _write_video(path, frames=12):
 def test_video_file_is_read_to_the_end_and_reconnected_when_it_comes_back(tmp_path):
     video = tmp_path / "clip.avi"
     config = SourceConfig(backend="opencv")
-    grabber = Grabber(source_factory("file://%s" % video, config),
-                      backoff_initial_s=0.05, backoff_max_s=0.2).start()
+    with pytest.raises(UnknownSource, match="does not exist"):   # a config error at start
+        source_factory("file://%s" % video, config)
+    video.write_bytes(b"")
+    factory = source_factory("file://%s" % video, config)
+    video.unlink()                                          # gone after the start
+    grabber = Grabber(factory, backoff_initial_s=0.05, backoff_max_s=0.2).start()
     time.sleep(0.3)
-    assert grabber.frames == 0 and grabber.failures >= 1     # not there yet
+    assert grabber.frames == 0 and grabber.failures >= 1     # not there
     _write_video(tmp_path / "tmp.avi")
     (tmp_path / "tmp.avi").rename(video)
     frames = _drain(grabber)
@@ -157,3 +161,10 @@ def test_a_failing_open_backs_off_exponentially():
     # 0.05 + 0.1 + 0.2 + 0.4 + 0.4 ...: about 5 attempts in 1.2 s, not 24
     assert 3 <= grabber.failures <= 7
     assert "no camera" in grabber.last_error
+
+
+@pytest.mark.parametrize("uri, hint", [("/dev/video0", "v4l2:///dev/video0"),
+                                       ("clip.mp4", "file://")])
+def test_a_bare_path_gets_the_uri_it_stands_for(uri, hint):
+    with pytest.raises(UnknownSource, match="did you mean %s" % hint):
+        source_factory(uri, SourceConfig(backend="opencv"))
