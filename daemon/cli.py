@@ -118,6 +118,9 @@ def _config(args) -> int:
 
 
 def main(argv: Optional[List[str]] = None) -> int:
+    from .sources.opencv import import_opencv_first
+
+    import_opencv_first()   # before anything imports torch: static TLS on Jetson
     args = _parser().parse_args(argv)
     import os
 

@@ -81,7 +81,11 @@ def check_torch(root: Path) -> Finding:
 def check_opencv(root: Path) -> Finding:
     try:
         cv2 = importlib.import_module("cv2")
-    except ImportError:
+    except ImportError as exc:
+        if "static TLS" in str(exc):
+            from .sources.opencv import _TLS_FIX
+
+            return Finding("opencv", FAIL, str(exc), _TLS_FIX)
         return Finding("opencv", WARN, "not installed: only replay://, dir:// and synthetic:// "
                        "sources work", "Jetson: apt install python3-opencv (JetPack's build); "
                        "x86: pip install 'surgeon[opencv]'")

@@ -4,6 +4,7 @@ OpenCV is imported on first use: on Jetson it must be the system build (with GSt
 PyPI's wheel, and the daemon must start without it when no camera source is configured.
 """
 
+import logging
 import time
 from typing import Optional
 
@@ -11,14 +12,42 @@ import numpy as np
 
 from .base import CaptureError, EndOfStream, Frame, FrameSource
 
-__all__ = ["OpenCVSource", "FileSource", "gstreamer_available"]
+log = logging.getLogger("surgeond.source")
+
+__all__ = ["OpenCVSource", "FileSource", "gstreamer_available", "opencv_import_error",
+           "import_opencv_first"]
+
+_TLS_FIX = ("cannot allocate memory in static TLS block: on Jetson, OpenCV (and NVIDIA's "
+            "GStreamer plugins) must load before torch. surgeond imports cv2 first; in your own "
+            "code import cv2 before torch, or start with LD_PRELOAD=/usr/lib/aarch64-linux-gnu/"
+            "libgomp.so.1")
+_import_error = []
+
+
+def opencv_import_error() -> Optional[str]:
+    """Why ``import cv2`` failed, with the fix for the static-TLS failure; None if it works
+    or was never tried."""
+    return _import_error[0] if _import_error else None
+
+
+def import_opencv_first() -> None:
+    """Import cv2 before torch exists in the process (the Jetson static-TLS rule); a failure
+    is remembered for the messages, never raised."""
+    try:
+        import cv2  # noqa: F401
+    except ImportError as exc:
+        text = str(exc)
+        _import_error[:] = [_TLS_FIX + " (%s)" % text if "static TLS" in text else text]
 
 
 def gstreamer_available() -> bool:
     """True when this OpenCV was built with GStreamer ("GStreamer: YES" in its build info)."""
     try:
         import cv2
-    except ImportError:
+    except ImportError as exc:
+        if not _import_error:
+            import_opencv_first()
+        log.debug("cv2 does not import: %s", exc)
         return False
     for line in cv2.getBuildInformation().splitlines():
         if line.strip().startswith("GStreamer:"):

@@ -20,7 +20,7 @@ from urllib.parse import parse_qsl, urlsplit
 from .base import FrameSource
 from .directory import DirectorySource
 from .params import QueryParams
-from .opencv import FileSource, OpenCVSource, gstreamer_available
+from .opencv import FileSource, OpenCVSource, gstreamer_available, opencv_import_error
 from .pipelines import csi_pipeline, file_pipeline, rtsp_pipeline, v4l2_pipeline
 from .replay import ReplaySource
 from .synthetic import SyntheticSource
@@ -41,6 +41,10 @@ def _use_gstreamer(backend: str) -> bool:
         return False
     has = gstreamer_available()
     if backend == "gstreamer" and not has:
+        why = opencv_import_error()
+        if why is not None:
+            raise UnknownSource("source.backend is gstreamer but OpenCV does not import: %s"
+                                % why)
         raise UnknownSource("source.backend is gstreamer but this OpenCV was built without it "
                             "(on Jetson use the system OpenCV, not PyPI's opencv-python)")
     return has

@@ -81,3 +81,35 @@ def test_the_h265_rtp_chain_negotiates():
     text = text.replace(source, TEST_SOURCE + " ! x265enc ! rtph265pay")
     code, err = _launch(text.replace(pipelines.APPSINK, "fakesink"))
     assert code == 0, err
+
+
+def test_surgeond_imports_opencv_before_torch():
+    """On Jetson the other order fails with 'cannot allocate memory in static TLS block'."""
+    import sys
+
+    script = ("import sys\n"
+              "from daemon.cli import main\n"
+              "main(['config', '--set', 'source.uri=synthetic://'])\n"
+              "names = list(sys.modules)\n"
+              "print(names.index('cv2') < names.index('torch'))\n")
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                         timeout=300)
+    assert out.stdout.strip().splitlines()[-1] == "True", out.stderr[-2000:]
+
+
+def test_a_static_tls_failure_is_reported_with_its_fix(monkeypatch):
+    import builtins
+
+    from daemon.sources import opencv, uri
+
+    real_import = builtins.__import__
+
+    def failing(name, *args, **kwargs):
+        if name == "cv2":
+            raise ImportError("libgomp.so.1: cannot allocate memory in static TLS block")
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "__import__", failing)
+    monkeypatch.setattr(opencv, "_import_error", [])
+    with pytest.raises(UnknownSource, match="static TLS.*import cv2 before torch.*LD_PRELOAD"):
+        uri._use_gstreamer("gstreamer")
