@@ -93,6 +93,36 @@ class MetricsExporter:
             self._server.server_close()
 
 
+def _board(tegra) -> Iterator:
+    """tegrastats' fields (Jetson only): loads as ratios, temperatures, rails in watts."""
+    from prometheus_client.core import GaugeMetricFamily
+
+    if not tegra:
+        return
+    loads = GaugeMetricFamily("surgeon_board_load_ratio", "tegrastats: GPU clusters and EMC "
+                              "(memory controller) load.", labels=["engine"])
+    for engine, load in dict(tegra.get("gpu_loads") or {}, EMC=tegra.get("emc_load")).items():
+        if load is not None:
+            loads.add_metric([engine], load / 100.0)
+    yield loads
+    temps = GaugeMetricFamily("surgeon_board_temperature_celsius", "tegrastats: thermal zones.",
+                              labels=["zone"])
+    for zone, celsius in (tegra.get("temperatures") or {}).items():
+        if celsius is not None:
+            temps.add_metric([zone], celsius)
+    yield temps
+    power = GaugeMetricFamily("surgeon_board_power_watts", "tegrastats: rails, now.",
+                              labels=["rail"])
+    for rail, (now, _) in (tegra.get("power_mw") or {}).items():
+        power.add_metric([rail], now / 1000.0)
+    yield power
+    for key, name, text in (("swap_used_mb", "surgeon_board_swap_used_bytes", "Swap in use."),
+                            ("lfb_block_mb", "surgeon_board_largest_free_block_bytes",
+                             "tegrastats: size of the largest free blocks (lfb).")):
+        if tegra.get(key) is not None:
+            yield GaugeMetricFamily(name, text, value=tegra[key] * 2 ** 20)
+
+
 class _TelemetryCollector:
     """Counters and gauges read from the telemetry snapshot at scrape time."""
 
@@ -126,6 +156,7 @@ class _TelemetryCollector:
                                if source.get("state") == "streaming" else 0)
         yield up
         yield from self._accuracy(snap)
+        yield from _board(snap.get("tegra"))
         yield InfoMetricFamily("surgeon_build", "Versions and model.", value=self.exporter.info)
 
     @staticmethod

@@ -237,7 +237,9 @@ class Daemon:
     def _budget(self):
         sample = self.probe.read()
         budget, reason = self.policy.budget(sample)
+        tegra = self.probe.tegrastats_sample
         self.telemetry.set(memory_available_mb=sample.available / MB,
+                           tegra=None if tegra is None else tegra.as_dict(),
                            memory_source=sample.source, lfb_blocks=sample.lfb_blocks,
                            process_rss_mb=None if sample.process_rss is None
                            else sample.process_rss / MB)
@@ -382,8 +384,10 @@ class Daemon:
         shares = snap.get("classes") or {}
         seen = ", ".join("%s %.0f%%" % (name, 100 * share)
                          for name, share in list(shares.items())[:2])
-        return "%.1f fps, %s, learner %s (%d steps), source %s%s" % (
-            snap.get("fps", 0.0), memory, self.ops.learner_state(), self.learner.steps,
+        tegra = snap.get("tegra") or {}
+        board = "" if tegra.get("gpu_load") is None else ", GPU %d%%" % tegra["gpu_load"]
+        return "%.1f fps, %s%s, learner %s (%d steps), source %s%s" % (
+            snap.get("fps", 0.0), memory, board, self.ops.learner_state(), self.learner.steps,
             self.grabber.state, ", seeing %s" % seen if seen else "")
 
     def _checkpoint_on_exit(self) -> None:

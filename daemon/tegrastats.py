@@ -23,10 +23,10 @@ _UNIT_MB = {"k": 1.0 / 1024, "K": 1.0 / 1024, "M": 1.0, "G": 1024.0}
 _DATE = re.compile(r"^\s*\d{2}-\d{2}-\d{4} \d{2}:\d{2}:\d{2}\s+")
 _RAM = re.compile(r"\bRAM (\d+)/(\d+)([kKMG])B(?: ?\(lfb (\d+)x(\d+)([kKMG])B\))?")
 _SWAP = re.compile(r"\bSWAP (\d+)/(\d+)([kKMG])B(?: ?\(cached (\d+)([kKMG])B\))?")
-_CPU = re.compile(r"\bCPU \[(.*?)\]")
-_CORE = re.compile(r"^(\d+)%@(\d+)$")
+_CPU = re.compile(r"\bCPU \[(.*?)\](?:@(\d+))?")     # R28's form: one clock after the list
+_CORE = re.compile(r"^(\d+)%(?:@(\d+))?$")
 _EMC = re.compile(r"\bEMC_FREQ (\d+)%(?:@(\d+))?")
-_GR3D = re.compile(r"\bGR3D_FREQ (?:(\d+)%)?(?:@\[?([\d,]+)\]?)?")
+_GR3D = re.compile(r"\b(GR3D\d*)_FREQ (?:(\d+)%)?(?:@\[?([\d,]+)\]?)?")
 _TEMP = re.compile(r"\b([A-Za-z][\w.]*)@(-?\d+(?:\.\d+)?)C(?:/-?\d+(?:\.\d+)?C)?(?=\s|$)")
 _POWER = re.compile(r"\b([A-Z][A-Z0-9_]+) (\d+)(?:mW)?/(\d+)(?:mW)?(?:/\d+(?:mW)?)?(?=\s|$)")
 _OFFLINE_C = -256.0
@@ -45,10 +45,23 @@ class TegraSample:
     swap_cached_mb: Optional[float] = None
     cpu: List[Optional[Tuple[int, int]]] = field(default_factory=list)  # (load %, MHz) or off
     emc_load: Optional[int] = None
-    gpu_load: Optional[int] = None
+    gpu_load: Optional[int] = None               # GR3D_FREQ (the first GPU cluster)
     gpu_mhz: List[int] = field(default_factory=list)
+    gpu_loads: Dict[str, Optional[int]] = field(default_factory=dict)   # GR3D, GR3D2, ...
     temperatures: Dict[str, Optional[float]] = field(default_factory=dict)
     power_mw: Dict[str, Tuple[int, int]] = field(default_factory=dict)  # rail: (now, average)
+
+    def as_dict(self) -> Dict:
+        """What telemetry publishes: plain JSON, a rail seen twice kept as NAME#2."""
+        return {"ram_used_mb": self.ram_used_mb, "ram_total_mb": self.ram_total_mb,
+                "lfb_blocks": self.lfb_blocks, "lfb_block_mb": self.lfb_block_mb,
+                "swap_used_mb": self.swap_used_mb, "swap_total_mb": self.swap_total_mb,
+                "swap_cached_mb": self.swap_cached_mb, "emc_load": self.emc_load,
+                "gpu_load": self.gpu_load, "gpu_loads": dict(self.gpu_loads),
+                "gpu_mhz": list(self.gpu_mhz),
+                "cpu": [None if core is None else list(core) for core in self.cpu],
+                "temperatures": dict(self.temperatures),
+                "power_mw": {name: list(pair) for name, pair in self.power_mw.items()}}
 
 
 def _mb(value: str, unit: str) -> float:
@@ -73,25 +86,32 @@ def parse_line(line: str) -> Optional[TegraSample]:
             sample.swap_cached_mb = _mb(swap.group(4), swap.group(5))
     cpu = _CPU.search(text)
     if cpu:
+        shared_mhz = int(cpu.group(2)) if cpu.group(2) else 0
         for core in cpu.group(1).split(","):
             match = _CORE.match(core.strip())
             if match:
-                sample.cpu.append((int(match.group(1)), int(match.group(2))))
+                mhz = int(match.group(2)) if match.group(2) else shared_mhz
+                sample.cpu.append((int(match.group(1)), mhz))
             elif core.strip() == "off":
                 sample.cpu.append(None)
     emc = _EMC.search(text)
     if emc:
         sample.emc_load = int(emc.group(1))
-    gr3d = _GR3D.search(text)
-    if gr3d:
-        sample.gpu_load = int(gr3d.group(1)) if gr3d.group(1) else None
-        sample.gpu_mhz = [int(f) for f in (gr3d.group(2) or "").split(",") if f]
+    for index, (engine, load, mhz) in enumerate(_GR3D.findall(text)):
+        sample.gpu_loads[engine] = int(load) if load else None
+        if index == 0:
+            sample.gpu_load = sample.gpu_loads[engine]
+            sample.gpu_mhz = [int(f) for f in mhz.split(",") if f]
     for name, value in _TEMP.findall(text):
         celsius = float(value)
         sample.temperatures[name] = None if celsius <= _OFFLINE_C else celsius
     for name, now, average in _POWER.findall(text):
-        if name not in ("RAM", "SWAP"):
-            sample.power_mw[name] = (int(now), int(average))
+        if name in ("RAM", "SWAP"):
+            continue
+        key, copy = name, 2
+        while key in sample.power_mw:          # a rail name listed twice: keep both
+            key, copy = "%s#%d" % (name, copy), copy + 1
+        sample.power_mw[key] = (int(now), int(average))
     return sample
 
 

@@ -57,6 +57,17 @@ def test_non_root_line_without_frequencies():
     assert (s.emc_load, s.gpu_load, s.gpu_mhz) == (0, 37, [])
 
 
+def test_the_old_cpu_form_a_second_gpu_cluster_and_a_rail_listed_twice():
+    s = parse_line("RAM 2000/3964MB (lfb 100x4MB) SWAP 0/1982MB (cached 0MB) "
+                   "CPU [12%,3%,off,8%]@1428 EMC_FREQ 4%@1600 GR3D_FREQ 10%@921 "
+                   "GR3D2_FREQ 25%@921 VDD_IN 3000/2900 VDD_IN 100/90")
+    assert s.cpu == [(12, 1428), (3, 1428), None, (8, 1428)]
+    assert s.gpu_load == 10 and s.gpu_loads == {"GR3D": 10, "GR3D2": 25}
+    assert s.power_mw == {"VDD_IN": (3000, 2900), "VDD_IN#2": (100, 90)}
+    published = s.as_dict()
+    assert published["gpu_loads"]["GR3D2"] == 25 and published["lfb_block_mb"] == 4
+
+
 @pytest.mark.parametrize("garbage", ["", "hello", "RAM", "RAM x/yMB", "\x00\xff binary",
                                      "SWAP 1/2MB (cached 0MB)", "Error: must be run as root"])
 def test_garbage_parses_to_none(garbage):

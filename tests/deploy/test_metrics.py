@@ -82,3 +82,24 @@ def test_every_exported_series_is_documented():
             "surgeon_frames_per_second", "surgeon_learner_paused", "surgeon_source_up",
             "surgeon_accuracy_ratio", "surgeon_build_info"]:
         assert name in documented, name
+
+
+def test_board_fields_reach_telemetry_the_status_line_and_prometheus(monkeypatch):
+    from daemon.memory import MemoryProbe
+    from daemon.tegrastats import parse_line
+
+    sample = parse_line("RAM 2000/3964MB (lfb 100x4MB) SWAP 10/1982MB (cached 0MB) "
+                        "CPU [12%,3%]@1428 EMC_FREQ 4%@1600 GR3D_FREQ 37%@921 GR3D2_FREQ 25%@921 "
+                        "GPU@41.5C CPU@40C VDD_IN 3000/2900 VDD_IN 100/90")
+    monkeypatch.setattr(MemoryProbe, "tegrastats_sample", property(lambda self: sample))
+    with Running(small_config("metrics.enabled=true", "metrics.port=0")) as daemon:
+        wait_for(lambda: daemon.telemetry.gauges.get("tegra") is not None)
+        assert daemon.telemetry.gauges["tegra"]["gpu_loads"] == {"GR3D": 37, "GR3D2": 25}
+        assert ", GPU 37%" in daemon.status_line()
+        samples = _scrape(daemon.metrics.port)
+    loads = {s.labels["engine"]: s.value for s in samples["surgeon_board_load_ratio"]}
+    assert loads == {"GR3D": 0.37, "GR3D2": 0.25, "EMC": 0.04}
+    rails = {s.labels["rail"]: s.value for s in samples["surgeon_board_power_watts"]}
+    assert rails == {"VDD_IN": 3.0, "VDD_IN#2": 0.1}
+    assert samples["surgeon_board_temperature_celsius"][0].value in (41.5, 40.0)
+    assert samples["surgeon_board_largest_free_block_bytes"][0].value == 4 * 2 ** 20
