@@ -79,3 +79,44 @@ def test_images_run_surgeond_as_a_user_with_a_ping_healthcheck(name):
 def test_the_x86_image_uses_headless_opencv_only():
     installs = " ".join(_pip_installs(DOCKER / "Dockerfile"))
     assert ".[opencv]" in installs and "opencv-python " not in installs
+
+
+FREEZE = Path(__file__).parent / "fixtures" / "l4t-pytorch-r35.2.1.freeze"
+
+
+def _constraints_from(freeze: Path):
+    """Run the Dockerfile's own constraint command on the base image's pip freeze."""
+    for word, text in _instructions(DOCKER / "Dockerfile.l4t"):
+        for command in re.split(r"&&", text):
+            if "pip freeze" in command and "/tmp/constraints.txt" in command:
+                shell = command.replace("python3 -m pip freeze", "grep -v '^#' %s" % freeze)
+                shell = shell.replace("/tmp/constraints.txt", "/dev/stdout")
+                out = subprocess.run(["bash", "-o", "pipefail", "-c", shell],
+                                     capture_output=True, text=True, check=True)
+                return [line for line in out.stdout.splitlines() if line.strip()]
+    raise AssertionError("no constraint command in Dockerfile.l4t")
+
+
+def test_the_l4t_build_constrains_only_what_the_base_owns():
+    from packaging.requirements import Requirement
+    from packaging.version import Version
+
+    lines = _constraints_from(FREEZE)
+    names = {re.split(r"==| @ ", line)[0].lower() for line in lines}
+    assert names == {"torch", "torchvision", "numpy"}, lines
+    # pydantic 2 needs typing-extensions >= 4.6.1; the base has 4.5: it must stay free
+    assert not any(line.lower().startswith("typing") for line in lines)
+    numpy = next(line for line in lines if line.lower().startswith("numpy=="))
+    text = (ROOT / "pyproject.toml").read_text()
+    floor = Requirement(re.search(r'"(numpy[^"]*)"', text).group(1))
+    assert Version(numpy.split("==")[1]) in floor.specifier, (numpy, floor)
+
+
+def test_the_l4t_build_imports_the_daemon_and_checks_every_shipped_config():
+    runs = " ".join(text for word, text in _instructions(DOCKER / "Dockerfile.l4t")
+                    if word == "RUN")
+    assert "import cv2, torch, daemon.service" in runs
+    assert "configs/*.yaml" in runs and "surgeond config --check" in runs
+    assert "python3-opencv" not in runs      # NVIDIA's OpenCV (with GStreamer) is the base's
+    copies = [text for word, text in _instructions(DOCKER / "Dockerfile.l4t") if word == "COPY"]
+    assert any(text.startswith("deploy/configs") for text in copies)
