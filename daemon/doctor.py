@@ -78,6 +78,19 @@ def check_torch(root: Path) -> Finding:
     return Finding("torch", OK, detail)
 
 
+def opencv_origin(path: str) -> str:
+    """Whose cv2 this is, from where it lives: NVIDIA's JetPack build installs into the
+    versioned /usr/lib/python3.X/dist-packages, Ubuntu's python3-opencv into
+    /usr/lib/python3/dist-packages, pip into a site-packages (or /usr/local)."""
+    if "/usr/lib/python3/dist-packages/" in path:
+        return "Ubuntu's python3-opencv"
+    if path.startswith("/usr/lib/python3.") and "/dist-packages/" in path:
+        return "NVIDIA's JetPack build"
+    if "site-packages" in path or path.startswith("/usr/local/"):
+        return "a pip wheel"
+    return "from %s" % path
+
+
 def check_opencv(root: Path) -> Finding:
     try:
         cv2 = importlib.import_module("cv2")
@@ -87,12 +100,14 @@ def check_opencv(root: Path) -> Finding:
 
             return Finding("opencv", FAIL, str(exc), _TLS_FIX)
         return Finding("opencv", WARN, "not installed: only replay://, dir:// and synthetic:// "
-                       "sources work", "Jetson: apt install python3-opencv (JetPack's build); "
+                       "sources work", "Jetson: NVIDIA's OpenCV comes with JetPack (sudo apt "
+                       "install nvidia-opencv), or Ubuntu's: apt install python3-opencv; "
                        "x86: pip install 'surgeon[opencv]'")
     from .sources.opencv import gstreamer_available
 
     gst = gstreamer_available()
-    detail = "OpenCV %s, GStreamer %s" % (cv2.__version__, "yes" if gst else "no")
+    detail = "OpenCV %s (%s), GStreamer %s" % (cv2.__version__, opencv_origin(cv2.__file__),
+                                              "yes" if gst else "no")
     if not gst and l4t_release(root) is not None:
         return Finding("opencv", FAIL, detail, "a pip OpenCV shadows JetPack's: pip uninstall "
                        "opencv-python opencv-python-headless, then use the system cv2")

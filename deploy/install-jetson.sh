@@ -50,11 +50,16 @@ check_host() {
     fi
     "$PYTHON" -c 'import sys; sys.exit(0 if sys.version_info >= (3, 8) else 1)' \
         || die "$PYTHON is older than 3.8"
+    if ! "$PYTHON" -c 'import ensurepip, venv' 2>/dev/null; then
+        local version
+        version=$("$PYTHON" -c 'import sys; print("%d.%d" % sys.version_info[:2])')
+        die "$PYTHON cannot make a venv: sudo apt install python$version-venv"
+    fi
     if ! "$PYTHON" -c 'import torch' 2>/dev/null; then
         [ "$DRY_RUN" = 1 ] || die "$PYTHON cannot import torch: install NVIDIA's JetPack wheel first (docs/DEPLOY.md)"
     fi
     if ! "$PYTHON" -c 'import cv2, re, sys; sys.exit(0 if re.search(r"GStreamer:\s+YES", cv2.getBuildInformation()) else 1)' 2>/dev/null; then
-        say "warning: the system OpenCV is missing or has no GStreamer; csi:// and rtsp:// need it (apt install python3-opencv)"
+        say "warning: the system OpenCV is missing or has no GStreamer; csi:// and rtsp:// need it (NVIDIA's: apt install nvidia-opencv; or Ubuntu's: apt install python3-opencv)"
     fi
 }
 

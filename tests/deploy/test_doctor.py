@@ -75,3 +75,16 @@ def test_doctor_names_every_area_and_fails_on_a_model_that_cannot_load():
     code, findings = _doctor("--set", "model.weights=/nonexistent/r20.th")
     model = [f for f in findings if f["check"] == "model"][0]
     assert code == 1 and model["status"] == FAIL and "/nonexistent" in model["detail"]
+
+
+@pytest.mark.parametrize("path, origin", [
+    ("/usr/lib/python3.8/dist-packages/cv2/python-3.8/cv2.cpython-38-aarch64-linux-gnu.so",
+     "NVIDIA's JetPack build"),
+    ("/usr/lib/python3/dist-packages/cv2.cpython-38-aarch64-linux-gnu.so",
+     "Ubuntu's python3-opencv"),
+    ("/opt/surgeon/venv/lib/python3.8/site-packages/cv2/__init__.py", "a pip wheel"),
+])
+def test_doctor_tells_nvidias_opencv_from_ubuntus_and_pips(path, origin):
+    from daemon.doctor import opencv_origin
+
+    assert opencv_origin(path) == origin

@@ -85,3 +85,35 @@ def test_another_prefix_is_written_into_the_unit():
 def test_an_unknown_config_name_is_refused():
     done = _dry_run("thermal")
     assert done.returncode == 1 and "no example config 'thermal'" in done.stderr
+
+
+def test_the_host_constraints_from_a_jetpack5_python_fit_the_project():
+    """NVIDIA's steps pin numpy 1.19.4: the constraint the script writes must not contradict
+    the project's own requirements (with numpy >= 1.21 it did: pip aborted or broke it)."""
+    import re
+
+    from packaging.requirements import Requirement
+    from packaging.version import Version
+
+    freeze = Path(__file__).parent / "fixtures" / "jetpack5-host.freeze"
+    pattern = re.search(r"grep -iE '([^']+)'", SCRIPT.read_text()).group(1)
+    lines = [line for line in freeze.read_text().splitlines()
+             if not line.startswith("#") and re.match(pattern, line, re.IGNORECASE)]
+    assert {re.split(r"==| @ ", line)[0].lower() for line in lines} == {
+        "numpy", "torch", "torchvision", "opencv-python"}
+    numpy = next(line for line in lines if line.startswith("numpy=="))
+    text = (Path(__file__).parents[2] / "pyproject.toml").read_text()
+    floor = Requirement(re.search(r'"(numpy[^"]*)"', text).group(1))
+    assert Version(numpy.split("==")[1]) in floor.specifier, (numpy, floor)
+
+
+def test_a_python_without_venv_support_is_told_what_to_install(tmp_path):
+    fake = tmp_path / "python3"
+    fake.write_text('#!/bin/bash\ncase "$*" in *ensurepip*) exit 1;; esac\n'
+                    'exec %s "$@"\n' % sys.executable)
+    fake.chmod(0o755)
+    env = dict(os.environ, DRY_RUN="1", PYTHON=str(fake))
+    done = subprocess.run(["bash", str(SCRIPT), "usb"], capture_output=True, text=True,
+                          env=env, timeout=60)
+    assert done.returncode == 1 and "apt install python3." in done.stderr \
+        and "-venv" in done.stderr, done.stderr
