@@ -4,7 +4,10 @@ OpenCV is imported on first use: on Jetson it must be the system build (with GSt
 PyPI's wheel, and the daemon must start without it when no camera source is configured.
 """
 
+import errno
 import logging
+import os
+import stat
 import time
 from typing import Optional
 
@@ -22,6 +25,25 @@ _TLS_FIX = ("cannot allocate memory in static TLS block: on Jetson, OpenCV (and 
             "code import cv2 before torch, or start with LD_PRELOAD=/usr/lib/aarch64-linux-gnu/"
             "libgomp.so.1")
 _import_error = []
+
+
+def device_problem(path: str) -> Optional[str]:
+    """Why the camera device at ``path`` cannot be used, with the fix; None when it opens.
+    A missing device, a permission problem and a busy one each get their own words."""
+    if not os.path.exists(path):
+        return "no such device %s: is the camera plugged in? (ls /dev/video*)" % path
+    if not stat.S_ISCHR(os.stat(path).st_mode):
+        return "%s is not a camera device" % path
+    try:
+        os.close(os.open(path, os.O_RDWR | os.O_NONBLOCK))
+    except PermissionError:
+        return ("permission denied on %s: add the service user to group video (sudo usermod "
+                "-aG video USER; L4T makes /dev/video* root:video 0660)" % path)
+    except OSError as exc:
+        if exc.errno == errno.EBUSY:
+            return "%s is busy: another process holds it (sudo fuser -v %s)" % (path, path)
+        return "%s: %s" % (path, exc.strerror or exc)
+    return None
 
 
 def opencv_import_error() -> Optional[str]:
@@ -66,9 +88,11 @@ class OpenCVSource(FrameSource):
     """
 
     def __init__(self, uri: str, target: str, api: str, live: bool = True,
-                 width: Optional[int] = None, height: Optional[int] = None):
+                 width: Optional[int] = None, height: Optional[int] = None,
+                 device: Optional[str] = None):
         super().__init__(uri)
         self.target, self.api, self.live = target, api, live
+        self.device = device          # the /dev/videoN behind a v4l2:// source
         self.width, self.height = width, height
         self._cap = None
         self._index = 0
@@ -76,12 +100,17 @@ class OpenCVSource(FrameSource):
     def open(self) -> None:
         import cv2
 
+        problem = device_problem(self.device) if self.device else None
+        if problem is not None:
+            raise CaptureError(problem)
         apis = {"gstreamer": cv2.CAP_GSTREAMER, "v4l2": cv2.CAP_V4L2,
                 "ffmpeg": cv2.CAP_FFMPEG, "any": cv2.CAP_ANY}
         cap = cv2.VideoCapture(self.target, apis[self.api])
         if not cap.isOpened():
             cap.release()
-            raise CaptureError("cannot open %s (%s backend)" % (self.uri, self.api))
+            hint = ("; if another process streams from it: sudo fuser -v %s" % self.device
+                    if self.device else "")
+            raise CaptureError("cannot open %s (%s backend)%s" % (self.uri, self.api, hint))
         if self.api == "v4l2" and self.width and self.height:
             cap.set(cv2.CAP_PROP_FRAME_WIDTH, self.width)
             cap.set(cv2.CAP_PROP_FRAME_HEIGHT, self.height)

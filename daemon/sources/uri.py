@@ -133,8 +133,8 @@ def _device_factory(scheme, uri, location, params, settings, gst) -> SourceFacto
         raise UnknownSource("v4l2:// format=%r: choose raw or mjpeg" % fmt)
     if gst:
         text = v4l2_pipeline(location, w, h, fps, fmt, settings.decoder)
-        return lambda: OpenCVSource(uri, text, "gstreamer")
-    return lambda: OpenCVSource(uri, location, "v4l2", width=w, height=h)
+        return lambda: OpenCVSource(uri, text, "gstreamer", device=location)
+    return lambda: OpenCVSource(uri, location, "v4l2", width=w, height=h, device=location)
 
 
 def _camera_factory(scheme, uri, location, params, settings) -> SourceFactory:

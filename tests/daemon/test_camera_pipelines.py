@@ -113,3 +113,45 @@ def test_a_static_tls_failure_is_reported_with_its_fix(monkeypatch):
     monkeypatch.setattr(opencv, "_import_error", [])
     with pytest.raises(UnknownSource, match="static TLS.*import cv2 before torch.*LD_PRELOAD"):
         uri._use_gstreamer("gstreamer")
+
+
+def test_camera_device_problems_are_told_apart(tmp_path, monkeypatch):
+    import errno
+    import os
+
+    from daemon.sources.opencv import device_problem
+
+    assert "is the camera plugged in" in device_problem(str(tmp_path / "video9"))
+    (tmp_path / "file").write_bytes(b"")
+    assert "not a camera device" in device_problem(str(tmp_path / "file"))
+    null = "/dev/null"                               # a character device anyone may open
+    assert device_problem(null) is None
+    real_open = os.open
+
+    def refused(code):
+        def fake(path, *args, **kwargs):
+            if path == null:
+                raise (PermissionError if code == errno.EACCES else OSError)(code, "x")
+            return real_open(path, *args, **kwargs)
+        return fake
+
+    monkeypatch.setattr(os, "open", refused(errno.EACCES))
+    assert "group video" in device_problem(null)
+    monkeypatch.setattr(os, "open", refused(errno.EBUSY))
+    assert "busy" in device_problem(null) and "fuser -v /dev/null" in device_problem(null)
+
+
+def test_a_v4l2_source_reports_a_missing_device_with_its_fix():
+    from daemon.sources import Grabber
+
+    grabber = Grabber(source_factory("v4l2:///dev/video97", SourceConfig(backend="opencv")),
+                      backoff_initial_s=0.05).start()
+    try:
+        import time
+
+        deadline = time.monotonic() + 10
+        while not grabber.last_error and time.monotonic() < deadline:
+            time.sleep(0.05)
+    finally:
+        grabber.stop()
+    assert "no such device /dev/video97: is the camera plugged in" in grabber.last_error
