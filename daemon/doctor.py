@@ -233,6 +233,43 @@ def check_config(config) -> Finding:
         built.builder, built.num_classes, built.preprocessing.crop, built.weights))
 
 
+def check_source(config, timeout_s: float = 10.0) -> Finding:
+    """Open the configured source and read one frame, within ``timeout_s`` (a hung driver is
+    abandoned in its thread: doctor is a one-shot process)."""
+    import threading
+
+    from .sources import UnknownSource, source_factory
+
+    uri = config.source.uri
+    try:
+        factory = source_factory(uri, config.source)
+    except UnknownSource as exc:
+        return Finding("source", FAIL, str(exc), "fix source.uri (docs/DEPLOY.md, Cameras)")
+    outcome: List[object] = []
+
+    def one_frame() -> None:
+        source = factory()
+        try:
+            source.open()
+            outcome.append(source.read())
+        except Exception as exc:  # noqa: BLE001 - any failure is the finding
+            outcome.append(exc)
+        finally:
+            source.close()
+
+    worker = threading.Thread(target=one_frame, name="doctor-source", daemon=True)
+    worker.start()
+    worker.join(timeout_s)
+    if not outcome:
+        return Finding("source", FAIL, "%s: no frame within %.0f s" % (uri, timeout_s),
+                       "check the camera or stream is running and reachable")
+    if isinstance(outcome[0], Exception):
+        return Finding("source", FAIL, "%s: %s" % (uri, outcome[0]), "see the message; "
+                       "`surgeond run` keeps retrying a source that fails")
+    shape = outcome[0].image.shape
+    return Finding("source", OK, "%s: a %d x %d frame" % (uri, shape[1], shape[0]))
+
+
 def check_daemon(endpoint: str) -> Finding:
     from .control.client import ControlClient, DaemonError, Unreachable
 
@@ -258,6 +295,7 @@ def run_checks(config, root: Path = Path("/")) -> List[Finding]:
         lambda: check_directory("runtime dir", runtime, dir_mode),
         lambda: check_directory("checkpoint dir", state, 0o750),
         lambda: check_devices(root), lambda: check_config(config),
+        lambda: check_source(config),
         lambda: check_daemon(endpoints_for(config.control)[0])]
     findings: List[Finding] = []
     for check in checks:

@@ -2,6 +2,8 @@ import json
 import subprocess
 import sys
 
+import time
+
 import pytest
 
 from daemon.doctor import (FAIL, OK, WARN, check_directory, check_opencv, check_platform,
@@ -70,7 +72,7 @@ def test_doctor_names_every_area_and_fails_on_a_model_that_cannot_load():
     code, findings = _doctor()
     checks = {f["check"] for f in findings}
     assert {"platform", "torch", "opencv", "zmq", "meminfo", "jtop", "nvml", "runtime dir",
-            "checkpoint dir", "devices", "model", "daemon"} <= checks
+            "checkpoint dir", "devices", "model", "source", "daemon"} <= checks
     assert code == (1 if any(f["status"] == FAIL for f in findings) else 0)
     code, findings = _doctor("--set", "model.weights=/nonexistent/r20.th")
     model = [f for f in findings if f["check"] == "model"][0]
@@ -88,3 +90,20 @@ def test_doctor_tells_nvidias_opencv_from_ubuntus_and_pips(path, origin):
     from daemon.doctor import opencv_origin
 
     assert opencv_origin(path) == origin
+
+
+def test_doctor_opens_the_configured_source_for_one_frame(monkeypatch):
+    from daemon.config import load_config
+    from daemon.doctor import check_source
+    from daemon.sources import synthetic
+
+    def config(uri):
+        return load_config(None, ["source.uri=" + uri, "source.backend=opencv"], environ={})
+
+    good = check_source(config("synthetic://?width=40&height=30"))
+    assert good.status == OK and "40 x 30" in good.detail
+    missing = check_source(config("v4l2:///dev/video97"))
+    assert missing.status == FAIL and "is the camera plugged in" in missing.detail
+    monkeypatch.setattr(synthetic.SyntheticSource, "read", lambda self: time.sleep(30))
+    hung = check_source(config("synthetic://"), timeout_s=0.5)
+    assert hung.status == FAIL and "no frame within" in hung.detail
