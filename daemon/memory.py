@@ -72,6 +72,7 @@ class MemorySample:
     device_free: Optional[int] = None  # desktop GPU: free device memory (NVML or CUDA)
     process_rss: Optional[int] = None
     lfb_blocks: Optional[int] = None   # tegrastats: largest free blocks (fragmentation)
+    jtop: Optional[Dict] = None        # jetson-stats' numeric stats, when configured
     source: str = "meminfo"
 
     def as_dict(self) -> Dict:
@@ -134,7 +135,28 @@ class MemoryProbe:
         teg = self.tegrastats_sample
         if teg is not None:
             sample.lfb_blocks = teg.lfb_blocks
+        if self._jtop is not None:
+            sample.jtop = self._jtop_stats()
+            if sample.lfb_blocks is None and sample.jtop is not None:
+                sample.lfb_blocks = sample.jtop.get("lfb_blocks")
         return sample
+
+    def _jtop_stats(self) -> Optional[Dict]:
+        """jtop's ``stats`` (GPU load, temperatures, power, RAM), numbers only, plus the RAM
+        lfb count from ``memory``; None while its service does not answer."""
+        client = self._jtop
+        try:
+            if not client.ok():
+                return None
+            stats = {str(k): v for k, v in dict(client.stats).items()
+                     if isinstance(v, (int, float)) and not isinstance(v, bool)}
+            ram = (getattr(client, "memory", None) or {}).get("RAM") or {}
+            if isinstance(ram.get("lfb"), int):
+                stats["lfb_blocks"] = ram["lfb"]
+            return stats
+        except Exception as exc:  # noqa: BLE001 - jtop raises its own exception types
+            log.debug("jtop read failed: %s", exc)
+            return None
 
     def _device_free(self) -> Optional[int]:
         if self._nvml is not None:

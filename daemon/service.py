@@ -239,7 +239,7 @@ class Daemon:
         budget, reason = self.policy.budget(sample)
         tegra = self.probe.tegrastats_sample
         self.telemetry.set(memory_available_mb=sample.available / MB,
-                           tegra=None if tegra is None else tegra.as_dict(),
+                           tegra=None if tegra is None else tegra.as_dict(), jtop=sample.jtop,
                            memory_source=sample.source, lfb_blocks=sample.lfb_blocks,
                            process_rss_mb=None if sample.process_rss is None
                            else sample.process_rss / MB)

@@ -45,3 +45,37 @@ def test_budget_is_the_smaller_of_cap_and_share_above_the_reserve():
 ])
 def test_out_of_memory_includes_the_tegra_allocator_assertion(exc, oom):
     assert is_out_of_memory(exc) is oom
+
+
+class _FakeJtop:
+    """jetson-stats' client as its 4.x API shows it: ok(), stats, memory."""
+
+    def __init__(self, answering=True):
+        self.answering, self.closed = answering, False
+        self.stats = {"GPU": 37.0, "Temp GPU": 41.5, "Power TOT": 3000, "jetson_clocks": False,
+                      "uptime": "1 day", "RAM": 0.5}
+        self.memory = {"RAM": {"used": 2000000, "tot": 7000000, "lfb": 120}}
+
+    def ok(self):
+        return self.answering
+
+    def close(self):
+        self.closed = True
+
+
+def test_a_configured_jtop_is_read_and_its_numbers_published(tmp_path, monkeypatch):
+    from daemon import memory
+
+    path = tmp_path / "meminfo"
+    path.write_text(JETSON_MEMINFO)
+    fake = _FakeJtop()
+    monkeypatch.setattr(memory, "_open_jtop", lambda: fake)
+    probe = memory.MemoryProbe("cpu", tegrastats="off", use_jtop=True, meminfo_path=str(path))
+    sample = probe.read()
+    assert sample.jtop == {"GPU": 37.0, "Temp GPU": 41.5, "Power TOT": 3000, "RAM": 0.5,
+                           "lfb_blocks": 120}
+    assert sample.lfb_blocks == 120
+    fake.answering = False
+    assert probe.read().jtop is None
+    probe.close()
+    assert fake.closed
