@@ -2,6 +2,7 @@
 hardware decoders followed by nvvidconv. Strings are checked here; where this machine has the
 elements, the decode chains really negotiate under gst-launch-1.0."""
 
+import os
 import shutil
 import subprocess
 
@@ -60,8 +61,8 @@ def _launch(text):
     return out.returncode, out.stderr[-2000:]
 
 
-needs_gst = pytest.mark.skipif(GST_LAUNCH is None, reason="no gst-launch-1.0 here "
-                               "(make gst-debs)")
+needs_gst = pytest.mark.skipif(GST_LAUNCH is None and os.environ.get(
+    "SURGEON_REQUIRE_GSTREAMER") != "1", reason="no gst-launch-1.0 here (make gst-debs)")
 TEST_SOURCE = "videotestsrc num-buffers=5 ! video/x-raw,width=64,height=48,framerate=30/1"
 
 
@@ -86,6 +87,8 @@ def test_the_h265_rtp_chain_negotiates():
 def test_surgeond_imports_opencv_before_torch():
     """On Jetson the other order fails with 'cannot allocate memory in static TLS block'."""
     import sys
+
+    pytest.importorskip("torch")      # the GStreamer lane's system Python has none
 
     script = ("import sys\n"
               "from daemon.cli import main\n"
