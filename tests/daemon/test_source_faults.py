@@ -16,6 +16,7 @@ from daemon.service import Daemon
 from daemon.sources import FrameSource, Grabber, source_factory
 from daemon.sources import grabber as grabber_module
 
+from .grabbing import drain as _drain
 from .running import small_config, wait_for
 
 cv2 = pytest.importorskip("cv2")
@@ -42,15 +43,6 @@ def _images(folder, count):
     folder.mkdir()
     for i in range(count):
         cv2.imwrite(str(folder / ("%02d.png" % i)), np.full((16, 16, 3), i * 10, np.uint8))
-
-
-def _drain(grabber, want, timeout=20.0):
-    frames, deadline = [], time.monotonic() + timeout
-    while len(frames) < want and time.monotonic() < deadline and not grabber.ended:
-        frame = grabber.get(0.1)
-        if frame is not None:
-            frames.append(frame)
-    return frames
 
 
 def test_special_files_in_a_frame_directory_are_skipped(tmp_path):

@@ -10,16 +10,9 @@ from daemon.sources import (CaptureError, EndOfStream, Frame, FrameSource, Grabb
 from daemon.sources.replay import parse_schedule
 from surgeon_core.errors import DataNotFound
 
+from .grabbing import drain as _drain
+
 cv2 = pytest.importorskip("cv2")
-
-
-def _drain(grabber, limit=10_000, timeout=20.0):
-    frames, deadline = [], time.monotonic() + timeout
-    while len(frames) < limit and time.monotonic() < deadline and not grabber.ended:
-        frame = grabber.get(0.1)
-        if frame is not None:
-            frames.append(frame)
-    return frames
 
 
 def test_replay_is_deterministic_labelled_and_follows_its_schedule():
