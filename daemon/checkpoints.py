@@ -36,6 +36,7 @@ from typing import Any, Dict, List, Optional, Tuple
 import torch
 
 from surgeon_core.errors import SurgeonError
+from surgeon_core.models.zoo import sha256_of
 
 from .safefiles import (DirectoryLock, LockHeld, NotRegular, describe_os_error, open_regular,
                         regular_files, unsafe_directory)
@@ -95,11 +96,7 @@ def describe_identity(identity: Dict[str, Any]) -> str:
 
 
 def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open_regular(path) as handle:
-        for chunk in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
+    return sha256_of(path, open_regular)
 
 
 def storage_error(action: str, exc: OSError, intact: bool = True) -> CheckpointError:
@@ -300,10 +297,7 @@ class CheckpointStore:
         return [e for e in entries if e["name"] not in doomed], doomed
 
     def _unlink(self, name: str) -> None:
-        try:
-            self.path(name).unlink()
-        except FileNotFoundError:
-            pass
+        self.path(name).unlink(missing_ok=True)
 
     # -- load ----------------------------------------------------------------------------
     def _read(self, path: Path) -> Dict[str, Any]:

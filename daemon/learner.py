@@ -262,7 +262,7 @@ class Learner:
         engine = getattr(self.method, "engine", None)
         if engine is not None:
             engine.set_budget(budget)
-        self.telemetry.set(budget_mb=None if budget is None else budget / MB,
+        self.telemetry.set(budget_mb=_mb(budget),
                            budget_reason=reason)
 
     def _pause_for(self, reason: str) -> None:

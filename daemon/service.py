@@ -20,7 +20,7 @@ from surgeon_core.allocator import tune_malloc
 from surgeon_core.methods import args_for, get_method
 from surgeon_core.models.spec import describe as describe_model
 
-from .checkpoints import CheckpointError, CheckpointStore, default_directory, model_fingerprint
+from .checkpoints import CheckpointStore, default_directory, model_fingerprint
 from .safefiles import unsafe_directory, unwritable
 from .config import ConfigError, DaemonConfig
 from .learner import Learner
@@ -100,17 +100,6 @@ def check_config(config: DaemonConfig):
     check_learner_files(config, built)
     build_method(config, built.model)
     return built
-
-
-def open_store(cfg, fingerprint: str, identity=None) -> CheckpointStore:
-    """The configured checkpoint directory; one other users could write is a config error."""
-    directory = Path(cfg.directory) if cfg.directory else default_directory()
-    try:
-        return CheckpointStore(directory, fingerprint, cfg.keep_last, identity=identity)
-    except CheckpointError as exc:
-        if exc.code == "FORBIDDEN":
-            raise ConfigError("checkpoints.directory: %s" % exc) from None
-        raise
 
 
 def check_files(config: DaemonConfig) -> None:
@@ -204,7 +193,8 @@ class Daemon:
         """Checkpoints and the operator's view; resumes the configured checkpoint."""
         cfg = self.config.checkpoints
         fingerprint = model_fingerprint(self.built.builder, self.method.model.state_dict())
-        store = open_store(cfg, fingerprint, self.built.identity)
+        store = CheckpointStore(Path(cfg.directory) if cfg.directory else default_directory(),
+                                fingerprint, cfg.keep_last, identity=self.built.identity)
         ops = Operations(self, store, fingerprint)
         name, problems = ops.resume(cfg.resume)
         for problem in problems:
@@ -361,8 +351,8 @@ class Daemon:
             log.error("telemetry thread had stopped; started again")
             self.telemetry.count("telemetry_restarts")
             self._reporter = self._start_reporter()
-        if self.control is not None and self.control.ensure_running():
-            self.telemetry.set(control=self.control.health())
+        if self.control is not None:
+            self.control.ensure_running()     # health reaches telemetry in _report
 
     def _announce_ready(self) -> None:
         """READY=1 once the model, the control sockets and the source's first attempt are done

@@ -12,7 +12,7 @@ import re
 import shutil
 import subprocess
 import threading
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from typing import Dict, List, Optional, Tuple
 
 __all__ = ["TegraSample", "parse_line", "TegrastatsMonitor"]
@@ -52,16 +52,8 @@ class TegraSample:
     power_mw: Dict[str, Tuple[int, int]] = field(default_factory=dict)  # rail: (now, average)
 
     def as_dict(self) -> Dict:
-        """What telemetry publishes: plain JSON, a rail seen twice kept as NAME#2."""
-        return {"ram_used_mb": self.ram_used_mb, "ram_total_mb": self.ram_total_mb,
-                "lfb_blocks": self.lfb_blocks, "lfb_block_mb": self.lfb_block_mb,
-                "swap_used_mb": self.swap_used_mb, "swap_total_mb": self.swap_total_mb,
-                "swap_cached_mb": self.swap_cached_mb, "emc_load": self.emc_load,
-                "gpu_load": self.gpu_load, "gpu_loads": dict(self.gpu_loads),
-                "gpu_mhz": list(self.gpu_mhz),
-                "cpu": [None if core is None else list(core) for core in self.cpu],
-                "temperatures": dict(self.temperatures),
-                "power_mw": {name: list(pair) for name, pair in self.power_mw.items()}}
+        """What telemetry publishes (a rail seen twice is already kept as NAME#2)."""
+        return asdict(self)
 
 
 def _mb(value: str, unit: str) -> float:

@@ -166,9 +166,8 @@ def run_memory_benchmark(model: nn.Module, x: torch.Tensor, steps: int = 5,
 def _peak_step_bytes(runner: _Runner, x: torch.Tensor) -> Optional[int]:
     """One more step under the PeakMeter (NOTE [Step peak]): CUDA's allocator peak, or on the
     CPU the kernel's resident high-water mark; untimed."""
-    before_step()
     with PeakMeter(x.device) as meter:
-        runner.step(x)
+        runner.step(x)          # which hands the free pages back first
     runner.times.pop()
     return meter.peak_bytes
 

@@ -3,7 +3,7 @@
 import hashlib
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Dict, Optional
+from typing import BinaryIO, Callable, Dict, Optional
 
 import torch
 from torch import nn
@@ -48,9 +48,11 @@ def default_weights_path(arch: str) -> Path:
     return paths.models_dir() / CIFAR_WEIGHTS[arch].filename
 
 
-def sha256_of(path: Path) -> str:
+def sha256_of(path: Path, opener: Callable[[Path], BinaryIO] = lambda p: open(p, "rb")) -> str:
+    """The file's SHA-256; ``opener`` decides how it is opened (the daemon opens regular files
+    only)."""
     digest = hashlib.sha256()
-    with open(path, "rb") as f:
+    with opener(path) as f:
         for chunk in iter(lambda: f.read(1 << 20), b""):
             digest.update(chunk)
     return digest.hexdigest()
