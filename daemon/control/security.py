@@ -14,7 +14,7 @@ import threading
 from pathlib import Path
 from typing import Optional, Tuple
 
-__all__ = ["require_safe_endpoint", "is_open_tcp", "default_runtime_dir", "ipc_path", "prepare_ipc",
+__all__ = ["require_safe_endpoint", "default_runtime_dir", "ipc_path", "prepare_ipc",
            "bind_endpoint", "load_server_cert", "load_client_cert", "make_certificates",
            "IPC_PATH_MAX"]
 
@@ -39,11 +39,6 @@ def _is_loopback(host: str) -> bool:
         return False   # '*', '0.0.0.0' is handled above as an address; interface names land here
 
 
-def is_open_tcp(endpoint: str) -> bool:
-    """A TCP endpoint that listens beyond loopback (the rule config and bind share)."""
-    return endpoint.startswith("tcp://") and not _is_loopback(_tcp_host(endpoint))
-
-
 def require_safe_endpoint(endpoint: str, curve: bool) -> None:
     """Refuse endpoints that would listen beyond this machine without CURVE, and odd ones."""
     scheme = endpoint.split("://", 1)[0] if "://" in endpoint else ""
@@ -57,7 +52,7 @@ def require_safe_endpoint(endpoint: str, curve: bool) -> None:
             raise ValueError("endpoint %r: ipc path longer than %d bytes" % (endpoint,
                                                                             IPC_PATH_MAX))
         return
-    if not curve and is_open_tcp(endpoint):
+    if not curve and not _is_loopback(_tcp_host(endpoint)):
         raise ValueError("endpoint %s listens beyond this machine without CURVE: bind to "
                          "127.0.0.1 or set control.curve_server_cert" % endpoint)
 
