@@ -6,13 +6,25 @@ sigma 0.001-0.5); centre crop; horizontal flip with p 0.5; Gaussian noise sigma 
 Upstream: qinenergy/cotta (my_transforms.py); SURGEON's consistency loss uses the same chain.
 """
 
+import math
 import random
 from typing import Optional
 
 import torch
 import torchvision.transforms.functional as TF
 
-__all__ = ["cotta_augment"]
+__all__ = ["blur_valid", "cotta_augment"]
+
+
+# Images per hue conversion: the HSV round trip holds about 25 copies of its input.
+HUE_CHUNK = 32
+BLUR_TAPS = 5
+
+
+def _adjust_hue(x: torch.Tensor, factor: float) -> torch.Tensor:
+    if x.shape[0] <= HUE_CHUNK:
+        return TF.adjust_hue(x, factor)
+    return torch.cat([TF.adjust_hue(part, factor) for part in x.split(HUE_CHUNK)])
 
 
 def _jitter(x: torch.Tensor, rng: random.Random) -> torch.Tensor:
@@ -20,7 +32,7 @@ def _jitter(x: torch.Tensor, rng: random.Random) -> torch.Tensor:
         lambda t: TF.adjust_brightness(t, rng.uniform(0.6, 1.4)),
         lambda t: TF.adjust_contrast(t, rng.uniform(0.7, 1.3)),
         lambda t: TF.adjust_saturation(t, rng.uniform(0.5, 1.5)),
-        lambda t: TF.adjust_hue(t, rng.uniform(-0.06, 0.06)),
+        lambda t: _adjust_hue(t, rng.uniform(-0.06, 0.06)),
         lambda t: t.clamp(1e-8, 1.0) ** rng.uniform(0.7, 1.3),
     ]
     rng.shuffle(ops)
@@ -29,20 +41,36 @@ def _jitter(x: torch.Tensor, rng: random.Random) -> torch.Tensor:
     return x
 
 
+def blur_valid(x: torch.Tensor, sigma: float) -> torch.Tensor:
+    """TF.gaussian_blur's kernel (5 taps) as two passes of shifted sums, without padding: the
+    result is ``BLUR_TAPS - 1`` pixels smaller each way. conv2d on the CPU unfolds its input
+    (25 copies of it), the largest transient of the whole consistency step."""
+    half = (BLUR_TAPS - 1) / 2.0
+    taps = [math.exp(-0.5 * ((i - half) / sigma) ** 2) for i in range(BLUR_TAPS)]
+    taps = [t / sum(taps) for t in taps]
+    rows = x.shape[-2] - BLUR_TAPS + 1
+    out = sum(t * x[..., i:i + rows, :] for i, t in enumerate(taps))
+    cols = x.shape[-1] - BLUR_TAPS + 1
+    return sum(t * out[..., i:i + cols] for i, t in enumerate(taps))
+
+
 def cotta_augment(x: torch.Tensor, rng: Optional[random.Random] = None) -> torch.Tensor:
     """One augmented copy of a [0, 1] NCHW batch; the same random draw for every image."""
     rng = rng or random.Random()
-    size = x.shape[-1]
+    height, width = x.shape[-2:]
     x = _jitter(x.clamp(0.0, 1.0), rng)
-    pad = size // 2
-    x = torch.nn.functional.pad(x, (pad, pad, pad, pad), mode="replicate")
-    shift = size / 16.0
+    pad_h, pad_w = height // 2, width // 2
+    x = torch.nn.functional.pad(x, (pad_w, pad_w, pad_h, pad_h), mode="replicate")
+    shift = width / 16.0
     x = TF.affine(x, angle=rng.uniform(-15, 15),
                   translate=[int(round(rng.uniform(-shift, shift))) for _ in range(2)],
                   scale=rng.uniform(0.9, 1.1), shear=[0.0],
                   interpolation=TF.InterpolationMode.BILINEAR)
-    x = TF.gaussian_blur(x, kernel_size=[5, 5], sigma=[rng.uniform(0.001, 0.5)] * 2)
-    x = TF.center_crop(x, [size, size])
+    # the centre crop with the blur's margin, then the blur: the same pixels as blurring the
+    # padded image and cropping, without blurring what the crop drops
+    margin = BLUR_TAPS // 2
+    x = x[..., pad_h - margin:pad_h + height + margin, pad_w - margin:pad_w + width + margin]
+    x = blur_valid(x, rng.uniform(0.001, 0.5))
     if rng.random() < 0.5:
         x = TF.hflip(x)
     return (x + torch.randn_like(x) * 0.005).clamp(0.0, 1.0)

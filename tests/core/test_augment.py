@@ -1,0 +1,66 @@
+"""CoTTA's augmentation chain (surgeon's consistency loss, cotta's teacher): the same pixels as
+torchvision's blur-then-crop, without its transients."""
+
+import random
+import sys
+
+import pytest
+import torch
+import torchvision.transforms.functional as TF
+
+from surgeon_core.allocator import before_step, tune_malloc
+from surgeon_core.methods import augment
+from surgeon_core.peak import PeakMeter
+
+MB = 2 ** 20
+
+
+def _torchvision_chain(x, rng):
+    """The chain as first written: pad, affine, 5x5 gaussian_blur over the padded image, crop."""
+    height, width = x.shape[-2:]
+    x = augment._jitter(x.clamp(0.0, 1.0), rng)
+    x = torch.nn.functional.pad(x, (width // 2,) * 2 + (height // 2,) * 2, mode="replicate")
+    shift = width / 16.0
+    x = TF.affine(x, angle=rng.uniform(-15, 15),
+                  translate=[int(round(rng.uniform(-shift, shift))) for _ in range(2)],
+                  scale=rng.uniform(0.9, 1.1), shear=[0.0],
+                  interpolation=TF.InterpolationMode.BILINEAR)
+    x = TF.gaussian_blur(x, kernel_size=[5, 5], sigma=[rng.uniform(0.001, 0.5)] * 2)
+    x = TF.center_crop(x, [height, width])
+    return TF.hflip(x) if rng.random() < 0.5 else x
+
+
+@pytest.mark.parametrize("shape", [(70, 3, 32, 32), (3, 3, 40, 24)])
+def test_the_chain_gives_torchvisions_pixels(shape, monkeypatch):
+    monkeypatch.setattr(torch, "randn_like", torch.zeros_like)   # the final noise aside
+    x = torch.rand(*shape)
+    for seed in range(4):
+        expected = _torchvision_chain(x, random.Random(seed)).clamp(0.0, 1.0)
+        got = augment.cotta_augment(x, random.Random(seed))
+        assert got.shape == x.shape
+        assert torch.allclose(got, expected, atol=1e-5), seed
+
+
+def test_hue_in_chunks_is_hue_in_one_go():
+    x = torch.rand(augment.HUE_CHUNK * 2 + 5, 3, 8, 8)
+    assert torch.allclose(augment._adjust_hue(x, 0.05), TF.adjust_hue(x, 0.05), atol=1e-6)
+
+
+def test_blur_valid_is_the_interior_of_torchvisions_blur():
+    x = torch.rand(4, 3, 20, 17)
+    full = TF.gaussian_blur(x, kernel_size=[5, 5], sigma=[0.4, 0.4])
+    assert torch.allclose(augment.blur_valid(x, 0.4), full[..., 2:-2, 2:-2], atol=1e-6)
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="procfs")
+def test_augmenting_a_batch_of_200_peaks_at_a_few_copies_of_it():
+    """The input is 2.4 MiB; torchvision's conv2d blur and one-go hue peaked at 126 MiB."""
+    tune_malloc("trim")
+    x, rng = torch.rand(200, 3, 32, 32), random.Random(0)
+    peaks = []
+    for _ in range(3):
+        before_step()
+        with PeakMeter(x.device) as meter:
+            augment.cotta_augment(x, rng)
+        peaks.append(meter.peak_bytes)
+    assert min(peaks) < 40 * MB, peaks
