@@ -67,7 +67,8 @@ class Learner:
         serving: the serving copy that receives published weights.
         config: LearnerConfig.
         telemetry: where counters and gauges go.
-        budget_fn: returns (budget bytes, reason) -- the memory policy, re-read every poll.
+        budget_fn: returns (cache budget bytes, reason[, peak budget bytes]) -- the memory
+            policy, re-read every poll (NOTE [Peak budget]).
         poll_s: seconds between budget re-reads.
     """
 
@@ -246,10 +247,14 @@ class Learner:
         if now - self._last_poll < self.poll_s:
             return
         self._last_poll = now
-        budget, reason = (None, "no memory policy") if self.budget_fn is None else self.budget_fn()
+        policy = (None, "no memory policy") if self.budget_fn is None else self.budget_fn()
+        budget, reason = policy[0], policy[1]
+        peak = policy[2] if len(policy) > 2 else None
         for cap, who in ((self._budget_cap, "operator cap"), (self._oom_cap, "after OOM")):
             if cap is not None and (budget is None or cap < budget):
                 budget, reason = cap, "%s %.1f MB" % (who, cap / MB)
+        if self._oom_cap is not None and peak is not None:
+            peak = min(peak, self._oom_cap)
         if _changed(self._budget_bytes, budget):
             self.telemetry.event("budget.changed", budget_mb=None if budget is None
                                  else round(budget / MB, 3), reason=reason)
@@ -262,8 +267,10 @@ class Learner:
         engine = getattr(self.method, "engine", None)
         if engine is not None:
             engine.set_budget(budget)
-        self.telemetry.set(budget_mb=_mb(budget),
-                           budget_reason=reason)
+            engine.set_peak_budget(peak)
+        self.telemetry.set(budget_mb=_mb(budget), budget_reason=reason,
+                           peak_budget_mb=_mb(peak),
+                           peak_bounded=engine is not None and engine.peak_bounded)
 
     def _pause_for(self, reason: str) -> None:
         if self.paused_reason != reason:
@@ -365,7 +372,8 @@ class Learner:
                            overall_keep=result.overall_keep, batch_size=self.batch_size,
                            selected=result.selected, learner_steps=self.steps,
                            peak_mb=_mb(result.peak_bytes), reserved_mb=_mb(result.reserved_bytes),
-                           resident_peak_mb=_mb(result.resident_bytes))
+                           resident_peak_mb=_mb(result.resident_bytes),
+                           micro_batches=result.chunks)
 
     def _healthy(self, result) -> bool:
         if not bool(torch.isfinite(result.logits).all()):

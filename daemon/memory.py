@@ -233,7 +233,8 @@ def _open_nvml(device: str):
 
 
 class BudgetPolicy:
-    """Cache budget in bytes from a configured cap and a share of available memory.
+    """Cache budget in bytes from a configured cap and a share of available memory, and the
+    step's peak budget from that share alone.
 
     Args:
         cap_bytes: hard cap (None: no cap).
@@ -243,6 +244,11 @@ class BudgetPolicy:
 
     def __init__(self, cap_bytes: Optional[int], share: float, reserve_bytes: int):
         self.cap_bytes, self.share, self.reserve_bytes = cap_bytes, share, reserve_bytes
+
+    def peak_budget(self, sample: MemorySample) -> Optional[int]:
+        """What one step may take at its peak: the share of available memory above the reserve
+        (NOTE [Peak budget]); the cap bounds only the cache. None when nothing is available."""
+        return int(self.share * max(0, sample.available - self.reserve_bytes)) or None
 
     def budget(self, sample: MemorySample) -> Tuple[int, str]:
         """(budget bytes, what bound it). 0 means nothing may be cached now."""

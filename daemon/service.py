@@ -233,7 +233,7 @@ class Daemon:
                            memory_source=sample.source, lfb_blocks=sample.lfb_blocks,
                            process_rss_mb=None if sample.process_rss is None
                            else sample.process_rss / MB)
-        return budget, reason
+        return budget, reason, self.policy.peak_budget(sample)
 
     def request_stop(self) -> None:
         self._stop.set()
@@ -368,9 +368,12 @@ class Daemon:
         """systemd's STATUS=: what `systemctl status surgeond` shows."""
         snap = self.telemetry.snapshot()
         cache, budget, peak = snap.get("cache_mb"), snap.get("budget_mb"), snap.get("peak_mb")
-        memory = "cache %s/%s MB, step peak %s MB" % (
+        peak_budget, parts = snap.get("peak_budget_mb"), snap.get("micro_batches") or 1
+        memory = "cache %s/%s MB, step peak %s%s MB%s" % (
             "-" if cache is None else "%.1f" % cache, "-" if budget is None else "%.1f" % budget,
-            "-" if peak is None else "%.0f" % peak)
+            "-" if peak is None else "%.0f" % peak,
+            "" if peak_budget is None else "/%.0f" % peak_budget,
+            " in %d micro-batches" % parts if parts > 1 else "")
         shares = snap.get("classes") or {}
         seen = ", ".join("%s %.0f%%" % (name, 100 * share)
                          for name, share in list(shares.items())[:2])

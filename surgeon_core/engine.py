@@ -10,13 +10,27 @@ Usage::
 The engine owns no optimizer and picks no loss: methods do. It plans keep ratios (importance,
 then the budget solver), opens a capture record around the caller's forward, reads the cache
 when backward starts (NOTE [Cache bytes]) and runs backward.
+
+NOTE [Peak budget]
+A box runs out of memory at the step's peak, not at its cache: the dense forward, the packing
+temporaries and the consistency loss's augmentation add to the cache while they live (ResNet-20
+at batch 200: cache 18 MiB, peak 83 MiB). With ``peak_budget_bytes`` each step's peak is
+measured (NOTE [Step peak]) and what it needed above its cache, per sample, is remembered (the
+largest of the last ``TRANSIENT_STEPS``). Planning then gives the cache what the peak budget
+leaves after the transients, and fits it in this order: keep ratios shrink (the solver), then
+the batch runs as 2, 4, 8 ... micro-batches of at least ``min_chunk`` samples. Micro-batches
+keep the images per update (their gradients add up) and cost only smaller kernels, so they
+come before a smaller batch, which is the caller's to choose when even they do not fit
+(``BudgetExceeded``). Each micro-batch normalises with its own statistics, as a batch of its
+size would. Before anything is measured the first step runs in the smallest chunks.
 """
 
+import collections
 import contextlib
 import math
 import time
 from dataclasses import dataclass, field
-from typing import Callable, Dict, Optional, Tuple
+from typing import Callable, Deque, Dict, List, Optional, Tuple
 
 import torch
 from torch import nn
@@ -25,6 +39,7 @@ from .capture import (ActivationCapture, CapturePolicy, LayerCache, check_keep_r
                       paper_bytes, prunable_sizes)
 from .errors import BudgetExceeded
 from .norm import shift_gates
+from .peak import PeakMeter
 from .importance import (VARIANTS, BudgetPlan, CacheProfile, gradient_importance, keep_ratios,
                          memory_importance, solve_budget, weights_needing_grad)
 
@@ -32,6 +47,9 @@ __all__ = ["EngineConfig", "StepReport", "SparseBackprop", "entropy", "budget_or
            "BudgetExceeded"]
 
 SKIP_BELOW = 1e-3  # keep ratios below this train nothing; see NOTE [Empty layers]
+TRANSIENT_STEPS = 4   # steps whose measured transients the peak plan takes the largest of
+PEAK_MARGIN = 1.1     # transients vary a little from step to step (augmentation draws)
+MB = 2 ** 20
 
 ForwardLoss = Callable[[nn.Module, torch.Tensor], Tuple[torch.Tensor, torch.Tensor]]
 
@@ -56,6 +74,9 @@ class EngineConfig:
         probe_samples: samples in the probe.
         fixed_keep: one keep ratio for every trained layer instead of importance (the
             static-sparsity baseline); no probe runs.
+        peak_budget_bytes: cap on the step's measured peak (NOTE [Peak budget]); ``None``
+            bounds only the cache.
+        min_chunk: the smallest micro-batch a step is split into to fit a budget.
     """
 
     policy: CapturePolicy = field(default_factory=CapturePolicy)
@@ -65,6 +86,8 @@ class EngineConfig:
     probe_every: int = 0
     probe_samples: int = 10
     fixed_keep: Optional[float] = None
+    peak_budget_bytes: Optional[int] = None
+    min_chunk: int = 8
 
     def __post_init__(self):
         if self.variant not in VARIANTS:
@@ -74,6 +97,11 @@ class EngineConfig:
             check_keep_ratio("fixed_keep", self.fixed_keep)
         if self.budget_bytes is not None and not self.budget_bytes > 0:
             raise ValueError("budget_bytes must be > 0 or None, got %r" % (self.budget_bytes,))
+        if self.peak_budget_bytes is not None and not self.peak_budget_bytes > 0:
+            raise ValueError("peak_budget_bytes must be > 0 or None, got %r"
+                             % (self.peak_budget_bytes,))
+        if self.min_chunk < 1:
+            raise ValueError("min_chunk must be >= 1, got %r" % (self.min_chunk,))
         if self.probe_every < 0 or self.probe_samples < 1:
             raise ValueError("probe_every must be >= 0 and probe_samples >= 1, got %d and %d"
                              % (self.probe_every, self.probe_samples))
@@ -95,6 +123,30 @@ class StepReport:
     trained_layers: int = 0   # prunable layers that kept enough to train; 0 = budget starved
     overall_keep: Optional[float] = None   # kept / prunable values over trainable layers
     kinds: Dict[Tuple[str, str], int] = field(default_factory=dict)   # bytes per (kind, role)
+    chunks: int = 1                       # micro-batches the step ran in (NOTE [Peak budget])
+    peak_bytes: Optional[int] = None      # measured, NOTE [Step peak]; None where unmeasurable
+
+
+@dataclass
+class _Run:
+    """What the micro-batches of one step gave."""
+
+    loss: float = 0.0
+    cache: int = 0
+    layers: Optional[Dict[str, LayerCache]] = None
+    kinds: Dict[Tuple[str, str], int] = field(default_factory=dict)
+    skipped: bool = False
+    backward: bool = False
+    outputs: List[torch.Tensor] = field(default_factory=list)
+    logits: Optional[torch.Tensor] = None
+
+
+def chunk_counts(batch: int, min_chunk: int) -> List[int]:
+    """Micro-batch counts to try, fewest first: 1, 2, 4, ... while chunks keep ``min_chunk``."""
+    counts = [1]
+    while -(-batch // (counts[-1] * 2)) >= min_chunk and counts[-1] * 2 <= batch:
+        counts.append(counts[-1] * 2)
+    return counts
 
 
 class SparseBackprop:
@@ -110,6 +162,9 @@ class SparseBackprop:
         self.config = config or EngineConfig()
         self.capture = ActivationCapture(model, self.config.policy)
         self.budget_bytes = self.config.budget_bytes
+        self.peak_budget_bytes = self.config.peak_budget_bytes
+        self._transients: Deque[float] = collections.deque(maxlen=TRANSIENT_STEPS)
+        self._peak_measurable = True   # until a step's meter says otherwise
         self._numel: Dict[str, float] = {}   # per-sample activation size of every prunable layer
         self._grad_imp: Dict[str, float] = {}
         self._fixed: Optional[Tuple[int, float]] = None   # (batch, fixed bytes per sample)
@@ -118,6 +173,7 @@ class SparseBackprop:
     def forget(self) -> None:
         """Drop learnt importance and sizes (after a model reset); the next step probes again."""
         self._numel, self._grad_imp, self._fixed = {}, {}, None
+        self._transients.clear()
         self.steps = 0
 
     def set_budget(self, budget_bytes: Optional[int]) -> None:
@@ -136,27 +192,82 @@ class SparseBackprop:
         trained = weights_needing_grad(self.capture.weight_of, self._numel)
         return {n: (ratios.get(n, 1.0) if trained[n] else 0.0) for n in self._numel}
 
-    def plan(self, x: torch.Tensor, forward_loss: ForwardLoss) -> BudgetPlan:
-        """Ratios for a step on ``x``, fitted to the budget when there is one.
+    def set_peak_budget(self, budget_bytes: Optional[int]) -> None:
+        """Change the cap on the step's peak from the next step on (``None`` removes it)."""
+        if budget_bytes is not None and not budget_bytes > 0:
+            raise ValueError("peak budget must be > 0 bytes or None, got %r" % (budget_bytes,))
+        self.peak_budget_bytes = budget_bytes
+
+    @property
+    def peak_bounded(self) -> bool:
+        """A peak budget is set and the peak can be measured here (NOTE [Step peak]: not on a
+        CPU whose allocator keeps what it frees): otherwise only the cache is bounded."""
+        return self.peak_budget_bytes is not None and self._peak_measurable
+
+    @property
+    def transient_per_sample(self) -> Optional[float]:
+        """Bytes per sample the step needs above its cache (the largest of the latest steps)."""
+        return max(self._transients) if self._transients else None
+
+    def plan(self, x: torch.Tensor, forward_loss: ForwardLoss) -> Tuple[BudgetPlan, int]:
+        """Ratios and the number of micro-batches for a step on ``x`` (NOTE [Peak budget]).
 
         Raises:
-            BudgetExceeded: the budget cannot hold the cache even at the keep floor.
+            BudgetExceeded: not even chunks of ``min_chunk`` samples at the keep floor fit.
         """
         base = self.base_ratios()
-        if self.budget_bytes is None:
-            return BudgetPlan(base, -1, 1.0)
         batch = x.shape[0]
+        if self.budget_bytes is None and not self.peak_bounded:
+            return BudgetPlan(base, -1, 1.0), 1
         if self._fixed is None or self._fixed[0] != batch:
             self._profile_on(x[: min(2, batch)], forward_loss, batch)
         policy = self.config.policy
         profile = CacheProfile(self._fixed[1], dict(self._numel), self._value_bytes(),
                                policy.sync_free_on(x.device), policy.selection)
-        return solve_budget(profile, base, self.budget_bytes, batch, self.config.keep_floor)
+        counts = chunk_counts(batch, self.config.min_chunk)
+        if self.peak_bounded and self.transient_per_sample is None:
+            counts = counts[-1:]   # nothing measured yet: the smallest chunks, then measure
+        trains = any(keep >= SKIP_BELOW for keep in base.values())
+        failure = None
+        for chunks in counts:
+            size = -(-batch // chunks)
+            budget = self._cache_budget(size)
+            try:
+                plan = solve_budget(profile, base, budget, size, self.config.keep_floor)
+            except (BudgetExceeded, ValueError) as exc:
+                failure = exc
+                continue
+            if not trains or any(k >= SKIP_BELOW for k in plan.keep_ratios.values()):
+                return plan, chunks
+        raise BudgetExceeded(self.peak_budget_bytes or self.budget_bytes or 0,
+                             int(getattr(failure, "floor_bytes", 0)), self._no_fit(batch))
+
+    def _cache_budget(self, size: int) -> int:
+        """What the cache may take in a chunk of ``size``: the cache budget and the peak budget
+        less the chunk's measured transients, whichever is smaller (<= 0: nothing fits)."""
+        budgets = [] if self.budget_bytes is None else [self.budget_bytes]
+        if self.peak_bounded:
+            transient = (self.transient_per_sample or 0.0) * size
+            budgets.append(int(self.peak_budget_bytes - PEAK_MARGIN * transient))
+        return min(budgets)
+
+    def _no_fit(self, batch: int) -> str:
+        chunk = min(batch, self.config.min_chunk)
+        parts = ["the step does not fit at batch %d even in chunks of %d with every keep ratio "
+                 "at its floor" % (batch, chunk)]
+        if self.budget_bytes is not None:
+            parts.append("cache budget %.2f MB" % (self.budget_bytes / MB))
+        if self.peak_bounded:
+            parts.append("peak budget %.2f MB, of which the forward's transients take about "
+                         "%.2f MB per chunk" % (self.peak_budget_bytes / MB,
+                                                (self.transient_per_sample or 0) * chunk / MB))
+        return "; ".join(parts) + ": shrink the batch or raise the budget"
 
     def step(self, x: torch.Tensor, forward_loss: ForwardLoss) -> StepReport:
         """Forward under capture, measure the cache, backward (if the loss is finite).
 
-        ``forward_loss(model, x)`` returns ``(loss, logits)``; gradients land in ``.grad``.
+        ``forward_loss(model, x)`` returns ``(loss, logits)``; gradients land in ``.grad``. Under
+        a budget the batch may run as micro-batches whose gradients add up (NOTE [Peak budget]).
         """
         start = time.perf_counter()
         every = self.config.probe_every
@@ -165,23 +276,52 @@ class SparseBackprop:
             self.probe(x)
         elif not self._numel:  # static ratios still need the layer list: one forward
             self._learn_sizes_from(x)
-        plan = self.plan(x, forward_loss)
+        plan, chunks = self.plan(x, forward_loss)
         trained = [n for n, keep in plan.keep_ratios.items() if keep >= SKIP_BELOW]
-        with self._skip_empty_layers(plan.keep_ratios):
-            with self.capture.record(plan.keep_ratios) as rec:
-                loss, logits = forward_loss(self.model, x)
-            cache, layers, kinds = rec.cache_bytes(), rec.layers(), rec.bytes_by_kind()
-            paper = paper_bytes(layers)
-            skipped = not bool(torch.isfinite(loss.detach()))
-            if not skipped and loss.requires_grad:
-                loss.backward()
-                if not probed:  # the paper's rule: importance from the latest gradients
-                    self._grad_imp.update(gradient_importance(self.capture.weight_of, trained))
-        self._observe(layers, cache, x.shape[0])
+        with PeakMeter(x.device) as meter, self._skip_empty_layers(plan.keep_ratios):
+            run = self._run_chunks(x.tensor_split(chunks), plan.keep_ratios, forward_loss)
+            if not run.skipped and not probed and run.backward:
+                # the paper's rule: importance from the latest gradients
+                self._grad_imp.update(gradient_importance(self.capture.weight_of, trained))
+        size = -(-x.shape[0] // chunks)
+        self._peak_measurable = meter.peak_bytes is not None
+        if meter.peak_bytes is not None:
+            self._transients.append(max(0, meter.peak_bytes - run.cache) / size)
+        self._observe(run.layers, run.cache, size, x.shape[0])
         self.steps += 1
-        return StepReport(float(loss.detach()), logits.detach(), cache, paper, plan.predicted_bytes,
-                          plan.keep_ratios, layers, time.perf_counter() - start, skipped,
-                          len(trained), self.overall_keep(plan.keep_ratios), kinds)
+        return StepReport(run.loss, run.logits, run.cache, paper_bytes(run.layers),
+                          plan.predicted_bytes, plan.keep_ratios, run.layers,
+                          time.perf_counter() - start, run.skipped, len(trained),
+                          self.overall_keep(plan.keep_ratios), run.kinds, chunks,
+                          meter.peak_bytes)
+
+    def _run_chunks(self, parts, ratios: Dict[str, float], forward_loss: ForwardLoss) -> "_Run":
+        """Forward and backward each part in turn; the cache reported is the largest part's
+        (one part's graph is alive at a time). A non-finite loss in any part discards the
+        gradients of all: no half-accumulated update."""
+        total = sum(part.shape[0] for part in parts)
+        run = _Run()
+        for part in parts:
+            with self.capture.record(ratios) as rec:
+                loss, logits = forward_loss(self.model, part)
+            cache = rec.cache_bytes()
+            if cache >= run.cache or run.layers is None:
+                run.cache, run.layers, run.kinds = cache, rec.layers(), rec.bytes_by_kind()
+            share = part.shape[0] / total
+            value = loss.detach()
+            if not bool(torch.isfinite(value)):
+                run.skipped = True
+            elif not run.skipped and loss.requires_grad:
+                (loss * share).backward() if share < 1 else loss.backward()
+                run.backward = True
+            run.loss += float(value) * share
+            run.outputs.append(logits.detach())
+            del loss, logits, value
+        if run.skipped:
+            self.model.zero_grad(set_to_none=True)
+        run.logits = run.outputs[0] if len(run.outputs) == 1 else torch.cat(run.outputs)
+        run.outputs = []
+        return run
 
     def overall_keep(self, ratios: Dict[str, float]) -> Optional[float]:
         """Kept values over prunable values of the layers that train (the paper's sparsity)."""
@@ -247,9 +387,10 @@ class SparseBackprop:
         self._learn_sizes(layers, x.shape[0])
         self._fixed = (batch, CacheProfile.fixed_bytes_per_sample(layers, cache, x.shape[0]))
 
-    def _observe(self, layers: Dict[str, LayerCache], cache: int, batch: int) -> None:
-        self._learn_sizes(layers, batch)
-        self._fixed = (batch, CacheProfile.fixed_bytes_per_sample(layers, cache, batch))
+    def _observe(self, layers: Dict[str, LayerCache], cache: int, size: int, batch: int) -> None:
+        """Learn per-sample sizes from a part of ``size`` samples of a batch of ``batch``."""
+        self._learn_sizes(layers, size)
+        self._fixed = (batch, CacheProfile.fixed_bytes_per_sample(layers, cache, size))
 
     def _learn_sizes(self, layers: Dict[str, LayerCache], batch: int) -> None:
         # layers skipped this step are absent from the record; keep what was learnt of them

@@ -33,6 +33,8 @@ def _add_memory(sub) -> None:
     p.add_argument("--batch-size", type=int, default=200)
     p.add_argument("--steps", type=int, default=5, help="timed rounds after one warm-up")
     p.add_argument("--budget-mb", type=float, default=None, help="also run surgeon under this cap")
+    p.add_argument("--peak-budget-mb", type=float, default=None,
+                   help="also run surgeon under this cap on the step's peak (NOTE [Peak budget])")
     p.add_argument("--probe-every", type=int, default=None,
                    help="0: importance from the latest gradients (the paper, default); "
                         "N: a dense 10-sample probe every N steps (the published code: 1)")
@@ -66,7 +68,7 @@ def _memory(args) -> int:
     if args.probe_every is not None:
         engine_config = dataclasses.replace(engine_config, probe_every=args.probe_every)
     results = run_memory_benchmark(model, x, args.steps, budget_or_none(args.budget_mb),
-                                   engine_config)
+                                   engine_config, budget_or_none(args.peak_budget_mb))
     meta = {"model": built.builder, "arch": built.builder, "weights": built.weights,
             "input_size": built.preprocessing.crop, "num_classes": built.num_classes,
             "batch_size": args.batch_size,
@@ -103,7 +105,8 @@ def _table(meta, results) -> str:
         peak_ratio = "-" if r.peak_ratio is None else "%.3f" % r.peak_ratio
         ops = "- | -" if r.ops is None else "%d | %.2f" % (r.ops, r.ops_ratio or 0)
         lines.append("| %s | %.1f | %.3f | %.1f | %s | %s | %.3f | %.2f | %s | %s | %s |" % (
-            r.config, r.cache_bytes / 2**20, r.cache_ratio, r.paper_bytes / 2**20, peak,
+            r.config + (" (%d micro-batches)" % r.chunks if r.chunks > 1 else ""),
+            r.cache_bytes / 2**20, r.cache_ratio, r.paper_bytes / 2**20, peak,
             peak_ratio, r.step_seconds, r.time_ratio, ops, keep, _largest(r.kinds)))
     lines += ["", "step peak: what one step added at its worst above what the process held "
               "when it began (CPU: the kernel's resident high-water mark, reset per step after "

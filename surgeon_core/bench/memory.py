@@ -27,7 +27,8 @@ from ..peak import PeakMeter
 
 __all__ = ["ConfigResult", "run_memory_benchmark", "CONFIGS"]
 
-CONFIGS = ("full", "tent", "surgeon", "surgeon-fp16", "surgeon-exactbn", "surgeon+budget")
+CONFIGS = ("full", "tent", "surgeon", "surgeon-fp16", "surgeon-exactbn", "surgeon+budget",
+           "surgeon+peak")
 
 
 @dataclass
@@ -48,6 +49,7 @@ class ConfigResult:
     ops: Optional[int] = None             # operators dispatched by one step (kernels, no views)
     ops_ratio: Optional[float] = None
     kinds: Dict[str, int] = dataclasses.field(default_factory=dict)  # "kind/role" -> bytes
+    chunks: int = 1                       # micro-batches of the last step (NOTE [Peak budget])
 
 
 def _entropy_loss(model: nn.Module, x: torch.Tensor):
@@ -70,6 +72,7 @@ class _Runner:
         self.mean_keep: Optional[float] = None
         self.peak: Optional[int] = None
         self.ops: Optional[int] = None
+        self.chunks = 1
 
     def measure_cache(self, x: torch.Tensor) -> None:
         """Plain autograd's cache, read by the meter in passthrough mode (not timed)."""
@@ -94,6 +97,7 @@ class _Runner:
             self.kinds = _kind_names(report.kinds)
             ratios = list(report.keep_ratios.values())
             self.mean_keep = sum(ratios) / len(ratios) if ratios else None
+            self.chunks = report.chunks
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         _sync(x)
@@ -117,7 +121,8 @@ def _tent_model(model: nn.Module) -> nn.Module:
     return model
 
 
-def _runners(base: nn.Module, budget: Optional[int], engine_config: EngineConfig) -> List[_Runner]:
+def _runners(base: nn.Module, budget: Optional[int], engine_config: EngineConfig,
+             peak_budget: Optional[int] = None) -> List[_Runner]:
     def fresh() -> nn.Module:
         return copy.deepcopy(base).train()
 
@@ -141,14 +146,21 @@ def _runners(base: nn.Module, budget: Optional[int], engine_config: EngineConfig
         label = "surgeon under a %.1f MB budget" % (budget / 2**20)
         runners.append(_Runner("surgeon+budget", label,
                                lean_b, SparseBackprop(lean_b, cfg), budget))
+    if peak_budget is not None:
+        lean_p = convert_batchnorm(fresh())
+        cfg = dataclasses.replace(engine_config, peak_budget_bytes=peak_budget)
+        label = "surgeon under a %.1f MB peak budget" % (peak_budget / 2**20)
+        runners.append(_Runner("surgeon+peak", label, lean_p, SparseBackprop(lean_p, cfg),
+                               peak_budget))
     return runners
 
 
 def run_memory_benchmark(model: nn.Module, x: torch.Tensor, steps: int = 5,
                          budget_bytes: Optional[int] = None,
-                         engine_config: Optional[EngineConfig] = None) -> List[ConfigResult]:
+                         engine_config: Optional[EngineConfig] = None,
+                         peak_budget_bytes: Optional[int] = None) -> List[ConfigResult]:
     """Run every configuration ``steps`` timed rounds (after one warm-up) on batch ``x``."""
-    runners = _runners(model, budget_bytes, engine_config or EngineConfig())
+    runners = _runners(model, budget_bytes, engine_config or EngineConfig(), peak_budget_bytes)
     for runner in runners:
         if runner.engine is None:
             runner.measure_cache(x)
@@ -183,7 +195,7 @@ def _ops_per_step(runner: _Runner, x: torch.Tensor) -> int:
 def _results(runners: List[_Runner]) -> List[ConfigResult]:
     out = [ConfigResult(r.name, r.description, r.cache, r.paper, statistics.median(r.times),
                         mean_keep=r.mean_keep, budget_bytes=r.budget, peak_step_bytes=r.peak,
-                        ops=r.ops, kinds=r.kinds)
+                        ops=r.ops, kinds=r.kinds, chunks=r.chunks)
            for r in runners]
     full = out[0]
     for res in out:

@@ -44,6 +44,7 @@ class StepResult:
     peak_bytes: Optional[int] = None       # the step's peak above its start, NOTE [Step peak]
     reserved_bytes: Optional[int] = None   # CUDA: the caching allocator's peak reservation
     resident_bytes: Optional[int] = None   # CPU: the process's resident peak during the step
+    chunks: int = 1                        # micro-batches the step ran in (NOTE [Peak budget])
 
 
 def bn_modules(model: nn.Module) -> List[nn.modules.batchnorm._BatchNorm]:

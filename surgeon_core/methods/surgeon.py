@@ -191,10 +191,11 @@ class Surgeon(Method):
     def _forward_loss(self, model: nn.Module, x: torch.Tensor):
         logits = model(x)
         threshold = self.args.margin * math.log(logits.shape[1])
-        self._selected = int((entropy(logits.detach()) < threshold).sum())
+        selected = int((entropy(logits.detach()) < threshold).sum())
+        self._selected += selected   # summed over the step's micro-batches
         weight = self.args.consistency_weight
         weight = 0.01 * logits.shape[1] if weight is None else weight
-        if self._selected == 0 and weight <= 0:  # nothing to learn from: no backward at all
+        if selected == 0 and weight <= 0:  # nothing to learn from: no backward at all
             return logits.new_zeros(()), logits
         loss = css_entropy(logits, self.args.margin)
         if weight > 0:
@@ -202,6 +203,7 @@ class Surgeon(Method):
         return loss, logits
 
     def _adapt(self, x: torch.Tensor) -> StepResult:
+        self._selected = 0
         report = self.engine.step(x, self._forward_loss)
         updated = not report.skipped and self.apply_update()
         if updated:
@@ -210,7 +212,7 @@ class Surgeon(Method):
         mean_keep = sum(trained) / len(trained) if trained else None
         return StepResult(report.logits, report.loss, report.cache_bytes, report.paper_bytes,
                           updated=updated, selected=self._selected, mean_keep=mean_keep,
-                          overall_keep=report.overall_keep)
+                          overall_keep=report.overall_keep, chunks=report.chunks)
 
 
 @dataclass(frozen=True)

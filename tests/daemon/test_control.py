@@ -62,7 +62,10 @@ def test_status_telemetry_and_the_pub_stream():
         assert status["arch"] == "cifar:resnet20" and status["learner"]["state"] == "running"
         assert status["frames"] > 0 and len(status["model_fingerprint"]) == 16
         assert status["peak_mb"] > 0 and status["resident_peak_mb"] > status["peak_mb"]
-        assert "step peak %.0f MB" % daemon.telemetry.gauges["peak_mb"] in daemon.status_line()
+        assert status["peak_budget_mb"] > 0 and status["micro_batches"] >= 1
+        assert "step peak %.0f/%.0f MB" % (daemon.telemetry.gauges["peak_mb"],
+                                            daemon.telemetry.gauges["peak_budget_mb"]) \
+            in daemon.status_line()
         snap = client.call("telemetry")
         assert snap["counters"]["frames"] > 0 and "infer" in snap["latency_ms"]
         sub = _events(client, daemon)

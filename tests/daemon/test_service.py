@@ -128,8 +128,22 @@ def test_methods_that_need_batch_statistics_are_refused():
 
 def test_budget_is_reported_in_megabytes():
     daemon = Daemon(_config("memory.budget_mb=3"))
-    budget, why = daemon._budget()
+    budget, why, peak = daemon._budget()
     assert budget == 3 * MB and "cap" in why
+    assert peak > budget   # the cap bounds the cache; the step's peak gets the memory share
+
+
+def test_the_memory_share_bounds_the_steps_peak_and_an_oom_halves_it(monkeypatch):
+    """NOTE [Peak budget]: the cap bounds the cache, the memory share the whole step."""
+    daemon = Daemon(_config("memory.budget_mb=3"))
+    learner, engine = daemon.learner, daemon.learner.method.engine
+    learner._refresh_budget()
+    peak = engine.peak_budget_bytes
+    assert engine.budget_bytes == 3 * MB and peak > 3 * MB
+    assert daemon.telemetry.snapshot()["peak_budget_mb"] == pytest.approx(peak / MB)
+    learner._out_of_memory(RuntimeError("CUDA out of memory"))
+    learner._refresh_budget()
+    assert engine.peak_budget_bytes <= 3 * MB // 2 and engine.budget_bytes <= 3 * MB // 2
 
 
 def test_a_budget_that_trains_nothing_shrinks_the_batch(monkeypatch):

@@ -1,0 +1,101 @@
+"""The budget bounds the step's peak, not only its cache (NOTE [Peak budget]). That a bounded
+step stays under the budget is measured in its own process, where glibc returns every block
+(tests/core/test_peak.py): in this one, trim mode's meter counts every page a step touches."""
+
+import copy
+import sys
+
+import pytest
+import torch
+from torch import nn
+
+from surgeon_core.allocator import tune_malloc
+from surgeon_core.engine import EngineConfig, SparseBackprop, chunk_counts, entropy
+from surgeon_core.errors import BudgetExceeded
+from surgeon_core.importance import BudgetPlan
+from surgeon_core.methods.surgeon import Surgeon, SurgeonArgs
+from surgeon_core.models import cifar_resnet_by_name
+
+MB = 2 ** 20
+linux = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="procfs")
+
+
+def _entropy_loss(model, x):
+    logits = model(x)
+    return entropy(logits).mean(), logits
+
+
+def _small_net():
+    return nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(1),
+                         nn.Flatten(), nn.Linear(8, 10)).train()
+
+
+def test_chunk_counts_halve_down_to_the_smallest_chunk():
+    assert chunk_counts(200, 8) == [1, 2, 4, 8, 16]
+    assert chunk_counts(64, 8) == [1, 2, 4, 8]
+    assert chunk_counts(8, 8) == [1]
+    assert chunk_counts(5, 8) == [1]
+
+
+def _in_chunks(engine, chunks, monkeypatch):
+    monkeypatch.setattr(engine, "plan", lambda x, fl: (BudgetPlan(
+        {n: 1.0 for n in engine.base_ratios()}, -1, 1.0), chunks))
+
+
+def test_micro_batches_add_up_to_the_whole_batchs_gradient(monkeypatch):
+    whole_net = _small_net()
+    split_net = copy.deepcopy(whole_net)
+    x = torch.rand(40, 3, 16, 16)
+    whole = SparseBackprop(whole_net, EngineConfig(fixed_keep=1.0))
+    split = SparseBackprop(split_net, EngineConfig(fixed_keep=1.0))
+    _in_chunks(split, 4, monkeypatch)
+    one, four = whole.step(x, _entropy_loss), split.step(x, _entropy_loss)
+    assert (one.chunks, four.chunks) == (1, 4)
+    assert torch.allclose(one.logits, four.logits, atol=1e-6)
+    assert four.loss == pytest.approx(one.loss, rel=1e-5)
+    for a, b in zip(whole_net.parameters(), split_net.parameters()):
+        assert torch.allclose(a.grad, b.grad, atol=1e-6)
+    assert four.cache_bytes < one.cache_bytes / 3   # one chunk's graph alive at a time
+
+
+def test_a_non_finite_micro_batch_discards_the_whole_steps_gradient(monkeypatch):
+    net = _small_net()
+    engine = SparseBackprop(net, EngineConfig(fixed_keep=1.0))
+    _in_chunks(engine, 4, monkeypatch)
+    calls = []
+
+    def last_part_poisoned(model, x):
+        calls.append(x.shape[0])
+        logits = model(x)
+        loss = entropy(logits).mean()
+        return (loss * float("nan") if len(calls) == 4 else loss), logits
+
+    report = engine.step(torch.rand(40, 3, 16, 16), last_part_poisoned)
+    assert report.skipped and calls == [10] * 4
+    assert all(p.grad is None for p in net.parameters())
+    assert report.logits.shape == (40, 10)
+
+
+@linux
+def test_a_peak_budget_nothing_fits_under_says_why(resnet20_weights, cifar_test_small):
+    tune_malloc("trim")
+    model = cifar_resnet_by_name("resnet20", resnet20_weights)
+    method = Surgeon(model, SurgeonArgs())
+    method.step(cifar_test_small[0][:32])            # transients measured
+    method.engine.set_peak_budget(64 * 1024)
+    with pytest.raises(BudgetExceeded, match="chunks of 8.*peak budget 0.06 MB"):
+        method.step(cifar_test_small[0][:32])
+
+
+def test_where_the_peak_cannot_be_measured_only_the_cache_is_bounded(resnet20_weights,
+                                                                       cifar_test_small):
+    tune_malloc("default")   # glibc keeps what it frees: no peak is claimed (NOTE [Step peak])
+    try:
+        method = Surgeon(cifar_resnet_by_name("resnet20", resnet20_weights), SurgeonArgs())
+        method.engine.set_peak_budget(MB)
+        method.step(cifar_test_small[0][:32])
+        result = method.step(cifar_test_small[0][:32])
+        assert result.peak_bytes is None and not method.engine.peak_bounded
+        assert result.chunks == 1 and result.updated
+    finally:
+        tune_malloc("trim")
