@@ -155,7 +155,8 @@ class MemoryConfig(_Section):
     budget_mb: Optional[float] = Field(None, gt=0, le=1e9,
                                        description="hard cap on the activation cache")
     available_share: float = Field(0.25, gt=0, le=1,
-                                   description="share of available memory the cache may use")
+                                   description="share of available memory above the reserve "
+                                   "that one step may take at its peak (NOTE [Peak budget])")
     reserve_mb: float = Field(256.0, ge=0, le=1e9,
                               description="available memory never planned on")
     poll_s: float = Field(5.0, ge=0.01, le=3600,
