@@ -14,6 +14,8 @@ from typing import Any, Dict, List, Optional, Tuple
 
 from pydantic import ValidationError
 
+from surgeon_core.allocator import allocator_name
+
 from .checkpoints import CheckpointError, CheckpointStore
 from .config import DaemonConfig
 from .memory import MB
@@ -64,7 +66,8 @@ class Operations:
             "model": self.daemon.built.identity,
             "classes": (self.daemon.class_names or [])[:32],
             "prediction": snap.get("prediction"), "recent_classes": snap.get("classes"),
-            "device": str(self.daemon.device), "model_fingerprint": self.fingerprint,
+            "device": str(self.daemon.device), "allocator": allocator_name(),
+            "model_fingerprint": self.fingerprint,
             "frames": self.daemon.frames, "fps": snap.get("fps"),
             "learner": {"state": self.learner_state(), "steps": learner.steps,
                         "batch_size": learner.batch_size, "paused_reason": learner.paused_reason},

@@ -7,6 +7,7 @@ your own model (the same --model spec as the daemon's model section).
     surgeon-bench continual --methods source,bn,tent,surgeon --batch-size 200 --severity 5 \
         [--limit N] [--corruption-dir DIR [--domains a,b] [--layout single]] --out DIR
     surgeon-bench ecotta-warmup --model cifar:resnet20 --epochs 10 --out warmup.pt
+    surgeon-bench footprint --batch-size 200 --steps 20     # SURGEON_MALLOC / LD_PRELOAD
 """
 
 import argparse
@@ -378,6 +379,67 @@ def _ecotta_warmup(args) -> int:
     return 0
 
 
+def _add_footprint(sub) -> None:
+    p = sub.add_parser("footprint", help="the process's resident set over a run of steps: "
+                       "full backprop against the daemon's learner, each in its own process")
+    add_model_options(p)
+    p.add_argument("--batch-size", type=int, default=200)
+    p.add_argument("--steps", type=int, default=20)
+    p.add_argument("--threads", type=int, default=1, help="torch CPU threads")
+    p.add_argument("--configs", default="full,daemon")
+    p.add_argument("--one", default=None, help=argparse.SUPPRESS)   # a child's own config
+    p.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    p.set_defaults(func=_footprint)
+
+
+def _footprint(args) -> int:
+    import subprocess
+
+    if args.one:
+        return _footprint_one(args)
+    rows = []
+    for config in args.configs.split(","):
+        argv = [a for a in sys.argv[1:] if not a.startswith("--json")]
+        out = subprocess.run([sys.executable, "-m", "surgeon_core.bench"] + argv +
+                             ["--one", config, "--json"], capture_output=True, text=True)
+        if out.returncode != 0:
+            print(out.stderr, file=sys.stderr)
+            return out.returncode
+        rows.append(json.loads(out.stdout))
+    full = next((r for r in rows if r["config"] == "full"), None)
+    for row in rows:
+        if full and full["rss_growth_bytes"]:
+            row["growth_ratio"] = round(row["rss_growth_bytes"] / full["rss_growth_bytes"], 3)
+            row["time_ratio"] = round(row["step_seconds"] / full["step_seconds"], 2)
+    if args.json:
+        print(json.dumps({"command": "surgeon-bench " + " ".join(sys.argv[1:]), "results": rows},
+                         indent=2))
+        return 0
+    print("| config | allocator | RSS growth MiB (highest) | x full | after the run MiB "
+          "| step s | x full |\n|---|---|---:|---:|---:|---:|---:|")
+    for r in rows:
+        print("| %s | %s | %.0f | %s | %.0f | %.3f | %s |" % (
+            r["config"], r["allocator"], r["rss_growth_bytes"] / 2**20,
+            r.get("growth_ratio", "-"), r["rss_after_bytes"] / 2**20, r["step_seconds"],
+            r.get("time_ratio", "-")))
+    return 0
+
+
+def _footprint_one(args) -> int:
+    import torch
+
+    from ..data import load_cifar10, to_tensor
+    from .footprint import measure_footprint
+
+    torch.set_num_threads(args.threads)
+    built = build_from(args)
+    images, _ = load_cifar10("test", limit=args.batch_size)
+    x = built.preprocessing(to_tensor(images))
+    result = measure_footprint(args.one, built.model, x, args.steps)
+    print(json.dumps(dataclasses.asdict(result)))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="surgeon-bench", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -385,6 +447,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_memory(sub)
     _add_continual(sub)
     _add_ecotta_warmup(sub)
+    _add_footprint(sub)
     return parser
 
 

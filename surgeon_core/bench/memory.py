@@ -23,12 +23,13 @@ from ..methods.base import norm_modules
 from ..norm import convert_batchnorm
 from ..allocator import before_step
 from ..opcount import OpCounter
+from ..methods.surgeon import Surgeon, SurgeonArgs
 from ..peak import PeakMeter
 
 __all__ = ["ConfigResult", "run_memory_benchmark", "CONFIGS"]
 
 CONFIGS = ("full", "tent", "surgeon", "surgeon-fp16", "surgeon-exactbn", "surgeon+budget",
-           "surgeon+peak")
+           "daemon", "daemon+peak")
 
 
 @dataclass
@@ -61,11 +62,12 @@ class _Runner:
     """One configuration: its model copy, optimizer and a ``step(x) -> (cache, paper)``."""
 
     def __init__(self, name: str, description: str, model: nn.Module,
-                 engine: Optional[SparseBackprop] = None, budget: Optional[int] = None):
+                 engine: Optional[SparseBackprop] = None, budget: Optional[int] = None,
+                 method: Optional[Surgeon] = None):
         self.name, self.description, self.model = name, description, model
-        self.engine, self.budget = engine, budget
+        self.engine, self.budget, self.method = engine, budget, method
         params = [p for p in model.parameters() if p.requires_grad]
-        self.optimizer = torch.optim.Adam(params, lr=1e-3)
+        self.optimizer = method.optimizer if method else torch.optim.Adam(params, lr=1e-3)
         self.times: List[float] = []
         self.cache = self.paper = 0
         self.kinds: Dict[str, int] = {}
@@ -88,6 +90,13 @@ class _Runner:
         _sync(x)
         before_step()      # as Method.step does: NOTE [Giving memory back]
         start = time.perf_counter()
+        if self.method is not None:   # the whole method step: its own loss and update
+            result = self.method.step(x)
+            self.cache, self.paper, self.chunks = (result.cache_bytes, result.paper_bytes,
+                                                   result.chunks)
+            _sync(x)
+            self.times.append(time.perf_counter() - start)
+            return
         if self.engine is None:
             loss, _ = _entropy_loss(self.model, x)
             loss.backward()
@@ -146,12 +155,16 @@ def _runners(base: nn.Module, budget: Optional[int], engine_config: EngineConfig
         label = "surgeon under a %.1f MB budget" % (budget / 2**20)
         runners.append(_Runner("surgeon+budget", label,
                                lean_b, SparseBackprop(lean_b, cfg), budget))
+    daemon = Surgeon(fresh(), SurgeonArgs())
+    runners.append(_Runner("daemon", "the daemon's learner: SurgeonArgs() defaults (norm affine, "
+                           "1-bit x_hat, split statistics, CSS + consistency loss, anchor)",
+                           daemon.model, method=daemon))
     if peak_budget is not None:
-        lean_p = convert_batchnorm(fresh())
-        cfg = dataclasses.replace(engine_config, peak_budget_bytes=peak_budget)
-        label = "surgeon under a %.1f MB peak budget" % (peak_budget / 2**20)
-        runners.append(_Runner("surgeon+peak", label, lean_p, SparseBackprop(lean_p, cfg),
-                               peak_budget))
+        bounded = Surgeon(fresh(), SurgeonArgs())
+        bounded.engine.set_peak_budget(peak_budget)
+        label = "the daemon's learner under a %.1f MB peak budget" % (peak_budget / 2**20)
+        runners.append(_Runner("daemon+peak", label, bounded.model, budget=peak_budget,
+                               method=bounded))
     return runners
 
 
@@ -162,7 +175,7 @@ def run_memory_benchmark(model: nn.Module, x: torch.Tensor, steps: int = 5,
     """Run every configuration ``steps`` timed rounds (after one warm-up) on batch ``x``."""
     runners = _runners(model, budget_bytes, engine_config or EngineConfig(), peak_budget_bytes)
     for runner in runners:
-        if runner.engine is None:
+        if runner.engine is None and runner.method is None:
             runner.measure_cache(x)
         runner.step(x)  # warm-up: allocator, kernels, first probe
         runner.times.clear()

@@ -63,6 +63,7 @@ def test_status_telemetry_and_the_pub_stream():
         assert status["frames"] > 0 and len(status["model_fingerprint"]) == 16
         assert status["peak_mb"] > 0 and status["resident_peak_mb"] > status["peak_mb"]
         assert status["peak_budget_mb"] > 0 and status["micro_batches"] >= 1
+        assert status["allocator"] == "glibc, %s" % daemon.config.memory.malloc
         assert "step peak %.0f/%.0f MB" % (daemon.telemetry.gauges["peak_mb"],
                                             daemon.telemetry.gauges["peak_budget_mb"]) \
             in daemon.status_line()

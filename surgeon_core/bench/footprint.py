@@ -1,0 +1,93 @@
+"""What the box sees of a run of steps: the process's resident set, polled, under whatever
+allocator the process runs with (``memory.malloc`` mode, or one preloaded: NOTE [Giving memory
+back]). The step peak (NOTE [Step peak]) says what a step needs; this says what the process
+keeps for it, which is what tegrastats and psutil report.
+
+Each configuration runs in its own process, so that one's heap does not serve the next.
+"""
+
+import statistics
+import threading
+import time
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+
+from ..allocator import allocator_name
+from ..peak import resident_bytes
+
+__all__ = ["Footprint", "measure_footprint", "FOOTPRINT_CONFIGS"]
+
+FOOTPRINT_CONFIGS = ("full", "daemon")
+POLL_S = 0.002
+
+
+@dataclass
+class Footprint:
+    config: str
+    allocator: str
+    steps: int
+    rss_start_bytes: int
+    rss_growth_bytes: int       # highest resident set during the steps, above the start
+    rss_after_bytes: int        # above the start, after the last step
+    step_seconds: float         # median after the first two
+
+
+class _HighWater:
+    """Polls VmRSS from a thread: the kernel's VmHWM is reset by each step's PeakMeter."""
+
+    def __init__(self):
+        self.high = resident_bytes() or 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._poll, daemon=True)
+
+    def _poll(self) -> None:
+        while not self._stop.is_set():
+            self.high = max(self.high, resident_bytes() or 0)
+            time.sleep(POLL_S)
+
+    def __enter__(self) -> "_HighWater":
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+
+
+def _stepper(config: str, model: torch.nn.Module) -> Callable[[torch.Tensor], None]:
+    from ..allocator import before_step
+    from ..engine import entropy
+    from ..methods.surgeon import Surgeon, SurgeonArgs
+
+    if config == "daemon":
+        return Surgeon(model, SurgeonArgs()).step
+    model.train()
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
+
+    def full_step(x: torch.Tensor) -> None:
+        before_step()
+        entropy(model(x)).mean().backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+    return full_step
+
+
+def measure_footprint(config: str, model: torch.nn.Module, x: torch.Tensor,
+                      steps: int = 20) -> Footprint:
+    """Run ``steps`` steps of ``config`` (``full`` backprop or the ``daemon``'s learner) on
+    ``x`` in this process and report its resident set."""
+    if config not in FOOTPRINT_CONFIGS:
+        raise ValueError("config must be one of %s, got %r" % (FOOTPRINT_CONFIGS, config))
+    step = _stepper(config, model)
+    start = resident_bytes() or 0
+    times = []
+    with _HighWater() as meter:
+        for _ in range(steps):
+            began = time.perf_counter()
+            step(x)
+            times.append(time.perf_counter() - began)
+    return Footprint(config, allocator_name(), steps, start, meter.high - start,
+                     (resident_bytes() or 0) - start, statistics.median(times[2:] or times))
+
