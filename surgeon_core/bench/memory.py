@@ -184,7 +184,9 @@ def run_memory_benchmark(model: nn.Module, x: torch.Tensor, steps: int = 5,
             runner.step(x)
     for runner in runners:
         runner.peak = _peak_step_bytes(runner, x)
+        chunks = runner.chunks       # the table's figures are the peak step's
         runner.ops = _ops_per_step(runner, x)
+        runner.chunks = chunks
     return _results(runners)
 
 
