@@ -15,14 +15,18 @@ NOTE [Peak budget]
 A box runs out of memory at the step's peak, not at its cache: the dense forward, the packing
 temporaries and the consistency loss's augmentation add to the cache while they live (ResNet-20
 at batch 200: cache 18 MiB, peak 83 MiB). With ``peak_budget_bytes`` each step's peak is
-measured (NOTE [Step peak]) and what it needed above its cache, per sample, is remembered (the
-largest of the last ``TRANSIENT_STEPS``). Planning then gives the cache what the peak budget
-leaves after the transients, and fits it in this order: keep ratios shrink (the solver), then
+measured (NOTE [Step peak]) and what it needed above its cache is remembered per micro-batch
+size (the largest of the last ``TRANSIENT_STEPS`` at that size; not the engine's first step,
+whose peak holds one-off allocations such as the CPU's convolution primitives). A size not measured yet is
+estimated from those that were, never below what they imply: no more than the next larger
+size needed, at most in proportion from a smaller one while only one is known, linearly from
+the two nearest below once two are. Planning then gives the cache what the peak budget leaves
+after the transients, and fits it in this order: keep ratios shrink (the solver), then
 the batch runs as 2, 4, 8 ... micro-batches of at least ``min_chunk`` samples. Micro-batches
 keep the images per update (their gradients add up) and cost only smaller kernels, so they
 come before a smaller batch, which is the caller's to choose when even they do not fit
 (``BudgetExceeded``). Each micro-batch normalises with its own statistics, as a batch of its
-size would. Before anything is measured the first step runs in the smallest chunks.
+size would. Until something is measured, steps run in the smallest chunks.
 """
 
 import collections
@@ -47,7 +51,7 @@ __all__ = ["EngineConfig", "StepReport", "SparseBackprop", "entropy", "budget_or
            "BudgetExceeded"]
 
 SKIP_BELOW = 1e-3  # keep ratios below this train nothing; see NOTE [Empty layers]
-TRANSIENT_STEPS = 4   # steps whose measured transients the peak plan takes the largest of
+TRANSIENT_STEPS = 4   # steps at one micro-batch size whose largest transient the plan takes
 PEAK_MARGIN = 1.1     # transients vary a little from step to step (augmentation draws)
 MB = 2 ** 20
 
@@ -163,7 +167,7 @@ class SparseBackprop:
         self.capture = ActivationCapture(model, self.config.policy)
         self.budget_bytes = self.config.budget_bytes
         self.peak_budget_bytes = self.config.peak_budget_bytes
-        self._transients: Deque[float] = collections.deque(maxlen=TRANSIENT_STEPS)
+        self._transients: Dict[int, Deque[int]] = {}   # micro-batch size -> bytes above cache
         self._peak_measurable = True   # until a step's meter says otherwise
         self._numel: Dict[str, float] = {}   # per-sample activation size of every prunable layer
         self._grad_imp: Dict[str, float] = {}
@@ -204,10 +208,23 @@ class SparseBackprop:
         CPU whose allocator keeps what it frees): otherwise only the cache is bounded."""
         return self.peak_budget_bytes is not None and self._peak_measurable
 
-    @property
-    def transient_per_sample(self) -> Optional[float]:
-        """Bytes per sample the step needs above its cache (the largest of the latest steps)."""
-        return max(self._transients) if self._transients else None
+    def transient_for(self, size: int) -> Optional[float]:
+        """Bytes a micro-batch of ``size`` is expected to need above its cache (NOTE [Peak
+        budget]); None before any step was measured."""
+        seen = {n: max(values) for n, values in self._transients.items()}
+        if not seen:
+            return None
+        if size in seen:
+            return float(seen[size])
+        above = [n for n in seen if n > size]
+        below = sorted(n for n in seen if n < size)
+        if above:
+            return float(seen[min(above)])   # a smaller part never needs more
+        if len(below) == 1:
+            return seen[below[0]] * size / below[0]
+        small, large = below[-2], below[-1]
+        slope = max(0.0, (seen[large] - seen[small]) / (large - small))
+        return seen[large] + slope * (size - large)
 
     def plan(self, x: torch.Tensor, forward_loss: ForwardLoss) -> Tuple[BudgetPlan, int]:
         """Ratios and the number of micro-batches for a step on ``x`` (NOTE [Peak budget]).
@@ -225,7 +242,7 @@ class SparseBackprop:
         profile = CacheProfile(self._fixed[1], dict(self._numel), self._value_bytes(),
                                policy.sync_free_on(x.device), policy.selection)
         counts = chunk_counts(batch, self.config.min_chunk)
-        if self.peak_bounded and self.transient_per_sample is None:
+        if self.peak_bounded and not self._transients:
             counts = counts[-1:]   # nothing measured yet: the smallest chunks, then measure
         trains = any(keep >= SKIP_BELOW for keep in base.values())
         failure = None
@@ -247,7 +264,7 @@ class SparseBackprop:
         less the chunk's measured transients, whichever is smaller (<= 0: nothing fits)."""
         budgets = [] if self.budget_bytes is None else [self.budget_bytes]
         if self.peak_bounded:
-            transient = (self.transient_per_sample or 0.0) * size
+            transient = self.transient_for(size) or 0.0
             budgets.append(int(self.peak_budget_bytes - PEAK_MARGIN * transient))
         return min(budgets)
 
@@ -260,7 +277,7 @@ class SparseBackprop:
         if self.peak_bounded:
             parts.append("peak budget %.2f MB, of which the forward's transients take about "
                          "%.2f MB per chunk" % (self.peak_budget_bytes / MB,
-                                                (self.transient_per_sample or 0) * chunk / MB))
+                                                (self.transient_for(chunk) or 0) / MB))
         return "; ".join(parts) + ": shrink the batch or raise the budget"
 
     def step(self, x: torch.Tensor, forward_loss: ForwardLoss) -> StepReport:
@@ -285,8 +302,9 @@ class SparseBackprop:
                 self._grad_imp.update(gradient_importance(self.capture.weight_of, trained))
         size = -(-x.shape[0] // chunks)
         self._peak_measurable = meter.peak_bytes is not None
-        if meter.peak_bytes is not None:
-            self._transients.append(max(0, meter.peak_bytes - run.cache) / size)
+        if meter.peak_bytes is not None and self.steps > 0:   # the first one warms up too
+            self._transients.setdefault(size, collections.deque(maxlen=TRANSIENT_STEPS)).append(
+                max(0, meter.peak_bytes - run.cache))
         self._observe(run.layers, run.cache, size, x.shape[0])
         self.steps += 1
         return StepReport(run.loss, run.logits, run.cache, paper_bytes(run.layers),

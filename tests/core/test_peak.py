@@ -75,7 +75,7 @@ def test_every_step_reports_its_peak(resnet20_weights):
 def test_with_memory_returned_surgeons_step_peak_is_a_fraction_of_full_backprops():
     """In its own process (the mode is process-wide): ResNet-20, batch 64."""
     out = subprocess.run([sys.executable, "-m", "surgeon_core.bench", "memory", "--batch-size",
-                          "64", "--steps", "1", "--threads", "1", "--peak-budget-mb", "8",
+                          "64", "--steps", "1", "--threads", "1", "--peak-budget-mb", "16",
                           "--json"],
                          capture_output=True, text=True, check=True,
                          env=dict(os.environ, SURGEON_MALLOC="return"))
@@ -84,8 +84,8 @@ def test_with_memory_returned_surgeons_step_peak_is_a_fraction_of_full_backprops
     assert rows["surgeon"]["peak_ratio"] < 0.4, rows["surgeon"]
     # NOTE [Peak budget]: under a budget below its free-running peak, micro-batches keep it
     bounded = rows["daemon+peak"]
-    assert rows["daemon"]["peak_step_bytes"] > 8 * MB
-    assert bounded["peak_step_bytes"] <= 8 * MB and bounded["chunks"] > 1, bounded
+    assert rows["daemon"]["peak_step_bytes"] > 16 * MB
+    assert bounded["peak_step_bytes"] <= 16 * MB and bounded["chunks"] > 1, bounded
 
 
 def test_no_peak_is_claimed_where_the_allocator_keeps_what_it_frees():

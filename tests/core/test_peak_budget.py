@@ -2,6 +2,7 @@
 step stays under the budget is measured in its own process, where glibc returns every block
 (tests/core/test_peak.py): in this one, trim mode's meter counts every page a step touches."""
 
+import collections
 import copy
 import sys
 
@@ -35,6 +36,18 @@ def test_chunk_counts_halve_down_to_the_smallest_chunk():
     assert chunk_counts(64, 8) == [1, 2, 4, 8]
     assert chunk_counts(8, 8) == [1]
     assert chunk_counts(5, 8) == [1]
+
+
+def test_transients_of_unmeasured_sizes_are_never_guessed_low():
+    engine = SparseBackprop(_small_net())
+    assert engine.transient_for(64) is None
+    engine._transients = {25: collections.deque([10 * MB, 12 * MB])}
+    assert engine.transient_for(25) == 12 * MB              # the largest recent one
+    assert engine.transient_for(10) == 12 * MB              # a smaller part never needs more
+    assert engine.transient_for(50) == 24 * MB              # one size known: in proportion
+    engine._transients[50] = collections.deque([16 * MB])   # per-step constants show
+    assert engine.transient_for(100) == 24 * MB             # linear from the two below
+    assert engine.transient_for(40) == 16 * MB
 
 
 def _in_chunks(engine, chunks, monkeypatch):
@@ -81,7 +94,8 @@ def test_a_peak_budget_nothing_fits_under_says_why(resnet20_weights, cifar_test_
     tune_malloc("trim")
     model = cifar_resnet_by_name("resnet20", resnet20_weights)
     method = Surgeon(model, SurgeonArgs())
-    method.step(cifar_test_small[0][:32])            # transients measured
+    for _ in range(2):                                # transients measured after a warm-up
+        method.step(cifar_test_small[0][:32])
     method.engine.set_peak_budget(64 * 1024)
     with pytest.raises(BudgetExceeded, match="chunks of 8.*peak budget 0.06 MB"):
         method.step(cifar_test_small[0][:32])
