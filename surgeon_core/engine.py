@@ -14,19 +14,19 @@ when backward starts (NOTE [Cache bytes]) and runs backward.
 NOTE [Peak budget]
 A box runs out of memory at the step's peak, not at its cache: the dense forward, the packing
 temporaries and the consistency loss's augmentation add to the cache while they live (ResNet-20
-at batch 200: cache 18 MiB, peak 83 MiB). With ``peak_budget_bytes`` each step's peak is
+at batch 200: cache 18 MiB, peak 82 MiB). With ``peak_budget_bytes`` each step's peak is
 measured (NOTE [Step peak]) and what it needed above its cache is remembered per micro-batch
-size (the largest of the last ``TRANSIENT_STEPS`` at that size; not the engine's first step,
-whose peak holds one-off allocations such as the CPU's convolution primitives). A size not measured yet is
-estimated from those that were, never below what they imply: no more than the next larger
-size needed, at most in proportion from a smaller one while only one is known, linearly from
-the two nearest below once two are. Planning then gives the cache what the peak budget leaves
-after the transients, and fits it in this order: keep ratios shrink (the solver), then
-the batch runs as 2, 4, 8 ... micro-batches of at least ``min_chunk`` samples. Micro-batches
-keep the images per update (their gradients add up) and cost only smaller kernels, so they
-come before a smaller batch, which is the caller's to choose when even they do not fit
-(``BudgetExceeded``). Each micro-batch normalises with its own statistics, as a batch of its
-size would. Until something is measured, steps run in the smallest chunks.
+size: the largest of the last ``TRANSIENT_STEPS`` at that size, never from the engine's first
+step, whose peak holds one-off allocations such as the CPU's convolution primitives. A size not
+measured yet is estimated never below what the measured ones imply: what the next larger size
+needed, in proportion from a smaller one while only one is known, linearly from the two
+nearest below once two are. Planning gives the cache what the peak budget leaves after the
+transients and fits it in this order: keep ratios shrink (the solver), then the batch runs as
+2, 4, 8 ... micro-batches of at least ``min_chunk`` samples. Micro-batches keep the images per
+update (their gradients add up) and cost only smaller kernels, so they come before a smaller
+batch, which is the caller's to choose when even they do not fit (``BudgetExceeded``). Each
+micro-batch normalises with its own statistics, as a batch of its size would. Until something
+is measured, steps run in the smallest chunks.
 """
 
 import collections

@@ -10,7 +10,8 @@ def test_memory_benchmark_reports_every_configuration_with_ratios(capsys):
     report = json.loads(capsys.readouterr().out)
     rows = {r["config"]: r for r in report["results"]}
     assert list(rows) == ["full", "tent", "surgeon", "surgeon-fp16", "surgeon-exactbn",
-                          "surgeon+budget"]
+                          "surgeon+budget", "daemon"]
+    assert rows["daemon"]["cache_bytes"] < rows["full"]["cache_bytes"] / 5
     assert rows["full"]["cache_ratio"] == 1.0 and rows["full"]["time_ratio"] == 1.0
     assert rows["surgeon"]["cache_bytes"] < rows["full"]["cache_bytes"] / 5
     assert rows["surgeon+budget"]["cache_bytes"] <= 2**20
