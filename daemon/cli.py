@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 from typing import List, Optional
 
+from surgeon_core import package_version
 from surgeon_core.errors import SurgeonError
 
 from .config import ConfigError, default_yaml, load_config
@@ -17,6 +18,7 @@ __all__ = ["main"]
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="surgeond", description=__doc__)
+    parser.add_argument("--version", action="version", version="%(prog)s " + package_version())
     sub = parser.add_subparsers(dest="command", required=True)
     run = sub.add_parser("run", help="run the daemon")
     run.add_argument("--config", type=Path, help="YAML file (defaults for anything missing)")

@@ -14,6 +14,7 @@ from typing import Any, Dict, List, Optional, Tuple
 
 from pydantic import ValidationError
 
+from surgeon_core import package_version
 from surgeon_core.allocator import allocator_name
 
 from .checkpoints import CheckpointError, CheckpointStore
@@ -67,6 +68,7 @@ class Operations:
             "classes": (self.daemon.class_names or [])[:32],
             "prediction": snap.get("prediction"), "recent_classes": snap.get("classes"),
             "device": str(self.daemon.device), "allocator": allocator_name(),
+            "version": package_version(),
             "model_fingerprint": self.fingerprint,
             "frames": self.daemon.frames, "fps": snap.get("fps"),
             "learner": {"state": self.learner_state(), "steps": learner.steps,

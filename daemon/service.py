@@ -16,6 +16,7 @@ from typing import Callable, Dict, Optional
 
 import torch
 
+from surgeon_core import package_version
 from surgeon_core.allocator import tune_malloc
 from surgeon_core.methods import args_for, get_method
 from surgeon_core.models.spec import describe as describe_model
@@ -62,15 +63,6 @@ def build_method(config: DaemonConfig, model: torch.nn.Module):
         raise ConfigError("learner.method %s normalises with each test batch's statistics, which "
                           "per-frame serving cannot use; use surgeon, static or mecta" % name)
     return method
-
-
-def _version() -> str:
-    try:
-        from importlib.metadata import version
-
-        return version("surgeon")
-    except Exception:  # noqa: BLE001 - PackageNotFoundError when run from a source tree
-        return "unknown"
 
 
 def check_learner_files(config: DaemonConfig, built) -> None:
@@ -213,7 +205,7 @@ class Daemon:
         from .doctor import l4t_release
         from .metrics import MetricsExporter
 
-        info = {"version": _version(), "torch": torch.__version__,
+        info = {"version": package_version(), "torch": torch.__version__,
                 "l4t": l4t_release() or "none", "arch": self.built.builder,
                 "method": self.config.learner.method, "device": str(self.device)}
         return MetricsExporter(self.config.metrics, self.telemetry, info)

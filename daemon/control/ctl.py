@@ -13,6 +13,7 @@ import time
 from pathlib import Path
 from typing import Any, Dict, List, Optional
 
+from surgeon_core import package_version
 import yaml
 
 from .client import BadReply, ControlClient, DaemonError, Unreachable, curve_keys, find_endpoint
@@ -40,6 +41,7 @@ def parse_megabytes(text: str) -> Optional[float]:
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="surgeonctl", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--version", action="version", version="%(prog)s " + package_version())
     parser.add_argument("--endpoint", help="control socket (default: $SURGEON_ENDPOINT or the "
                         "daemon's runtime directory)")
     parser.add_argument("--timeout", type=float, default=5.0, help="seconds per try")
@@ -106,7 +108,13 @@ def main(argv: Optional[List[str]] = None) -> int:
     except ValueError as exc:
         print("surgeonctl: %s" % exc, file=sys.stderr)
         return EXIT_USAGE
-    client = ControlClient(args.endpoint or find_endpoint(), args.timeout, args.retries, curve)
+    endpoint = args.endpoint or find_endpoint()
+    missing = _missing_socket(endpoint)
+    if missing:
+        print("surgeonctl: no control socket at %s. Is surgeond running? It makes the socket at "
+              "start (--endpoint or $SURGEON_ENDPOINT name another)." % missing, file=sys.stderr)
+        return EXIT_UNREACHABLE
+    client = ControlClient(endpoint, args.timeout, args.retries, curve)
     try:
         if args.command == "watch":
             return _watch(client, args)
@@ -127,6 +135,15 @@ def main(argv: Optional[List[str]] = None) -> int:
         return EXIT_OK
     _print(cmd, reply["result"], args.json)
     return EXIT_OK
+
+
+def _missing_socket(endpoint: str) -> Optional[str]:
+    """The path of an ipc endpoint whose socket file does not exist: nothing could answer, so
+    there is nothing to wait for (abstract sockets, ``ipc://@name``, have no file)."""
+    if not endpoint.startswith("ipc://") or endpoint.startswith("ipc://@"):
+        return None
+    path = endpoint[len("ipc://"):]
+    return None if os.path.exists(path) else path
 
 
 def _print(cmd: str, result: Dict[str, Any], as_json: bool) -> None:

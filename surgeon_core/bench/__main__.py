@@ -21,6 +21,7 @@ import time
 from pathlib import Path
 from typing import Dict, List, Optional
 
+from .. import package_version
 from ..errors import SurgeonError
 from .model_options import add_model_options, build_from
 from .streams import PROTOCOLS
@@ -443,6 +444,7 @@ def _footprint_one(args) -> int:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="surgeon-bench", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--version", action="version", version="%(prog)s " + package_version())
     sub = parser.add_subparsers(dest="command", required=True)
     _add_memory(sub)
     _add_continual(sub)

@@ -10,6 +10,7 @@ import pytest
 import torch
 import zmq
 
+from surgeon_core import package_version
 from daemon.config import ConfigError
 from daemon.control.client import ControlClient, DaemonError, Unreachable
 from daemon.control.server import ControlError
@@ -64,6 +65,7 @@ def test_status_telemetry_and_the_pub_stream():
         assert status["peak_mb"] > 0 and status["resident_peak_mb"] > status["peak_mb"]
         assert status["peak_budget_mb"] > 0 and status["micro_batches"] >= 1
         assert status["allocator"] == "glibc, %s" % daemon.config.memory.malloc
+        assert status["version"] == package_version()
         assert "step peak %.0f/%.0f MB" % (daemon.telemetry.gauges["peak_mb"],
                                             daemon.telemetry.gauges["peak_budget_mb"]) \
             in daemon.status_line()

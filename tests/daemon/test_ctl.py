@@ -4,10 +4,13 @@ import json
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 
+from surgeon_core import package_version
 from surgeon_core.data import CLASSES
+from daemon.control import ctl as ctl_module
 from daemon.control.ctl import (EXIT_OK, EXIT_REFUSED, EXIT_UNREACHABLE, EXIT_USAGE,
                                 parse_megabytes)
 
@@ -65,10 +68,32 @@ def test_every_subcommand_against_a_running_daemon():
 
 
 def test_no_daemon_is_a_clear_message_and_its_own_exit_code(private_dirs):
+    """A socket file a dead daemon left behind: the tries run out, then exit 3."""
+    stale = Path(private_dirs) / "run" / "control.sock"
+    stale.parent.mkdir(parents=True)
+    stale.touch()
     start = time.monotonic()
     code, _, err = _ctl("--timeout", "0.3", "--retries", "2", "status")
     assert code == EXIT_UNREACHABLE and "no daemon answered" in err
     assert "2 tries" in err and time.monotonic() - start < 20
+
+
+def test_no_socket_file_fails_at_once_without_trying(private_dirs, monkeypatch, capsys):
+    def never(*args, **kwargs):
+        raise AssertionError("a client was made for a socket that does not exist")
+
+    monkeypatch.setattr(ctl_module, "ControlClient", never)
+    assert ctl_module.main(["status"]) == EXIT_UNREACHABLE
+    err = capsys.readouterr().err
+    assert "no control socket at %s/run/control.sock" % private_dirs in err
+    assert "Is surgeond running" in err
+
+
+@pytest.mark.parametrize("module", ["daemon.cli", "daemon.control.ctl", "surgeon_core.bench"])
+def test_every_cli_tells_its_version(module):
+    done = subprocess.run([sys.executable, "-m", module, "--version"], capture_output=True,
+                          text=True, timeout=60)
+    assert done.returncode == 0 and done.stdout.split()[-1] == package_version()
 
 
 def test_bad_usage_exits_2():
