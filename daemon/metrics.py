@@ -73,6 +73,9 @@ class MetricsExporter:
             "surgeon_adaptation_step_seconds", "Duration of one adaptation step.",
             buckets=LATENCY_BUCKETS, registry=self.registry)
         self.registry.register(_TelemetryCollector(self))
+        # the standard process_* and python_info series, which a private registry lacks
+        prometheus_client.ProcessCollector(registry=self.registry)
+        prometheus_client.PlatformCollector(registry=self.registry)
         self._server = None
         self.port: Optional[int] = None
         telemetry.observe(self._observe)

@@ -50,6 +50,10 @@ def test_a_scrape_shows_latency_histograms_cache_bytes_and_counters():
     info = samples["surgeon_build_info"][0].labels
     assert info["arch"] == "cifar:resnet20" and info["method"] == "surgeon"
     assert not any(name.endswith("_created") for name in samples)
+    # the standard process series a fleet's dashboards expect, beside the private ones
+    assert samples["process_resident_memory_bytes"][0].value > 50 * 2**20
+    assert samples["process_cpu_seconds_total"][0].value > 0
+    assert samples["python_info"][0].labels["implementation"] == "CPython"
 
 
 def test_the_exporter_binds_to_loopback_by_default():
