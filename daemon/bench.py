@@ -10,10 +10,11 @@ step's measured cache is checked against the budget in force when it was planned
 """
 
 import json
+import sys
 import threading
 import time
 from pathlib import Path
-from typing import Dict, List, Optional
+from typing import Dict, List, Optional, TextIO
 
 from .config import load_config
 from .memory import MB
@@ -26,12 +27,32 @@ STREAM = ("replay://cifar10?schedule=clean:500,gaussian_noise:100000&severity=5&
 
 def _phases(daemon: Daemon, off_s: float, on_s: float, low_mb: float, marks: Dict) -> None:
     learner = daemon.learner
+    marks["phase"] = "learner on"
     time.sleep(on_s)
     learner.pause(True)
+    marks["phase"] = "learner off (serving alone)"
     time.sleep(off_s)
     marks["cut_at_step"] = learner.steps
     learner.set_budget_cap(low_mb)
     learner.pause(False)
+    marks["phase"] = "learner on, budget cut to %g MB" % low_mb
+
+
+def _progress(total_s: float, marks: Dict, every_s: float, stream: TextIO):
+    """A line on ``stream`` every ``every_s`` seconds of the run: where it is, and how far."""
+    started, shown = time.monotonic(), [0.0]
+
+    def show(snap: Dict) -> None:
+        elapsed = time.monotonic() - started
+        if elapsed - shown[0] < every_s:
+            return
+        shown[0] = elapsed
+        counters = snap.get("counters", {})
+        stream.write("surgeond bench: %3.0f/%.0f s, %s, %d frames, %d steps\n" % (
+            elapsed, total_s, marks.get("phase", "starting"), counters.get("frames", 0),
+            counters.get("steps", 0)))
+        stream.flush()
+    return show
 
 
 def _budget_check(step_log: List[tuple], cut_step: int) -> Dict:
@@ -49,15 +70,17 @@ def _budget_check(step_log: List[tuple], cut_step: int) -> Dict:
 
 def run_bench(out: Path, fps: int = 60, off_s: float = 30, on_s: float = 45,
               low_s: float = 30, budget_mb: float = 8, low_mb: float = 3,
-              overrides: Optional[List[str]] = None) -> Dict:
+              overrides: Optional[List[str]] = None, progress_every_s: float = 5.0,
+              progress: TextIO = sys.stderr) -> Dict:
     config = load_config(None, ["source.uri=" + STREAM % fps, "memory.budget_mb=%g" % budget_mb,
                                 "duration_s=%g" % (off_s + on_s + low_s), "memory.poll_s=1",
                                 "control.enabled=false", "checkpoints.resume=none",
                                 "checkpoints.directory=%s" % (out.parent / "checkpoints"),
                                 "checkpoints.on_exit=false"]
                          + list(overrides or []))
-    daemon = Daemon(config)
     marks: Dict = {}
+    daemon = Daemon(config, on_snapshot=_progress(off_s + on_s + low_s, marks, progress_every_s,
+                                                  progress))
     control = threading.Thread(target=_phases, args=(daemon, off_s, on_s, low_mb, marks),
                                daemon=True)
     control.start()

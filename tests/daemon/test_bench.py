@@ -46,3 +46,18 @@ def test_bench_reports_every_percentile_ratio(tmp_path):
                     {"p50": 2.0, "p95": 3.0, "p99": 6.0}, {"p50": 1.0, "p95": 2.0, "p99": 3.0})
     assert result["p99_ratio_on_over_off"] == 2.0
     assert result["ratio_on_over_off_all"] == {"p50": 2.0, "p95": 1.5, "p99": 2.0}
+
+
+def test_the_serving_bench_shows_its_progress(tmp_path):
+    import io
+
+    from daemon.bench import run_bench
+
+    lines = io.StringIO()
+    result = run_bench(tmp_path / "bench.json", fps=30, off_s=1.5, on_s=2.5, low_s=1.5,
+                       overrides=["telemetry.interval_s=0.25"], progress_every_s=1.0,
+                       progress=lines)
+    shown = lines.getvalue().splitlines()
+    assert len(shown) >= 3 and all(line.startswith("surgeond bench: ") for line in shown)
+    assert any("/6 s, learner off (serving alone)" in line for line in shown), shown
+    assert result["frames"] > 0 and (tmp_path / "bench.json").exists()
