@@ -22,34 +22,53 @@ def _parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     run = sub.add_parser("run", help="run the daemon")
     run.add_argument("--config", type=Path, help="YAML file (defaults for anything missing)")
-    run.add_argument("--set", action="append", default=[], metavar="SECTION.FIELD=VALUE")
+    run.add_argument("--set", action="append", default=[], metavar="SECTION.FIELD=VALUE",
+                     help="override one setting, e.g. learner.batch_size=32 (repeatable)")
     run.add_argument("--view", action="store_true", help="live status line on stderr")
     cfg = sub.add_parser("config", help="print the default config or check one")
-    cfg.add_argument("--print-default", action="store_true")
-    cfg.add_argument("--check", type=Path, metavar="FILE")
-    cfg.add_argument("--set", action="append", default=[], metavar="SECTION.FIELD=VALUE")
+    cfg.add_argument("--print-default", action="store_true",
+                     help="print every setting with its default, as YAML")
+    cfg.add_argument("--check", type=Path, metavar="FILE",
+                     help="validate FILE as `run` would (model, files, source URI); exit 2 "
+                     "with the fix on a mistake")
+    cfg.add_argument("--set", action="append", default=[], metavar="SECTION.FIELD=VALUE",
+                     help="override one setting, e.g. learner.batch_size=32 (repeatable)")
     demo = sub.add_parser("demo", help="the embedded demo: replay, adaptation, summary, plot")
-    demo.add_argument("--out", type=Path, default=Path("demo-out"))
-    demo.add_argument("--set", action="append", default=[], metavar="SECTION.FIELD=VALUE")
+    demo.add_argument("--out", type=Path, default=Path("demo-out"),
+                      help="folder for the summary, telemetry and demo.png (default %(default)s)")
+    demo.add_argument("--set", action="append", default=[], metavar="SECTION.FIELD=VALUE",
+                     help="override one setting, e.g. learner.batch_size=32 (repeatable)")
     bench = sub.add_parser("bench", help="serving latency with the learner off/on, budget cut")
-    bench.add_argument("--out", type=Path, default=Path("bench-out/daemon.json"))
-    bench.add_argument("--fps", type=int, default=60)
-    bench.add_argument("--off-s", type=float, default=30)
-    bench.add_argument("--on-s", type=float, default=45)
-    bench.add_argument("--low-s", type=float, default=30)
-    bench.add_argument("--budget-mb", type=float, default=8)
-    bench.add_argument("--low-mb", type=float, default=3)
-    bench.add_argument("--set", action="append", default=[], metavar="SECTION.FIELD=VALUE")
+    bench.add_argument("--out", type=Path, default=Path("bench-out/daemon.json"),
+                       help="results JSON (default %(default)s)")
+    bench.add_argument("--fps", type=int, default=60, help="replay rate (default %(default)s)")
+    bench.add_argument("--off-s", type=float, default=30,
+                       help="seconds of serving alone, the learner paused (default %(default)s)")
+    bench.add_argument("--on-s", type=float, default=45,
+                       help="seconds with the learner on, first (default %(default)s)")
+    bench.add_argument("--low-s", type=float, default=30,
+                       help="seconds after the budget cut (default %(default)s)")
+    bench.add_argument("--budget-mb", type=float, default=8,
+                       help="cache budget before the cut (default %(default)s)")
+    bench.add_argument("--low-mb", type=float, default=3,
+                       help="cache budget after the cut (default %(default)s)")
+    bench.add_argument("--set", action="append", default=[], metavar="SECTION.FIELD=VALUE",
+                     help="override one setting, e.g. learner.batch_size=32 (repeatable)")
     doctor = sub.add_parser("doctor", help="check this machine for the daemon; say what to fix")
-    doctor.add_argument("--config", type=Path)
-    doctor.add_argument("--set", action="append", default=[], metavar="SECTION.FIELD=VALUE")
-    doctor.add_argument("--json", action="store_true")
+    doctor.add_argument("--config", type=Path, help="the YAML file the daemon will run with")
+    doctor.add_argument("--set", action="append", default=[], metavar="SECTION.FIELD=VALUE",
+                     help="override one setting, e.g. learner.batch_size=32 (repeatable)")
+    doctor.add_argument("--json", action="store_true", help="print the checks as JSON")
     flood = sub.add_parser("bench-control", help="serving latency under a flood of bad requests")
-    flood.add_argument("--out", type=Path, default=Path("bench-out/control.json"))
-    flood.add_argument("--fps", type=int, default=60)
-    flood.add_argument("--quiet-s", type=float, default=20)
-    flood.add_argument("--flood-s", type=float, default=20)
-    flood.add_argument("--set", action="append", default=[], metavar="SECTION.FIELD=VALUE")
+    flood.add_argument("--out", type=Path, default=Path("bench-out/control.json"),
+                       help="results JSON (default %(default)s)")
+    flood.add_argument("--fps", type=int, default=60, help="replay rate (default %(default)s)")
+    flood.add_argument("--quiet-s", type=float, default=20,
+                       help="seconds of serving with no requests (default %(default)s)")
+    flood.add_argument("--flood-s", type=float, default=20,
+                       help="seconds under a flood of bad requests (default %(default)s)")
+    flood.add_argument("--set", action="append", default=[], metavar="SECTION.FIELD=VALUE",
+                     help="override one setting, e.g. learner.batch_size=32 (repeatable)")
     return parser
 
 

@@ -38,6 +38,12 @@ def parse_megabytes(text: str) -> Optional[float]:
     return float(match.group(1)) * _UNITS[match.group(2).lower()]
 
 
+_SIMPLE_HELP = {"ping": "is the daemon there", "status": "state of the daemon, learner and source",
+                "telemetry": "the latest telemetry snapshot", "reset": "back to the source weights",
+                "pause": "pause adaptation (serving goes on)", "resume": "resume adaptation",
+                "shutdown": "stop the daemon (checkpointing first when configured)"}
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="surgeonctl", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -45,33 +51,42 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--endpoint", help="control socket (default: $SURGEON_ENDPOINT or the "
                         "daemon's runtime directory)")
     parser.add_argument("--timeout", type=float, default=5.0, help="seconds per try")
-    parser.add_argument("--retries", type=int, default=3)
+    parser.add_argument("--retries", type=int, default=3,
+                        help="tries before giving up (exit 3; default %(default)s)")
     parser.add_argument("--json", action="store_true", help="print the reply as JSON")
     parser.add_argument("--curve-server-key", default=os.environ.get("SURGEON_CURVE_SERVER_KEY"),
                         help="the daemon's public certificate (CURVE endpoints)")
     parser.add_argument("--curve-client-cert", default=os.environ.get("SURGEON_CURVE_CLIENT_CERT"),
                         help="this client's secret certificate (default: a throwaway pair)")
     sub = parser.add_subparsers(dest="command", required=True)
-    for name in ("ping", "status", "telemetry", "reset", "pause", "resume", "shutdown"):
-        sub.add_parser(name)
+    for name, text in _SIMPLE_HELP.items():
+        sub.add_parser(name, help=text)
     watch = sub.add_parser("watch", help="a live table from the PUB stream")
     watch.add_argument("--count", type=int, default=0, help="stop after this many rows")
-    watch.add_argument("--idle-timeout", type=float, default=10.0)
-    checkpoint = sub.add_parser("checkpoint").add_subparsers(dest="action", required=True)
-    checkpoint.add_parser("list")
-    for action in ("save", "load", "delete"):
-        checkpoint.add_parser(action).add_argument("name", nargs="?" if action == "save" else None)
+    watch.add_argument("--idle-timeout", type=float, default=10.0,
+                       help="give up after this many seconds without a row (default %(default)s)")
+    checkpoint = sub.add_parser("checkpoint", help="list, save, load or delete checkpoints")
+    checkpoint = checkpoint.add_subparsers(dest="action", required=True)
+    checkpoint.add_parser("list", help="every checkpoint, newest first")
+    for action, text in (("save", "save now, under NAME or as the next automatic one"),
+                         ("load", "adapt on from checkpoint NAME"),
+                         ("delete", "delete checkpoint NAME")):
+        checkpoint.add_parser(action, help=text).add_argument(
+            "name", nargs="?" if action == "save" else None, help="the checkpoint's name")
     budget = sub.add_parser("budget", help="cap the cache: 300MB, 1.5GB, none")
-    budget.add_argument("size", type=parse_megabytes)
-    config = sub.add_parser("config").add_subparsers(dest="action", required=True)
-    config.add_parser("get").add_argument("key", nargs="?")
-    setter = config.add_parser("set")
-    setter.add_argument("key")
+    budget.add_argument("size", type=parse_megabytes, help="e.g. 300MB, 1.5GB, 512k, none")
+    config = sub.add_parser("config", help="read or change a live setting")
+    config = config.add_subparsers(dest="action", required=True)
+    config.add_parser("get", help="the running config, or one key of it").add_argument(
+        "key", nargs="?", help="SECTION.FIELD, e.g. memory.budget_mb")
+    setter = config.add_parser("set", help="change a live setting (validated as a whole config)")
+    setter.add_argument("key", help="SECTION.FIELD, e.g. learner.batch_size")
     setter.add_argument("value", help="parsed as YAML: 32, 0.5, true, null")
-    sub.add_parser("source").add_argument("action", choices=["restart"])
+    sub.add_parser("source", help="act on the camera source").add_argument(
+        "action", choices=["restart"], help="restart: rebuild the source now")
     keygen = sub.add_parser("keygen", help="make a CURVE certificate pair")
-    keygen.add_argument("directory", type=Path)
-    keygen.add_argument("--name", default="surgeon")
+    keygen.add_argument("directory", type=Path, help="where the two files go")
+    keygen.add_argument("--name", default="surgeon", help="file name stem (default %(default)s)")
     sub.add_parser("help", help="the daemon's own help for every command")
     return parser
 

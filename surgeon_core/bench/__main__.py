@@ -32,7 +32,8 @@ logger = logging.getLogger(__name__)
 def _add_memory(sub) -> None:
     p = sub.add_parser("memory", help="cache bytes and step time: full, tent, surgeon, budgets")
     add_model_options(p)
-    p.add_argument("--batch-size", type=int, default=200)
+    p.add_argument("--batch-size", type=int, default=200,
+                   help="images per step (default %(default)s)")
     p.add_argument("--steps", type=int, default=5, help="timed rounds after one warm-up")
     p.add_argument("--budget-mb", type=float, default=None, help="also run surgeon under this cap")
     p.add_argument("--peak-budget-mb", type=float, default=None,
@@ -40,10 +41,11 @@ def _add_memory(sub) -> None:
     p.add_argument("--probe-every", type=int, default=None,
                    help="0: importance from the latest gradients (the paper, default); "
                         "N: a dense 10-sample probe every N steps (the published code: 1)")
-    p.add_argument("--variant", choices=("paper", "published"), default="paper")
+    p.add_argument("--variant", choices=("paper", "published"), default="paper",
+                   help="importance: paper (min-max normalised) or published (raw G x M)")
     p.add_argument("--device", default="cpu", help="cpu or cuda[:N]")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="torch seed (default %(default)s)")
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
     p.set_defaults(func=_memory)
 
@@ -141,8 +143,10 @@ def _stream_options(p, default_protocol: str) -> None:
                         "(severity 1..5..1), correlated (Dirichlet class order), mixed (all "
                         "domains shuffled together), camera (served frame by frame, learning on "
                         "the ring buffer as the daemon does)")
-    p.add_argument("--methods", default="source,bn,tent,eata,cotta,mecta,static,surgeon")
-    p.add_argument("--batch-size", type=int, default=200)
+    p.add_argument("--methods", default="source,bn,tent,eata,cotta,mecta,static,surgeon",
+                   help="comma-separated methods (and variants, e.g. surgeon,rdumb)")
+    p.add_argument("--batch-size", type=int, default=200,
+                   help="images per step (default %(default)s)")
     p.add_argument("--severity", type=int, default=None, choices=(1, 2, 3, 4, 5),
                    help="severity of a stacked folder (default 5); a single-layout folder holds "
                         "one severity per file")
@@ -172,9 +176,10 @@ def _stream_options(p, default_protocol: str) -> None:
     p.add_argument("--workers", type=int, default=2, help="processes generating corruptions")
     p.add_argument("--set", action="append", default=[], metavar="METHOD.KEY=VALUE",
                    help="override a method argument, e.g. surgeon.lr=1e-4 (repeatable)")
-    p.add_argument("--device", default="cpu")
-    p.add_argument("--threads", type=int, default=None)
-    p.add_argument("--out", type=Path, required=True)
+    p.add_argument("--device", default="cpu", help="cpu or cuda[:N]")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
+    p.add_argument("--out", type=Path, required=True,
+                   help="folder for results.json, results.md and the plots")
 
 
 def _parse_overrides(items: List[str]) -> Dict[str, Dict]:
@@ -330,17 +335,20 @@ def _domain_folder(args):
 def _add_ecotta_warmup(sub) -> None:
     p = sub.add_parser("ecotta-warmup", help="train EcoTTA's meta networks on the training set")
     add_model_options(p)
-    p.add_argument("--epochs", type=int, default=10)
-    p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--lr", type=float, default=0.05)
+    p.add_argument("--epochs", type=int, default=10,
+                   help="passes over the training images (default %(default)s)")
+    p.add_argument("--batch-size", type=int, default=64,
+                   help="training batch (default %(default)s)")
+    p.add_argument("--lr", type=float, default=0.05, help="SGD learning rate (default %(default)s)")
     p.add_argument("--limit", type=int, default=None, help="first N training images")
     p.add_argument("--test-limit", type=int, default=None,
                    help="first N test images for the clean accuracies (default: all 10,000)")
-    p.add_argument("--max-iterations", type=int, default=None)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--device", default="cpu")
-    p.add_argument("--threads", type=int, default=None)
-    p.add_argument("--out", type=Path, required=True)
+    p.add_argument("--max-iterations", type=int, default=None,
+                   help="stop after this many steps (a smoke run)")
+    p.add_argument("--seed", type=int, default=0, help="torch seed (default %(default)s)")
+    p.add_argument("--device", default="cpu", help="cpu or cuda[:N]")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
+    p.add_argument("--out", type=Path, required=True, help="the warm-up file to write")
     p.set_defaults(func=_ecotta_warmup)
 
 
@@ -384,10 +392,13 @@ def _add_footprint(sub) -> None:
     p = sub.add_parser("footprint", help="the process's resident set over a run of steps: "
                        "full backprop against the daemon's learner, each in its own process")
     add_model_options(p)
-    p.add_argument("--batch-size", type=int, default=200)
-    p.add_argument("--steps", type=int, default=20)
+    p.add_argument("--batch-size", type=int, default=200,
+                   help="images per step (default %(default)s)")
+    p.add_argument("--steps", type=int, default=20,
+                   help="steps per configuration (default %(default)s)")
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads")
-    p.add_argument("--configs", default="full,daemon")
+    p.add_argument("--configs", default="full,daemon",
+                   help="comma-separated: full, daemon (default %(default)s)")
     p.add_argument("--one", default=None, help=argparse.SUPPRESS)   # a child's own config
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
     p.set_defaults(func=_footprint)
