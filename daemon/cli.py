@@ -104,11 +104,12 @@ def _doctor(args) -> int:
 
 
 def _run(args) -> int:
+    from .logs import configure_logging
     from .service import Daemon
     from .view import TerminalView, summary_text
 
     config = load_config(args.config, args.set)
-    logging.getLogger().setLevel(config.log_level)
+    configure_logging(config.log_format, config.log_level)
     view = TerminalView() if args.view else None
     daemon = Daemon(config, on_snapshot=view)
     for sig in (signal.SIGTERM, signal.SIGINT):

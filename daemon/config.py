@@ -260,6 +260,8 @@ class DaemonConfig(_Section):
     duration_s: Optional[float] = Field(None, gt=0, description="stop after this long")
     max_frames: Optional[int] = Field(None, ge=1, description="stop after this many frames")
     log_level: str = Field("INFO", pattern="^(DEBUG|INFO|WARNING|ERROR)$")
+    log_format: str = Field("text", pattern="^(text|json)$", description="text (under systemd "
+                            "with journald priority prefixes) or json, one object per line")
 
 
 def _describe(error: ValidationError) -> str:
