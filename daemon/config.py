@@ -180,6 +180,9 @@ class TelemetryConfig(_Section):
 
 class OutputConfig(_Section):
     predictions: Optional[str] = Field(None, description="JSONL file of per-frame predictions")
+    rotate_mb: Optional[float] = Field(100.0, gt=0, le=1e6, description="the predictions and "
+                                       "telemetry files move to NAME.1 at this size; null: never")
+    rotate_keep: int = Field(5, ge=1, le=1000, description="rotated files kept (NAME.1 newest)")
 
 
 class ControlConfig(_Section):

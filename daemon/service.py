@@ -163,8 +163,9 @@ class Daemon:
                                self.device, self._budget, mem.poll_s)
         self.grabber = Grabber(self.factory, config.source.read_timeout_s,
                                config.source.reconnect_initial_s, config.source.reconnect_max_s)
-        self.predictions = JsonlWriter(config.output.predictions)
-        self.telemetry_log = JsonlWriter(config.telemetry.jsonl)
+        rotation = (config.output.rotate_mb, config.output.rotate_keep)
+        self.predictions = JsonlWriter(config.output.predictions, *rotation)
+        self.telemetry_log = JsonlWriter(config.telemetry.jsonl, *rotation)
         self.on_snapshot = on_snapshot
         self._stop = threading.Event()
         self._reopen = threading.Event()

@@ -9,6 +9,7 @@ plane's PUB socket; listeners must return at once.
 import collections
 import json
 import logging
+import os
 import threading
 import time
 from pathlib import Path
@@ -163,10 +164,18 @@ def _plain(value: Any) -> Any:
 
 
 class JsonlWriter:
-    """Appends one JSON object per line; flushes each line so a crash loses at most one."""
+    """Appends one JSON object per line; flushes each line so a crash loses at most one.
 
-    def __init__(self, path: Optional[str]):
+    With ``rotate_mb`` the file moves to ``NAME.1`` (older ones to ``NAME.2`` ...; ``keep`` of
+    them) once it reaches that size, and a new one starts: a daemon that runs for months keeps a
+    bounded disk. SIGHUP's ``reopen`` serves an outside logrotate instead.
+    """
+
+    def __init__(self, path: Optional[str], rotate_mb: Optional[float] = None, keep: int = 5):
         self.path = Path(path) if path else None
+        self.max_bytes = None if rotate_mb is None else int(rotate_mb * 2**20)
+        self.keep = keep
+        self.rotations = 0
         self._file = None
         self.failed_writes = 0
         self._lock = threading.Lock()
@@ -183,11 +192,29 @@ class JsonlWriter:
         with self._lock:
             try:
                 self._file.write(line + "\n")
+                if self.max_bytes is not None and self._file.tell() >= self.max_bytes:
+                    self._rotate()
             except (OSError, ValueError) as exc:
                 self.failed_writes += 1
                 if self.failed_writes == 1:
                     log.error("cannot write %s: %s (lines are dropped until it can)",
                               self.path, exc)
+
+    def _rotate(self) -> None:
+        """NAME -> NAME.1 -> ... -> NAME.keep (the oldest dropped), then a new NAME. Called
+        under the lock; a failed rename keeps writing the current file."""
+        name = str(self.path)
+        try:
+            for index in range(self.keep - 1, 0, -1):
+                if os.path.exists("%s.%d" % (name, index)):
+                    os.replace("%s.%d" % (name, index), "%s.%d" % (name, index + 1))
+            os.replace(name, name + ".1")
+            fresh = open(self.path, "a", buffering=1)
+        except OSError as exc:
+            log.error("cannot rotate %s: %s; still writing it", self.path, exc)
+            return
+        self._file.close()
+        self._file, self.rotations = fresh, self.rotations + 1
 
     def reopen(self) -> None:
         """After log rotation moved the file (SIGHUP): continue in a new file at the path.

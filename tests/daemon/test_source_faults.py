@@ -1,5 +1,6 @@
 """Bad source parameters, special and slow files, hung readers, and SIGHUP (issue 17)."""
 
+import json
 import os
 import signal
 import subprocess
@@ -147,3 +148,19 @@ def test_a_full_disk_under_an_output_file_drops_lines_without_raising():
         writer.write({"frame": index})
     assert writer.failed_writes == 3
     writer.close()
+
+
+def test_output_files_rotate_by_size_and_keep_a_bounded_count(tmp_path):
+    from daemon.telemetry import JsonlWriter
+
+    path = tmp_path / "telemetry.jsonl"
+    writer = JsonlWriter(str(path), rotate_mb=1024 / 2**20, keep=3)   # 1 KiB per file
+    for index in range(200):
+        writer.write({"frame": index, "pad": "x" * 40})
+    writer.close()
+    kept = [path] + [tmp_path / ("telemetry.jsonl.%d" % n) for n in (1, 2, 3)]
+    assert all(p.exists() for p in kept) and not (tmp_path / "telemetry.jsonl.4").exists()
+    assert writer.rotations > 3 and all(p.stat().st_size < 1200 for p in kept)
+    frames = [json.loads(line)["frame"] for p in reversed(kept)
+              for line in p.read_text().splitlines()]
+    assert frames == list(range(frames[0], 200))    # newest files whole and in order

@@ -117,3 +117,20 @@ def test_a_python_without_venv_support_is_told_what_to_install(tmp_path):
                           env=env, timeout=60)
     assert done.returncode == 1 and "apt install python3." in done.stderr \
         and "-venv" in done.stderr, done.stderr
+
+
+def test_the_logrotate_example_covers_the_shipped_output_files(tmp_path):
+    example = ROOT / "deploy" / "logrotate.surgeond"
+    text = example.read_text()
+    for name in ("csi", "usb", "rtsp", "torchvision"):
+        config = load_config(ROOT / "deploy" / "configs" / ("%s.yaml" % name), environ={})
+        for path in (config.telemetry.jsonl, config.output.predictions):
+            assert path is None or path in text, (name, path)
+    assert "systemctl reload surgeond" in text     # SIGHUP: the daemon reopens its files
+    if shutil.which("logrotate") is None:
+        pytest.skip("logrotate not installed (.ci/run installs it)")
+    here = tmp_path / "surgeond"     # the surgeon user exists on a box, not on this machine
+    here.write_text(text.replace("su surgeon surgeon", "su root root"))
+    checked = subprocess.run(["logrotate", "-d", "-s", str(tmp_path / "state"), str(here)],
+                             capture_output=True, text=True)
+    assert checked.returncode == 0 and "error" not in checked.stderr.lower(), checked.stderr
