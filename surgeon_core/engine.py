@@ -26,7 +26,9 @@ transients and fits it in this order: keep ratios shrink (the solver), then the 
 update (their gradients add up) and cost only smaller kernels, so they come before a smaller
 batch, which is the caller's to choose when even they do not fit (``BudgetExceeded``). Each
 micro-batch normalises with its own statistics, as a batch of its size would. Until something
-is measured, steps run in the smallest chunks.
+is measured, steps run in the smallest chunks, and a part grows at most to twice the largest
+size measured: the CPU meter is not linear in the part's size (blocks under glibc's mmap
+threshold reuse resident pages), so a long extrapolation could guess low.
 """
 
 import collections
@@ -242,8 +244,9 @@ class SparseBackprop:
         profile = CacheProfile(self._fixed[1], dict(self._numel), self._value_bytes(),
                                policy.sync_free_on(x.device), policy.selection)
         counts = chunk_counts(batch, self.config.min_chunk)
-        if self.peak_bounded and not self._transients:
-            counts = counts[-1:]   # nothing measured yet: the smallest chunks, then measure
+        if self.peak_bounded:   # parts at most twice the largest measured: short extrapolations
+            largest = max(self._transients, default=0)
+            counts = [n for n in counts if -(-batch // n) <= 2 * largest] or counts[-1:]
         trains = any(keep >= SKIP_BELOW for keep in base.values())
         failure = None
         for chunks in counts:
