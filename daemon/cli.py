@@ -16,14 +16,18 @@ from .config import ConfigError, default_yaml, load_config
 __all__ = ["main"]
 
 
+def _add_set(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--set", action="append", default=[], metavar="SECTION.FIELD=VALUE",
+                        help="override one setting, e.g. learner.batch_size=32 (repeatable)")
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="surgeond", description=__doc__)
     parser.add_argument("--version", action="version", version="%(prog)s " + package_version())
     sub = parser.add_subparsers(dest="command", required=True)
     run = sub.add_parser("run", help="run the daemon")
     run.add_argument("--config", type=Path, help="YAML file (defaults for anything missing)")
-    run.add_argument("--set", action="append", default=[], metavar="SECTION.FIELD=VALUE",
-                     help="override one setting, e.g. learner.batch_size=32 (repeatable)")
+    _add_set(run)
     run.add_argument("--view", action="store_true", help="live status line on stderr")
     cfg = sub.add_parser("config", help="print the default config or check one")
     cfg.add_argument("--print-default", action="store_true",
@@ -31,13 +35,11 @@ def _parser() -> argparse.ArgumentParser:
     cfg.add_argument("--check", type=Path, metavar="FILE",
                      help="validate FILE as `run` would (model, files, source URI); exit 2 "
                      "with the fix on a mistake")
-    cfg.add_argument("--set", action="append", default=[], metavar="SECTION.FIELD=VALUE",
-                     help="override one setting, e.g. learner.batch_size=32 (repeatable)")
+    _add_set(cfg)
     demo = sub.add_parser("demo", help="the embedded demo: replay, adaptation, summary, plot")
     demo.add_argument("--out", type=Path, default=Path("demo-out"),
                       help="folder for the summary, telemetry and demo.png (default %(default)s)")
-    demo.add_argument("--set", action="append", default=[], metavar="SECTION.FIELD=VALUE",
-                     help="override one setting, e.g. learner.batch_size=32 (repeatable)")
+    _add_set(demo)
     bench = sub.add_parser("bench", help="serving latency with the learner off/on, budget cut")
     bench.add_argument("--out", type=Path, default=Path("bench-out/daemon.json"),
                        help="results JSON (default %(default)s)")
@@ -52,12 +54,10 @@ def _parser() -> argparse.ArgumentParser:
                        help="cache budget before the cut (default %(default)s)")
     bench.add_argument("--low-mb", type=float, default=3,
                        help="cache budget after the cut (default %(default)s)")
-    bench.add_argument("--set", action="append", default=[], metavar="SECTION.FIELD=VALUE",
-                     help="override one setting, e.g. learner.batch_size=32 (repeatable)")
+    _add_set(bench)
     doctor = sub.add_parser("doctor", help="check this machine for the daemon; say what to fix")
     doctor.add_argument("--config", type=Path, help="the YAML file the daemon will run with")
-    doctor.add_argument("--set", action="append", default=[], metavar="SECTION.FIELD=VALUE",
-                     help="override one setting, e.g. learner.batch_size=32 (repeatable)")
+    _add_set(doctor)
     doctor.add_argument("--json", action="store_true", help="print the checks as JSON")
     flood = sub.add_parser("bench-control", help="serving latency under a flood of bad requests")
     flood.add_argument("--out", type=Path, default=Path("bench-out/control.json"),
@@ -67,8 +67,7 @@ def _parser() -> argparse.ArgumentParser:
                        help="seconds of serving with no requests (default %(default)s)")
     flood.add_argument("--flood-s", type=float, default=20,
                        help="seconds under a flood of bad requests (default %(default)s)")
-    flood.add_argument("--set", action="append", default=[], metavar="SECTION.FIELD=VALUE",
-                     help="override one setting, e.g. learner.batch_size=32 (repeatable)")
+    _add_set(flood)
     return parser
 
 
