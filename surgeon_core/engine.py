@@ -130,7 +130,7 @@ class StepReport:
     overall_keep: Optional[float] = None   # kept / prunable values over trainable layers
     kinds: Dict[Tuple[str, str], int] = field(default_factory=dict)   # bytes per (kind, role)
     chunks: int = 1                       # micro-batches the step ran in (NOTE [Peak budget])
-    peak_bytes: Optional[int] = None      # measured, NOTE [Step peak]; None where unmeasurable
+    peak_bytes: Optional[int] = None      # under a peak budget, NOTE [Step peak]; else None
 
 
 @dataclass
@@ -298,23 +298,27 @@ class SparseBackprop:
             self._learn_sizes_from(x)
         plan, chunks = self.plan(x, forward_loss)
         trained = [n for n, keep in plan.keep_ratios.items() if keep >= SKIP_BELOW]
-        with PeakMeter(x.device) as meter, self._skip_empty_layers(plan.keep_ratios):
+        # only a peak budget needs the engine's own meter: Method.step meters the whole step
+        metered = self.peak_budget_bytes is not None
+        meter = PeakMeter(x.device) if metered else contextlib.nullcontext()
+        with meter, self._skip_empty_layers(plan.keep_ratios):
             run = self._run_chunks(x.tensor_split(chunks), plan.keep_ratios, forward_loss)
             if not run.skipped and not probed and run.backward:
                 # the paper's rule: importance from the latest gradients
                 self._grad_imp.update(gradient_importance(self.capture.weight_of, trained))
         size = -(-x.shape[0] // chunks)
-        self._peak_measurable = meter.peak_bytes is not None
-        if meter.peak_bytes is not None and self.steps > 0:   # the first one warms up too
+        peak = meter.peak_bytes if metered else None
+        if metered:
+            self._peak_measurable = peak is not None
+        if peak is not None and self.steps > 0:   # the first one warms up too
             self._transients.setdefault(size, collections.deque(maxlen=TRANSIENT_STEPS)).append(
-                max(0, meter.peak_bytes - run.cache))
+                max(0, peak - run.cache))
         self._observe(run.layers, run.cache, size, x.shape[0])
         self.steps += 1
         return StepReport(run.loss, run.logits, run.cache, paper_bytes(run.layers),
                           plan.predicted_bytes, plan.keep_ratios, run.layers,
                           time.perf_counter() - start, run.skipped, len(trained),
-                          self.overall_keep(plan.keep_ratios), run.kinds, chunks,
-                          meter.peak_bytes)
+                          self.overall_keep(plan.keep_ratios), run.kinds, chunks, peak)
 
     def _run_chunks(self, parts, ratios: Dict[str, float], forward_loss: ForwardLoss) -> "_Run":
         """Forward and backward each part in turn; the cache reported is the largest part's
