@@ -55,7 +55,7 @@ gst-debs:
 test-gst: $(GSTVENV)/.installed
 	SURGEON_REQUIRE_GSTREAMER=1 $(GSTVENV)/bin/python -m pytest -q tests/daemon/test_gstreamer.py \
 		tests/daemon/test_sources.py tests/daemon/test_tegrastats.py \
-		tests/daemon/test_camera_pipelines.py
+		tests/daemon/test_camera_pipelines.py tests/daemon/test_video_gst.py
 
 # The main job on its embedded default: surgeond on the replay stream (clean, then corruptions),
 # ResNet-20 adapted by SURGEON under a cache budget beside the frozen model; about three minutes.

@@ -1,5 +1,6 @@
-"""surgeond: ``run`` the daemon, ``config`` print or check a configuration, ``demo``, and the
-daemon benchmarks ``bench`` and ``bench-control``, and ``doctor`` (a self-check)."""
+"""surgeond: ``run`` the daemon, ``config`` print or check a configuration, ``demo``, ``plot`` a
+run's telemetry, the daemon benchmarks ``bench`` and ``bench-control``, and ``doctor`` (a
+self-check)."""
 
 import argparse
 import logging
@@ -39,7 +40,16 @@ def _parser() -> argparse.ArgumentParser:
     demo = sub.add_parser("demo", help="the embedded demo: replay, adaptation, summary, plot")
     demo.add_argument("--out", type=Path, default=Path("demo-out"),
                       help="folder for the summary, telemetry and demo.png (default %(default)s)")
+    demo.add_argument("--save", type=Path, metavar="VIDEO",
+                      help="also record the overlaid stream, e.g. demo-out/demo.mp4 (.mkv, .avi)")
     _add_set(demo)
+    plot = sub.add_parser("plot", help="a PNG of a run from its telemetry JSONL")
+    plot.add_argument("telemetry", type=Path, metavar="RUN_DIR_OR_TELEMETRY.jsonl",
+                      help="telemetry.jsonl (rotated NAME.N beside it are read too) or the "
+                      "folder holding it")
+    plot.add_argument("--out", type=Path, default=Path("run.png"),
+                      help="the PNG to write (default %(default)s)")
+    plot.add_argument("--title", help="figure title (default: the path)")
     bench = sub.add_parser("bench", help="serving latency with the learner off/on, budget cut")
     bench.add_argument("--out", type=Path, default=Path("bench-out/daemon.json"),
                        help="results JSON (default %(default)s)")
@@ -102,6 +112,21 @@ def _doctor(args) -> int:
     return 1 if any(f.status == FAIL for f in findings) else 0
 
 
+def _plot(args) -> int:
+    from .plot import PlotError, plot_run
+
+    try:
+        result = plot_run(args.telemetry, args.out, args.title)
+    except (PlotError, OSError) as exc:
+        print("surgeond plot: %s" % exc, file=sys.stderr)
+        return 2
+    print("wrote %s: %d snapshots over %.1f %s, %d runs, %d rollbacks%s" % (
+        result["out"], result["snapshots"], result["span"], result["unit"], result["runs"],
+        result["rollbacks"], ", %d lines skipped" % result["skipped_lines"]
+        if result["skipped_lines"] else ""))
+    return 0
+
+
 def _run(args) -> int:
     from .logs import configure_logging
     from .service import Daemon
@@ -160,9 +185,11 @@ def main(argv: Optional[List[str]] = None) -> int:
             return _bench_control(args)
         if args.command == "doctor":
             return _doctor(args)
+        if args.command == "plot":
+            return _plot(args)
         from .demo import run_demo
 
-        run_demo(args.out, args.set)
+        run_demo(args.out, args.set, args.save)
         return 0
     except ConfigError as exc:
         print("surgeond: %s" % exc, file=sys.stderr)

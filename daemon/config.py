@@ -174,8 +174,10 @@ class TelemetryConfig(_Section):
     interval_s: float = Field(1.0, ge=0.05, le=3600, description="telemetry snapshot period")
     window: int = Field(4096, ge=16, description="latency samples kept for percentiles")
     jsonl: Optional[str] = Field(None, description="append snapshots to this file")
-    compare_source: bool = Field(False, description="also run the frozen source model on "
-                                 "labelled frames (replay) to report both accuracies")
+    compare_source: bool = Field(False, description="also run the frozen source model on every "
+                                 "frame: both accuracies on labelled frames (replay), both "
+                                 "confidences and their agreement on any stream, both "
+                                 "predictions on the video overlay")
 
 
 class OutputConfig(_Section):
@@ -183,6 +185,30 @@ class OutputConfig(_Section):
     rotate_mb: Optional[float] = Field(100.0, gt=0, le=1e6, description="the predictions and "
                                        "telemetry files move to NAME.1 at this size; null: never")
     rotate_keep: int = Field(5, ge=1, le=1000, description="rotated files kept (NAME.1 newest)")
+    video: List[str] = Field(default_factory=list, description="video outputs with overlays: "
+                             "display://0, file:///path/out.mp4 (.mkv, .avi), rtsp://@:8554/live, "
+                             "rtp://HOST:PORT; several at once")
+    overlay: bool = Field(True, description="draw predictions, fps, cache and learner state")
+    video_fps: Optional[float] = Field(None, gt=0, le=240, description="frame rate written to "
+                                       "the outputs; default source.fps")
+    video_min_height: int = Field(360, ge=16, le=4320, description="smaller frames are "
+                                  "enlarged by a whole factor to at least this height")
+
+    @field_validator("video")
+    @classmethod
+    def _video_uris(cls, uris):
+        from .outputs.uri import BadOutputUri, parse_output_uri
+
+        specs = []
+        for uri in uris:
+            try:
+                specs.append(parse_output_uri(uri))
+            except BadOutputUri as exc:
+                raise ValueError(str(exc)) from None
+        targets = [(s.kind, s.path, s.port) for s in specs if s.kind in ("file", "rtsp")]
+        if len(set(targets)) != len(targets):
+            raise ValueError("two outputs write the same file or serve the same port")
+        return uris
 
 
 class ControlConfig(_Section):

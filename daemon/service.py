@@ -19,6 +19,7 @@ import torch
 from surgeon_core import package_version
 from surgeon_core.allocator import tune_malloc
 from surgeon_core.methods import args_for, get_method
+from surgeon_core.models.labels import class_name
 from surgeon_core.models.spec import describe as describe_model
 
 from .checkpoints import CheckpointStore, default_directory, model_fingerprint
@@ -29,6 +30,7 @@ from .memory import MB, BudgetPolicy, MemoryProbe
 from .health import Health
 from .model import load_model
 from .operations import Operations, OperationError
+from .outputs import FrameInfo, VideoOutputs, make_sink, missing_requirements, parse_output_uri
 from .sdnotify import Notifier
 from .serving import Preprocessor, ServingModel, describe_prediction, to_uint8
 from .sources import Grabber, UnknownSource, source_factory
@@ -110,11 +112,34 @@ def check_files(config: DaemonConfig) -> None:
         problem = path and unwritable(Path(path), directory=False)
         if problem:
             raise ConfigError("%s: %s" % (name, problem))
+    check_outputs(config)
     directory = Path(config.checkpoints.directory or default_directory())
     problem = unwritable(directory, directory=True) or (
         directory.is_dir() and unsafe_directory(directory))
     if problem:
         raise ConfigError("checkpoints.directory: %s" % problem)
+
+
+def check_outputs(config: DaemonConfig) -> None:
+    """Video outputs this machine can never run (a library it lacks), and files it cannot
+    write, are configuration errors; a missing display or a taken port is retried instead."""
+    specs = [parse_output_uri(uri) for uri in config.output.video]
+    problems = missing_requirements(specs)
+    problems += ["%s: %s" % (spec.uri, unwritable(Path(spec.path), directory=False))
+                 for spec in specs
+                 if spec.kind == "file" and unwritable(Path(spec.path), directory=False)]
+    if problems:
+        raise ConfigError("output.video: " + "; ".join(problems))
+
+
+def video_outputs(config: DaemonConfig) -> Optional[VideoOutputs]:
+    out = config.output
+    if not out.video:
+        return None
+    sinks = [make_sink(parse_output_uri(uri), out.rotate_mb, out.rotate_keep)
+             for uri in out.video]
+    return VideoOutputs(sinks, out.video_fps or config.source.fps, out.overlay,
+                        out.video_min_height, config.learner.enabled)
 
 
 def _warn_about_the_model(built, uri: str) -> None:
@@ -166,6 +191,7 @@ class Daemon:
         rotation = (config.output.rotate_mb, config.output.rotate_keep)
         self.predictions = JsonlWriter(config.output.predictions, *rotation)
         self.telemetry_log = JsonlWriter(config.telemetry.jsonl, *rotation)
+        self.outputs = video_outputs(config)
         self.on_snapshot = on_snapshot
         self._stop = threading.Event()
         self._reopen = threading.Event()
@@ -245,6 +271,8 @@ class Daemon:
 
     def snapshot(self) -> Dict:
         self.telemetry.set(source=self.grabber.stats(), learner_steps=self.learner.steps)
+        if self.outputs is not None:
+            self.telemetry.set(video=self.outputs.stats())
         return self.telemetry.snapshot()
 
     def _start_endpoints(self) -> None:
@@ -279,6 +307,8 @@ class Daemon:
             self.ops.store.release()
             raise
         self.grabber.start()
+        if self.outputs is not None:
+            self.outputs.start()
         if self.config.learner.enabled:
             self.learner.start()
         self._reporter = self._start_reporter()
@@ -305,6 +335,8 @@ class Daemon:
             health.stop()
             self._stop.set()
             self.grabber.stop()
+            if self.outputs is not None:
+                self.outputs.stop()
             self.learner.stop()
             self._reporter.join(2.0)
             self._checkpoint_on_exit()
@@ -420,16 +452,21 @@ class Daemon:
         if self.config.learner.enabled:
             self.learner.offer(to_uint8(x))
         prediction = describe_prediction(logits, self.class_names)
-        self.telemetry.predicted(prediction["class"], prediction["name"], prediction["confidence"])
+        source = self._source_prediction(x)
+        self.telemetry.predicted(prediction, source)
         if frame.domain != self._domain:
             self._domain = frame.domain
             self.telemetry.set(domain=frame.domain)
         if frame.label is not None:
-            self._score(frame, x, prediction["class"])
+            self._score(frame, prediction, source)
         record = {"frame": frame.index, "time": time.time(), **prediction,
                   **({"label": frame.label, "domain": frame.domain}
-                     if frame.label is not None else {})}
+                     if frame.label is not None else {}),
+                  **({"source": source} if source is not None else {})}
         self.predictions.write(record)
+        if self.outputs is not None:
+            label = None if frame.label is None else class_name(self.class_names, frame.label)
+            self.outputs.offer(frame.image, FrameInfo(prediction, source, label))
         if self.control is not None and self.config.control.publish_predictions:
             self.control.publish("prediction", record)
 
@@ -442,11 +479,17 @@ class Daemon:
             return "infer_learner_off"
         return "infer_learner_on" if learner.steps > 0 else "infer_learner_starting"
 
-    def _score(self, frame, x, predicted: int) -> None:
-        self.telemetry.labelled("adapted", frame.domain, predicted == frame.label)
-        if self.source_model is not None:
-            logits, _ = self.source_model.predict(x)
-            self.telemetry.labelled("source", frame.domain, int(logits.argmax(1)) == frame.label)
+    def _source_prediction(self, x) -> Optional[Dict]:
+        """The frozen source model's prediction, when it runs (telemetry.compare_source)."""
+        if self.source_model is None:
+            return None
+        logits, _ = self.source_model.predict(x)
+        return describe_prediction(logits, self.class_names)
+
+    def _score(self, frame, adapted: Dict, source: Optional[Dict]) -> None:
+        self.telemetry.labelled("adapted", frame.domain, adapted["class"] == frame.label)
+        if source is not None:
+            self.telemetry.labelled("source", frame.domain, source["class"] == frame.label)
 
     def _report_loop(self) -> None:
         """Snapshots every telemetry.interval_s and periodic checkpoints, each on its own
@@ -466,6 +509,8 @@ class Daemon:
         if self.control is not None:
             self.telemetry.set(control=self.control.health())
         snap = self.snapshot()
+        if self.outputs is not None:
+            self.outputs.status(snap)
         self.telemetry_log.write(snap)
         if self.control is not None:
             self.control.publish("telemetry", snap)

@@ -25,6 +25,7 @@ STAGES = ("capture", "preprocess", "infer", "adapt")
 # serving inference split by what the learner was doing: stepping, off or paused, or starting
 # (before its first step)
 SERVING_SPLIT = ("infer_learner_on", "infer_learner_off", "infer_learner_starting")
+SERVED_WINDOW = 256     # frames behind the served confidence, entropy and agreement means
 
 
 class LatencyWindow:
@@ -74,6 +75,10 @@ class Telemetry:
         self.accuracy = {"adapted": _Accuracy(), "source": _Accuracy()}
         self._frame_times: Deque[float] = collections.deque(maxlen=window)
         self._served: Deque[str] = collections.deque(maxlen=window)   # recent class names
+        # (confidence, entropy) of recent frames per model, and whether the two agreed
+        self._certainty = {m: collections.deque(maxlen=SERVED_WINDOW) for m in ("adapted",
+                                                                                  "source")}
+        self._agreed: Deque[bool] = collections.deque(maxlen=SERVED_WINDOW)
         self._listeners: List[Callable[[str, Dict[str, Any]], None]] = []
         self._observers: List[Callable[[str, float], None]] = []
 
@@ -113,11 +118,27 @@ class Telemetry:
             for window in self.latency.values():
                 window._samples.clear()
 
-    def predicted(self, index: int, name: str, confidence: float) -> None:
-        """The served prediction of one frame: the last one, and the recent class shares."""
+    def predicted(self, adapted: Dict[str, Any], source: Optional[Dict[str, Any]] = None) -> None:
+        """The served prediction of one frame (and the frozen source model's, when it runs):
+        the last one, the recent class shares, confidences, entropies and agreement."""
         with self._lock:
-            self._served.append(name)
-            self.gauges["prediction"] = {"class": index, "name": name, "confidence": confidence}
+            self._served.append(adapted["name"])
+            self.gauges["prediction"] = {k: adapted[k] for k in ("class", "name", "confidence")}
+            self._certainty["adapted"].append((adapted["confidence"], adapted["entropy"]))
+            if source is not None:
+                self._certainty["source"].append((source["confidence"], source["entropy"]))
+                self._agreed.append(source["class"] == adapted["class"])
+
+    def _served_means(self) -> Dict[str, Any]:
+        means: Dict[str, Any] = {}
+        for model, rows in self._certainty.items():
+            if rows:
+                values = np.asarray(rows, dtype=float).mean(0)
+                means[model] = {"confidence": round(float(values[0]), 4),
+                                "entropy": round(float(values[1]), 4), "frames": len(rows)}
+        if self._agreed:
+            means["agreement"] = round(sum(self._agreed) / len(self._agreed), 4)
+        return means
 
     def class_shares(self, top: int = 5) -> Dict[str, float]:
         """Share of each of the ``top`` most served classes over the recent frames."""
@@ -152,6 +173,7 @@ class Telemetry:
             snap.update(json.loads(json.dumps(self.gauges, default=_plain)))
             if self._served:
                 snap["classes"] = self.class_shares()
+                snap["served"] = self._served_means()
             if self.accuracy["adapted"].seen:
                 snap["accuracy"] = {k: a.as_dict() for k, a in self.accuracy.items() if a.seen}
             return snap

@@ -17,6 +17,7 @@ from surgeon_core import package_version
 import yaml
 
 from .client import BadReply, ControlClient, DaemonError, Unreachable, curve_keys, find_endpoint
+from .watch import watch
 
 __all__ = ["main", "parse_megabytes", "EXIT_OK", "EXIT_REFUSED", "EXIT_USAGE",
            "EXIT_UNREACHABLE", "EXIT_PROTOCOL"]
@@ -65,6 +66,10 @@ def _parser() -> argparse.ArgumentParser:
     watch.add_argument("--count", type=int, default=0, help="stop after this many rows")
     watch.add_argument("--idle-timeout", type=float, default=10.0,
                        help="give up after this many seconds without a row (default %(default)s)")
+    watch.add_argument("--plot", type=Path, metavar="PNG",
+                       help="keep this PNG of the run so far up to date (as surgeond plot draws)")
+    watch.add_argument("--plot-every", type=int, default=10, metavar="ROWS",
+                       help="redraw the PNG after this many rows (default %(default)s)")
     checkpoint = sub.add_parser("checkpoint", help="list, save, load or delete checkpoints")
     checkpoint = checkpoint.add_subparsers(dest="action", required=True)
     checkpoint.add_parser("list", help="every checkpoint, newest first")
@@ -132,7 +137,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     client = ControlClient(endpoint, args.timeout, args.retries, curve)
     try:
         if args.command == "watch":
-            return _watch(client, args)
+            watch(client, args)
+            return EXIT_OK
         cmd, cmd_args, long = _request(args)
         reply = client.request(cmd, cmd_args, timeout_s=max(args.timeout, LONG_TIMEOUT_S)
                                if long else None)
@@ -182,72 +188,6 @@ def _checkpoint_table(entries: List[Dict[str, Any]]) -> str:
             entry["name"], saved, entry.get("steps", "?"), entry.get("method", "?"),
             entry.get("bytes", "?"), entry.get("error") or ("auto" if entry.get("auto") else "")))
     return "\n".join(rows) if entries else "no checkpoints"
-
-
-_COLUMNS = ("time", "fps", "p50 ms", "p99 ms", "steps", "cache MB", "budget MB", "keep", "loss",
-            "seeing", "source", "learner")
-_FORMAT = "%-8s %6s %7s %7s %6s %8s %9s %6s %7s %-16s %-10s %s"
-
-
-def _row(snap: Dict[str, Any]) -> str:
-    infer = snap.get("latency_ms", {}).get("infer", {})
-    source = (snap.get("source") or {}).get("state", "?")
-    learner = "paused: " + snap["learner_paused"] if snap.get("learner_paused") else "ok"
-
-    def num(value, fmt):
-        return fmt % value if isinstance(value, (int, float)) else "-"
-
-    clock = time.strftime("%H:%M:%S", time.localtime(snap.get("time", 0)))
-    return _FORMAT % (
-        clock, num(snap.get("fps"), "%.1f"),
-        num(infer.get("p50"), "%.2f"), num(infer.get("p99"), "%.2f"),
-        num(snap.get("learner_steps"), "%d"), num(snap.get("cache_mb"), "%.2f"),
-        num(snap.get("budget_mb"), "%.1f"), num(snap.get("overall_keep"), "%.3f"),
-        num(snap.get("loss"), "%.3f"), _seeing(snap), source, learner[:40])
-
-
-def _seeing(snap: Dict[str, Any]) -> str:
-    """The most served class over the recent frames and its share (``dent 62%``)."""
-    shares = snap.get("classes") or {}
-    if not shares:
-        return "-"
-    name, share = next(iter(shares.items()))
-    return "%s %.0f%%" % (str(name)[:11], 100 * share)
-
-
-def _watch(client: ControlClient, args) -> int:
-    """Rows from ``telemetry`` messages, events as lines between them."""
-    pub = client.call("ping").get("pub_endpoint")
-    if not pub:
-        print("surgeonctl: the daemon publishes nothing", file=sys.stderr)
-        return EXIT_REFUSED
-    pub = _reachable(pub, client.endpoint)
-    header = _FORMAT % _COLUMNS
-    rows = 0
-    for topic, message in client.subscribe(pub, ["telemetry", "event."], args.idle_timeout):
-        if args.json:
-            print(json.dumps({"topic": topic, "message": message}, default=str), flush=True)
-        elif topic == "telemetry":
-            if rows % 20 == 0:
-                print(header)
-            print(_row(message), flush=True)
-        else:
-            fields = " ".join("%s=%s" % (k, v) for k, v in message.items()
-                              if k not in ("event", "time"))
-            print("! %s %s" % (topic, fields), flush=True)
-        rows += topic == "telemetry"
-        if args.count and rows >= args.count:
-            return EXIT_OK
-    return EXIT_OK
-
-
-def _reachable(pub: str, control: str) -> str:
-    """A PUB bound to every interface is reached on the host the control socket was."""
-    match = re.match(r"tcp://(\*|0\.0\.0\.0|\[::\]):(\d+)$", pub)
-    host = re.match(r"tcp://(.+):\d+$", control)
-    if match and host:
-        return "tcp://%s:%s" % (host.group(1), match.group(2))
-    return pub
 
 
 if __name__ == "__main__":

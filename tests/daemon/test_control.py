@@ -16,6 +16,7 @@ from daemon.control.client import ControlClient, DaemonError, Unreachable
 from daemon.control.server import ControlError
 from daemon.memory import MB
 
+from .ports import free_port
 from .running import Running, small_config, wait_for
 
 
@@ -297,7 +298,7 @@ def test_sockets_are_owner_only_and_a_second_daemon_is_refused(private_dirs):
 
 def test_group_access_and_loopback_tcp(private_dirs):
     with Running(small_config("control.socket_access=group", "control.endpoint=tcp://127.0.0.1:0"
-                              .replace(":0", ":%d" % _free_port()))) as daemon:
+                              .replace(":0", ":%d" % free_port()))) as daemon:
         assert daemon.control.endpoint.startswith("tcp://127.0.0.1:")
         assert _client(daemon).call("ping")["pong"]
         pub = daemon.control.pub_endpoint[len("ipc://"):]
@@ -309,12 +310,6 @@ def test_open_tcp_without_curve_is_refused_at_start():
         small_config("control.endpoint=tcp://0.0.0.0:5599")
 
 
-def _free_port():
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def test_curve_answers_only_clients_with_the_right_keys(tmp_path):
@@ -324,7 +319,7 @@ def test_curve_answers_only_clients_with_the_right_keys(tmp_path):
     server_public, server_secret = make_certificates(tmp_path / "server", "server")
     allowed_public, allowed_secret = make_certificates(tmp_path / "clients", "ops")
     make_certificates(tmp_path / "strangers", "eve")
-    port = _free_port()
+    port = free_port()
     config = small_config("learner.enabled=false", "control.endpoint=tcp://0.0.0.0:%d" % port,
                           "control.curve_server_cert=%s" % server_secret,
                           "control.curve_clients_dir=%s" % (tmp_path / "clients"))

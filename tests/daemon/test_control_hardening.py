@@ -16,6 +16,7 @@ from daemon.config import ConfigError, ControlConfig, load_config
 from daemon.control.client import ControlClient, DaemonError
 from daemon.control.server import ControlError, ControlServer
 
+from .ports import free_port
 from .running import Running, small_config, wait_for
 
 
@@ -118,14 +119,10 @@ def test_a_failing_handler_and_a_dead_control_thread_are_recovered(monkeypatch):
         sock.close()
 
 
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def test_connections_are_capped_and_the_daemon_keeps_its_descriptors():
-    port = _free_port()
+    port = free_port()
     config = small_config("control.endpoint=tcp://127.0.0.1:%d" % port,
                           "control.max_connections=8")
     with Running(config) as daemon:
