@@ -60,7 +60,7 @@ test-gst: $(GSTVENV)/.installed
 # The main job on its embedded default: surgeond on the replay stream (clean, then corruptions),
 # ResNet-20 adapted by SURGEON under a cache budget beside the frozen model; about three minutes.
 demo: $(VENV)/.installed
-	$(VENV)/bin/surgeond demo --out demo-out
+	$(VENV)/bin/surgeond demo --out demo-out $(DEMO_ARGS)
 
 bench-memory: $(VENV)/.installed
 	$(VENV)/bin/surgeon-bench memory --arch resnet20 --batch-size 200 --budget-mb 15 --json

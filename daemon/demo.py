@@ -40,7 +40,8 @@ def run_demo(out_dir: Path, overrides: Optional[List[str]] = None,
                "control.runtime_dir=%s" % (out_dir / "run"),
                "checkpoints.directory=%s" % (out_dir / "checkpoints"), "checkpoints.resume=none"]
     if save is not None:
-        private.append("output.video=[file://%s]" % save.resolve())
+        # one file for the whole demo: each CIFAR frame is a scene cut, ~100 MB in mp4v
+        private += ["output.video=[file://%s]" % save.resolve(), "output.rotate_mb=null"]
     config = load_config(None, DEMO_SETTINGS + private + list(overrides or []))
     print("watch it from another shell: surgeonctl --endpoint ipc://%s/control.sock watch"
           % (out_dir / "run"))

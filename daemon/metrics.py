@@ -100,6 +100,37 @@ class MetricsExporter:
             self._server.server_close()
 
 
+def _served(served: Dict) -> Iterator:
+    from prometheus_client.core import GaugeMetricFamily
+
+    if not served:
+        return
+    family = GaugeMetricFamily("surgeon_served_confidence_ratio", "Mean confidence over the "
+                               "recent frames (source: the frozen model).", labels=["model"])
+    for model in ("adapted", "source"):
+        if model in served:
+            family.add_metric([model], served[model]["confidence"])
+    yield family
+    if "agreement" in served:
+        yield GaugeMetricFamily("surgeon_models_agreement_ratio", "Share of recent frames where "
+                                "adapted and source predict the same class.",
+                                value=served["agreement"])
+
+
+def _video(video) -> Iterator:
+    from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+
+    if not video:
+        return
+    yield CounterMetricFamily("surgeon_video_frames_dropped", "Frames the video outputs skipped "
+                              "(a newer frame came first).", value=video["drops"])
+    up = GaugeMetricFamily("surgeon_video_output_up", "1 while the output is open.",
+                           labels=["uri"])
+    for sink in video["sinks"]:
+        up.add_metric([sink["uri"]], 1 if sink["state"] == "open" else 0)
+    yield up
+
+
 def _board(tegra) -> Iterator:
     """tegrastats' fields (Jetson only): loads as ratios, temperatures, rails in watts."""
     from prometheus_client.core import GaugeMetricFamily
@@ -163,6 +194,8 @@ class _TelemetryCollector:
                                if source.get("state") == "streaming" else 0)
         yield up
         yield from self._accuracy(snap)
+        yield from _served(snap.get("served") or {})
+        yield from _video(snap.get("video"))
         yield from _board(snap.get("tegra"))
         yield InfoMetricFamily("surgeon_build", "Versions and model.", value=self.exporter.info)
 

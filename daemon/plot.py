@@ -180,12 +180,16 @@ def _latency(ax, series: Series) -> None:
 
 
 def _memory(ax, series: Series) -> None:
+    drawn = []
     for key, style, label in (("cache_mb", "-", "cache"), ("budget_mb", "--", "cache budget"),
                               ("peak_mb", "-", "step peak"),
                               ("peak_budget_mb", "--", "peak budget")):
         xs, ys = _drop_none(series.x, series.column(key))
         if ys:
             ax.plot(xs, ys, style, label=label)
+            drawn += [y for y in ys if y > 0]
+    if drawn and max(drawn) > 20 * min(drawn):
+        ax.set_yscale("log")      # an 8 MB cache beside a peak budget of gigabytes
     ax.set_ylabel("MB")
     ax.legend(loc="upper left", fontsize=7)
     xs, ys = _drop_none(series.x, series.column("memory_available_mb"))

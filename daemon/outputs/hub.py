@@ -2,11 +2,13 @@
 
 Serving hands each frame over with ``offer`` and returns at once: a frame not yet taken when
 the next arrives is replaced and counted as a drop, so a slow encoder or a stalled client can
-never slow serving. A sink that fails to open or write is closed, reported, and opened again
+never hold serving up; the thread runs niced, so where cores are short encoding yields to
+serving and the learner. A sink that fails to open or write is closed, reported, and opened again
 after a backoff that doubles up to ``backoff_max_s``; it is never fatal after start.
 """
 
 import logging
+import os
 import threading
 import time
 from typing import Dict, List, Optional, Tuple
@@ -19,6 +21,16 @@ from .overlay import FrameInfo, StatusInfo, draw_overlay, enlarge, learner_text
 __all__ = ["VideoOutputs", "SinkState"]
 
 log = logging.getLogger("surgeond.output")
+OUTPUT_NICE = 10        # encoding yields the CPU to serving and the learner
+
+
+def _lower_priority(nice: int) -> None:
+    """Linux schedules threads on their own: a niced output thread leaves the cores to the
+    others when the CPU is short (software encoding at 30-60 fps on a 2-core box)."""
+    try:
+        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), nice)
+    except (AttributeError, OSError) as exc:
+        log.debug("output thread keeps its priority: %s", exc)
 
 
 class SinkState:
@@ -121,6 +133,7 @@ class VideoOutputs:
             return item
 
     def _loop(self) -> None:
+        _lower_priority(OUTPUT_NICE)
         while not self._stop.is_set():
             item = self._take()
             if item is None:

@@ -56,10 +56,13 @@ def learner_text(snap: Dict[str, Any], enabled: bool, last_rollbacks: int,
 
 
 def enlarge(image: np.ndarray, min_height: int) -> np.ndarray:
+    import cv2
+
     factor = math.ceil(min_height / image.shape[0]) if image.shape[0] < min_height else 1
     if factor == 1:
         return image
-    return np.repeat(np.repeat(image, factor, axis=0), factor, axis=1)
+    return cv2.resize(image, (image.shape[1] * factor, image.shape[0] * factor),
+                      interpolation=cv2.INTER_NEAREST)
 
 
 def _prediction(pred: Optional[Dict[str, Any]]) -> str:

@@ -29,7 +29,7 @@ def test_sizes(text, mb):
     assert parse_megabytes(text) == mb
 
 
-def test_every_subcommand_against_a_running_daemon():
+def test_every_subcommand_against_a_running_daemon(private_dirs):
     with Running(small_config()) as daemon:
         wait_for(lambda: daemon.learner.steps >= 2)
         endpoint = ["--endpoint", daemon.control.endpoint]
@@ -52,10 +52,13 @@ def test_every_subcommand_against_a_running_daemon():
         assert _ctl(*endpoint, "checkpoint", "load", "ctl-test")[0] == EXIT_OK
         assert _ctl(*endpoint, "reset")[0] == EXIT_OK
         assert _ctl(*endpoint, "source", "restart")[0] == EXIT_OK
-        code, out, _ = _ctl(*endpoint, "watch", "--count", "3")
+        png = Path(private_dirs) / "watch.png"
+        code, out, _ = _ctl(*endpoint, "watch", "--count", "3", "--plot", str(png),
+                            "--plot-every", "2")
         rows = [line for line in out.splitlines() if line[:2].isdigit()]
         assert code == EXIT_OK and len(rows) == 3 and "cache MB" in out and "seeing" in out
         assert any(name in rows[-1] for name in CLASSES)   # the most served class, by name
+        assert "confidence" in out and png.stat().st_size > 20_000
         code, out, _ = _ctl(*endpoint, "help")
         assert code == EXIT_OK and "checkpoint.save" in out
         assert _ctl(*endpoint, "checkpoint", "delete", "ctl-test")[0] == EXIT_OK

@@ -104,6 +104,12 @@ class FlakySink(VideoSink):
         self.sizes.add(image.shape)
 
 
+def _nice(tid):
+    """A thread's nice value, from /proc (field 19 of its stat line)."""
+    with open("/proc/self/task/%d/stat" % tid) as stat:
+        return int(stat.read().rsplit(")", 1)[1].split()[16])
+
+
 def _info():
     return FrameInfo({"class": 0, "name": "a", "confidence": 0.5})
 
@@ -122,9 +128,11 @@ def test_a_slow_output_drops_frames_and_never_holds_serving():
         threading.Thread(target=serve).start()
         assert done.wait(5)           # 100 offers while the sink takes 50 ms a frame
         wait_for(lambda: outputs._slot is None, timeout=5)
+        nice = _nice(outputs._thread.native_id)
     finally:
         outputs.stop()
     stats = outputs.stats()
+    assert nice == 10                                   # encoding yields the CPU to serving
     assert stats["offered"] == 100 and stats["drops"] > 50
     assert stats["drops"] + stats["written"] == 100 == stats["drops"] + len(slow.frames)
     assert slow.frames[-1] == 99                        # the newest frame is never the one lost

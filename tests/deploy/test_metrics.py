@@ -33,10 +33,12 @@ def _scrape(port):
     return samples
 
 
-def test_a_scrape_shows_latency_histograms_cache_bytes_and_counters():
-    with Running(small_config("metrics.enabled=true", "metrics.port=0",
-                              "memory.budget_mb=4")) as daemon:
-        wait_for(lambda: daemon.learner.steps >= 2)
+def test_a_scrape_shows_latency_histograms_cache_bytes_and_counters(tmp_path):
+    video = "file://%s/out.avi" % tmp_path
+    with Running(small_config("metrics.enabled=true", "metrics.port=0", "memory.budget_mb=4",
+                              "telemetry.compare_source=true",
+                              "output.video=[%s]" % video)) as daemon:
+        wait_for(lambda: daemon.learner.steps >= 2 and "video" in daemon.telemetry.gauges)
         samples = _scrape(daemon.metrics.port)
     infer = [s for s in samples["surgeon_frame_latency_seconds_bucket"]
              if s.labels["stage"] == "infer" and s.labels["le"] == "+Inf"]
@@ -47,6 +49,12 @@ def test_a_scrape_shows_latency_histograms_cache_bytes_and_counters():
     assert samples["surgeon_memory_budget_bytes"][0].value == 4 * 2**20
     assert samples["surgeon_frames_total"][0].value > 0
     assert samples["surgeon_source_up"][0].value == 1
+    models = {s.labels["model"]: s.value for s in samples["surgeon_served_confidence_ratio"]}
+    assert set(models) == {"adapted", "source"} and all(0 < v <= 1 for v in models.values())
+    assert 0 <= samples["surgeon_models_agreement_ratio"][0].value <= 1
+    assert samples["surgeon_video_output_up"][0].labels["uri"] == video
+    assert samples["surgeon_video_output_up"][0].value == 1
+    assert samples["surgeon_video_frames_dropped_total"][0].value >= 0
     info = samples["surgeon_build_info"][0].labels
     assert info["arch"] == "cifar:resnet20" and info["method"] == "surgeon"
     assert not any(name.endswith("_created") for name in samples)
@@ -84,7 +92,9 @@ def test_every_exported_series_is_documented():
             "surgeon_frame_latency_seconds", "surgeon_adaptation_step_seconds",
             "surgeon_frames_dropped_total", "surgeon_source_reconnects_total",
             "surgeon_frames_per_second", "surgeon_learner_paused", "surgeon_source_up",
-            "surgeon_accuracy_ratio", "surgeon_build_info"]:
+            "surgeon_accuracy_ratio", "surgeon_build_info", "surgeon_served_confidence_ratio",
+            "surgeon_models_agreement_ratio", "surgeon_video_output_up",
+            "surgeon_video_frames_dropped_total"]:
         assert name in documented, name
 
 
