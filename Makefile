@@ -15,7 +15,7 @@ GSTVENV ?= .venv-gst
 SYSPY = /usr/bin/python3
 GST_DEBS = python3-opencv python3-gi python3-venv python3-yaml python3-psutil python3-scipy \
 	python3-numpy gstreamer1.0-tools gstreamer1.0-plugins-base gstreamer1.0-plugins-good \
-	gstreamer1.0-plugins-bad gstreamer1.0-libav gstreamer1.0-rtsp gir1.2-gst-rtsp-server-1.0
+	gstreamer1.0-plugins-bad gstreamer1.0-libav gstreamer1.0-rtsp gir1.2-gst-rtsp-server-1.0 xvfb
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)

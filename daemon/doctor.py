@@ -270,6 +270,28 @@ def check_source(config, timeout_s: float = 10.0) -> Finding:
     return Finding("source", OK, "%s: a %d x %d frame" % (uri, shape[1], shape[0]))
 
 
+def check_video_outputs(config) -> Finding:
+    """The configured outputs this machine can never run (FAIL), or, with none configured,
+    which kinds it could."""
+    from .outputs import missing_requirements, parse_output_uri
+
+    if config.output.video:
+        problems = missing_requirements([parse_output_uri(uri) for uri in config.output.video])
+        if problems:
+            return Finding("video outputs", FAIL, "; ".join(problems),
+                           "install what the message names, or drop the output")
+        return Finding("video outputs", OK, ", ".join(config.output.video))
+    kinds = ["display://", "file://", "rtsp://", "rtp://"]
+    able = [kind for kind in kinds
+            if not missing_requirements([parse_output_uri(_EXAMPLE_OUTPUTS[kind])])]
+    return Finding("video outputs", OK, "none configured; this machine can run %s"
+                   % (", ".join(able) or "none"))
+
+
+_EXAMPLE_OUTPUTS = {"display://": "display://0", "file://": "file:///tmp/x.mkv",
+                    "rtsp://": "rtsp://@:8554/live", "rtp://": "rtp://127.0.0.1:5000"}
+
+
 def check_daemon(endpoint: str) -> Finding:
     from .control.client import ControlClient, DaemonError, Unreachable
 
@@ -295,7 +317,7 @@ def run_checks(config, root: Path = Path("/")) -> List[Finding]:
         lambda: check_directory("runtime dir", runtime, dir_mode),
         lambda: check_directory("checkpoint dir", state, 0o750),
         lambda: check_devices(root), lambda: check_config(config),
-        lambda: check_source(config),
+        lambda: check_source(config), lambda: check_video_outputs(config),
         lambda: check_daemon(endpoints_for(config.control)[0])]
     findings: List[Finding] = []
     for check in checks:

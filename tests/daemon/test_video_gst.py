@@ -4,6 +4,8 @@ local receiver, an H.264 file decoded back, a taken port and a missing display r
 unless SURGEON_REQUIRE_GSTREAMER=1."""
 
 import os
+import shutil
+import subprocess
 import threading
 import time
 
@@ -134,6 +136,39 @@ def test_an_h264_file_decodes_back(tmp_path, suffix):
     frames = _read("filesrc location=%s ! decodebin ! videoconvert ! video/x-raw,format=BGR ! "
                    "appsink" % path, 100, timeout=10)
     assert "264" in detail and len(frames) == 30 and _overlaid(frames[-1])
+
+
+@pytest.fixture
+def x_server(monkeypatch):
+    """A virtual X server (Xvfb) as the display; its number from -displayfd."""
+    if shutil.which("Xvfb") is None:
+        if REQUIRED:
+            raise RuntimeError("SURGEON_REQUIRE_GSTREAMER=1 but Xvfb is missing (apt xvfb)")
+        pytest.skip("Xvfb is not installed")
+    read, write = os.pipe()
+    server = subprocess.Popen(["Xvfb", "-displayfd", str(write), "-screen", "0", "640x480x24",
+                               "-nolisten", "tcp"], pass_fds=(write,),
+                              stderr=subprocess.DEVNULL)
+    os.close(write)
+    with os.fdopen(read) as pipe:
+        number = int(pipe.readline())
+    monkeypatch.setenv("DISPLAY", ":%d" % number)
+    yield number
+    server.terminate()
+    server.wait(10)
+
+
+def test_a_display_output_shows_the_overlaid_stream(x_server):
+    outputs = _outputs("display://%d" % x_server).start()
+    with Feeder(outputs):
+        _wait_open(outputs)
+        time.sleep(1.0)
+        screen = _read("ximagesrc display-name=:%d use-damage=false num-buffers=1 ! "
+                       "videoconvert ! video/x-raw,format=BGR ! appsink" % x_server, 1)
+        sink = outputs.stats()["sinks"][0]
+    assert sink["state"] == "open" and "imagesink" in sink["detail"] and sink["frames"] > 5
+    orange = np.abs(screen[0].astype(int) - (0, 140, 255)).sum(2) < 40
+    assert orange.sum() > 500          # the disagreement border and text are on the screen
 
 
 def test_no_display_is_reported_and_retried(monkeypatch):

@@ -72,7 +72,9 @@ def test_doctor_names_every_area_and_fails_on_a_model_that_cannot_load():
     code, findings = _doctor()
     checks = {f["check"] for f in findings}
     assert {"platform", "torch", "opencv", "zmq", "meminfo", "jtop", "nvml", "runtime dir",
-            "checkpoint dir", "devices", "model", "source", "daemon"} <= checks
+            "checkpoint dir", "devices", "model", "source", "video outputs", "daemon"} <= checks
+    video = [f for f in findings if f["check"] == "video outputs"][0]
+    assert video["status"] == "ok" and "file://" in video["detail"]
     assert code == (1 if any(f["status"] == FAIL for f in findings) else 0)
     code, findings = _doctor("--set", "model.weights=/nonexistent/r20.th")
     model = [f for f in findings if f["check"] == "model"][0]
@@ -107,3 +109,16 @@ def test_doctor_opens_the_configured_source_for_one_frame(monkeypatch):
     monkeypatch.setattr(synthetic.SyntheticSource, "read", lambda self: time.sleep(30))
     hung = check_source(config("synthetic://"), timeout_s=0.5)
     assert hung.status == FAIL and "no frame within" in hung.detail
+
+
+def test_doctor_fails_an_output_this_machine_cannot_run():
+    from daemon.config import load_config
+    from daemon.doctor import check_video_outputs
+    from daemon.outputs.base import gi_rtsp_server
+
+    finding = check_video_outputs(load_config(None, ["output.video=[rtsp://@:8554/live]"],
+                                              environ={}))
+    if gi_rtsp_server() is None:
+        assert finding.status == "ok"
+    else:
+        assert finding.status == FAIL and "gir1.2-gst-rtsp-server-1.0" in finding.detail
