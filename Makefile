@@ -5,9 +5,13 @@ VENV38 ?= .venv38
 TORCH ?= torch==2.14.1 torchvision==0.29.1
 TORCH38 ?= torch==2.0.1 torchvision==0.15.2
 PY38 = PYENV_VERSION=3.8.18 python3.8
+# JetPack 6 (L4T R36, Orin): Python 3.10; NVIDIA's wheel for JetPack 6.1/6.2 is torch 2.5.0
+VENV310 ?= .venv310
+TORCH310 ?= torch==2.5.1 torchvision==0.20.1
+PY310 = PYENV_VERSION=3.10.13 python3.10
 FROST = imagecorruptions==1.1.2   # only its frost textures are used (surgeon_core/data/frost.py)
 
-.PHONY: test test-py38 test-gst gst-debs demo stress bench-memory bench-continual clean
+.PHONY: test test-py38 test-py310 test-gst gst-debs demo stress bench-memory bench-continual clean
 
 # The GStreamer lane: Debian's python3-opencv is built with GStreamer (PyPI's wheels are not),
 # as Jetson's system OpenCV is; these packages also serve a local RTSP stream for the tests.
@@ -31,6 +35,13 @@ $(VENV38)/.installed: pyproject.toml
 	$(VENV38)/bin/pip install --quiet --no-deps $(FROST)
 	touch $@
 
+$(VENV310)/.installed: pyproject.toml
+	$(PY310) -m venv $(VENV310)
+	$(VENV310)/bin/pip install --quiet $(TORCH310) 'numpy<2'
+	$(VENV310)/bin/pip install --quiet -e '.[torch,bench,dev,opencv,metrics]'
+	$(VENV310)/bin/pip install --quiet --no-deps $(FROST)
+	touch $@
+
 $(GSTVENV)/.installed: pyproject.toml
 	$(SYSPY) -m venv --system-site-packages $(GSTVENV)
 	$(GSTVENV)/bin/pip install --quiet --no-deps -e .
@@ -43,6 +54,10 @@ test: $(VENV)/.installed
 # The JetPack 5 generation: Python 3.8 with torch 2.0 (the Xavier NX ceiling).
 test-py38: $(VENV38)/.installed
 	$(VENV38)/bin/python -m pytest -q
+
+# The JetPack 6 generation: Python 3.10 with torch 2.5 (Orin on JetPack 6.1/6.2).
+test-py310: $(VENV310)/.installed
+	$(VENV310)/bin/python -m pytest -q
 
 # 50 rounds of kill -9 during checkpoint saves and restart (the suite runs 3); about 4 minutes.
 stress: $(VENV)/.installed
@@ -71,4 +86,4 @@ bench-continual: $(VENV)/.installed
 		--methods source,bn,tent,eata,cotta,mecta,static,surgeon --out bench-out/continual
 
 clean:
-	rm -rf $(VENV) $(VENV38) $(GSTVENV) *.egg-info .pytest_cache
+	rm -rf $(VENV) $(VENV38) $(VENV310) $(GSTVENV) *.egg-info .pytest_cache

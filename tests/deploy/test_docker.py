@@ -60,6 +60,10 @@ def test_the_l4t_image_never_pip_installs_torch_or_opencv():
         assert "--constraint" in command or "--no-deps" in command, command
     base = [t for w, t in _instructions(DOCKER / "Dockerfile.l4t") if w == "ARG"]
     assert any("l4t-pytorch:r35" in t or "l4t-jetpack:r35" in t for t in base)
+    env = " ".join(t for w, t in _instructions(DOCKER / "Dockerfile.l4t") if w == "ENV")
+    assert "PIP_INDEX_URL=https://pypi.org/simple" in env   # not a base image's own index
+    header = (DOCKER / "Dockerfile.l4t").read_text()
+    assert "--build-arg BASE=dustynv/l4t-pytorch:r36" in header and "l4t-r36" in header
 
 
 def test_the_checker_would_catch_a_torch_install():
@@ -81,7 +85,7 @@ def test_the_x86_image_uses_headless_opencv_only():
     assert ".[opencv]" in installs and "opencv-python " not in installs
 
 
-FREEZE = Path(__file__).parent / "fixtures" / "l4t-pytorch-r35.2.1.freeze"
+FIXTURES = Path(__file__).parent / "fixtures"
 
 
 def _constraints_from(freeze: Path):
@@ -97,11 +101,12 @@ def _constraints_from(freeze: Path):
     raise AssertionError("no constraint command in Dockerfile.l4t")
 
 
-def test_the_l4t_build_constrains_only_what_the_base_owns():
+@pytest.mark.parametrize("freeze", ["l4t-pytorch-r35.2.1.freeze", "l4t-pytorch-r36.2.0.freeze"])
+def test_the_l4t_build_constrains_only_what_the_base_owns(freeze):
     from packaging.requirements import Requirement
     from packaging.version import Version
 
-    lines = _constraints_from(FREEZE)
+    lines = _constraints_from(FIXTURES / freeze)
     names = {re.split(r"==| @ ", line)[0].lower() for line in lines}
     assert names == {"torch", "torchvision", "numpy"}, lines
     # pydantic 2 needs typing-extensions >= 4.6.1; the base has 4.5: it must stay free
