@@ -21,26 +21,21 @@ GST_DEBS = python3-opencv python3-gi python3-venv python3-yaml python3-psutil py
 	python3-numpy gstreamer1.0-tools gstreamer1.0-plugins-base gstreamer1.0-plugins-good \
 	gstreamer1.0-plugins-bad gstreamer1.0-libav gstreamer1.0-rtsp gir1.2-gst-rtsp-server-1.0 xvfb
 
+# A torch venv in $(@D): $(1) the interpreter, $(2) the torch pins (and numpy's, where needed)
+torch_venv = $(1) -m venv $(@D) \
+	&& $(@D)/bin/pip install --quiet $(2) \
+	&& $(@D)/bin/pip install --quiet -e '.[torch,bench,dev,opencv,metrics]' \
+	&& $(@D)/bin/pip install --quiet --no-deps $(FROST) \
+	&& touch $@
+
 $(VENV)/.installed: pyproject.toml
-	$(PYTHON) -m venv $(VENV)
-	$(VENV)/bin/pip install --quiet $(TORCH)
-	$(VENV)/bin/pip install --quiet -e '.[torch,bench,dev,opencv,metrics]'
-	$(VENV)/bin/pip install --quiet --no-deps $(FROST)
-	touch $@
+	$(call torch_venv,$(PYTHON),$(TORCH))
 
 $(VENV38)/.installed: pyproject.toml
-	$(PY38) -m venv $(VENV38)
-	$(VENV38)/bin/pip install --quiet $(TORCH38) 'numpy<2'
-	$(VENV38)/bin/pip install --quiet -e '.[torch,bench,dev,opencv,metrics]'
-	$(VENV38)/bin/pip install --quiet --no-deps $(FROST)
-	touch $@
+	$(call torch_venv,$(PY38),$(TORCH38) 'numpy<2')
 
 $(VENV310)/.installed: pyproject.toml
-	$(PY310) -m venv $(VENV310)
-	$(VENV310)/bin/pip install --quiet $(TORCH310) 'numpy<2'
-	$(VENV310)/bin/pip install --quiet -e '.[torch,bench,dev,opencv,metrics]'
-	$(VENV310)/bin/pip install --quiet --no-deps $(FROST)
-	touch $@
+	$(call torch_venv,$(PY310),$(TORCH310) 'numpy<2')
 
 $(GSTVENV)/.installed: pyproject.toml
 	$(SYSPY) -m venv --system-site-packages $(GSTVENV)

@@ -10,6 +10,7 @@ counted. Several runs in one file (the uptime starts again) are kept apart.
 """
 
 import json
+import time
 from pathlib import Path
 from typing import Dict, List, Optional, Tuple
 
@@ -192,11 +193,16 @@ def _memory(ax, series: Series) -> None:
         ax.set_yscale("log")      # an 8 MB cache beside a peak budget of gigabytes
     ax.set_ylabel("MB")
     ax.legend(loc="upper left", fontsize=7)
-    xs, ys = _drop_none(series.x, series.column("memory_available_mb"))
+    _twin_line(ax, series, "memory_available_mb", "tab:grey", "available", "available MB")
+
+
+def _twin_line(ax, series: Series, key: str, colour: str, label: str, ylabel: str) -> None:
+    """One more series on a right-hand axis of its own, when the run has it."""
+    xs, ys = _drop_none(series.x, series.column(key))
     if ys:
         twin = ax.twinx()
-        twin.plot(xs, ys, color="tab:grey", alpha=0.6, label="available")
-        twin.set_ylabel("available MB")
+        twin.plot(xs, ys, color=colour, alpha=0.6, label=label)
+        twin.set_ylabel(ylabel)
         twin.legend(loc="upper right", fontsize=7)
 
 
@@ -218,12 +224,7 @@ def _learner(ax, series: Series) -> None:
             label="learner steps (total)")
     ax.set_ylabel("steps")
     ax.legend(loc="upper left", fontsize=7)
-    xs, ys = _drop_none(series.x, series.column("loss"))
-    if ys:
-        twin = ax.twinx()
-        twin.plot(xs, ys, color="tab:brown", alpha=0.6, label="loss")
-        twin.set_ylabel("loss")
-        twin.legend(loc="upper right", fontsize=7)
+    _twin_line(ax, series, "loss", "tab:brown", "loss", "loss")
 
 
 def _marks(axes, series: Series) -> None:
@@ -274,6 +275,4 @@ def plot_snapshots(snaps: List[Dict], out: Path, title: str) -> Dict:
 
 
 def _clock(stamp: float) -> str:
-    import time
-
     return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(stamp))

@@ -15,10 +15,10 @@ import os
 import stat
 import tempfile
 from pathlib import Path
-from typing import BinaryIO, Iterator, Optional, Tuple
+from typing import BinaryIO, Callable, Iterator, Optional, Tuple
 
 __all__ = ["NotRegular", "open_regular", "regular_files", "unsafe_directory", "DirectoryLock",
-           "LockHeld", "describe_os_error", "unwritable"]
+           "LockHeld", "describe_os_error", "unwritable", "shift_numbered"]
 
 
 class NotRegular(OSError):
@@ -116,6 +116,16 @@ def unwritable(path: Path, directory: bool) -> Optional[str]:
     except OSError as exc:
         return "cannot create files in %s: %s" % (target, describe_os_error(exc))
     return None
+
+
+def shift_numbered(path: Path, keep: int, numbered: Callable[[int], Path]) -> None:
+    """Make room for a new ``path``: ``numbered(keep - 1)`` -> ``numbered(keep)`` (the oldest
+    replaced) ... ``numbered(1)`` -> ``numbered(2)``, then ``path`` -> ``numbered(1)``. Raises
+    OSError when a rename fails; what was renamed before stays renamed."""
+    for index in range(keep - 1, 0, -1):
+        if numbered(index).exists():
+            os.replace(numbered(index), numbered(index + 1))
+    os.replace(path, numbered(1))
 
 
 def describe_os_error(exc: OSError) -> str:

@@ -125,9 +125,10 @@ def check_outputs(config: DaemonConfig) -> None:
     write, are configuration errors; a missing display or a taken port is retried instead."""
     specs = [parse_output_uri(uri) for uri in config.output.video]
     problems = missing_requirements(specs)
-    problems += ["%s: %s" % (spec.uri, unwritable(Path(spec.path), directory=False))
-                 for spec in specs
-                 if spec.kind == "file" and unwritable(Path(spec.path), directory=False)]
+    for spec in specs:
+        problem = spec.kind == "file" and unwritable(Path(spec.path), directory=False)
+        if problem:
+            problems.append("%s: %s" % (spec.uri, problem))
     if problems:
         raise ConfigError("output.video: " + "; ".join(problems))
 

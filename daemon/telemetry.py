@@ -9,13 +9,14 @@ plane's PUB socket; listeners must return at once.
 import collections
 import json
 import logging
-import os
 import threading
 import time
 from pathlib import Path
 from typing import Any, Callable, Deque, Dict, List, Optional
 
 import numpy as np
+
+from .safefiles import shift_numbered
 
 __all__ = ["LatencyWindow", "Telemetry", "JsonlWriter", "STAGES"]
 
@@ -225,12 +226,8 @@ class JsonlWriter:
     def _rotate(self) -> None:
         """NAME -> NAME.1 -> ... -> NAME.keep (the oldest dropped), then a new NAME. Called
         under the lock; a failed rename keeps writing the current file."""
-        name = str(self.path)
         try:
-            for index in range(self.keep - 1, 0, -1):
-                if os.path.exists("%s.%d" % (name, index)):
-                    os.replace("%s.%d" % (name, index), "%s.%d" % (name, index + 1))
-            os.replace(name, name + ".1")
+            shift_numbered(self.path, self.keep, lambda i: Path("%s.%d" % (self.path, i)))
             fresh = open(self.path, "a", buffering=1)
         except OSError as exc:
             log.error("cannot rotate %s: %s; still writing it", self.path, exc)

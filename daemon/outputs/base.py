@@ -16,7 +16,7 @@ from ..sources.pipelines import on_jetson
 from .uri import OutputSpec
 
 __all__ = ["VideoSink", "OutputUnavailable", "h264_encoders", "open_gst_writer",
-           "opencv_gstreamer", "gi_rtsp_server", "has_display"]
+           "gi_rtsp_server", "has_display"]
 
 
 class OutputUnavailable(Exception):
@@ -30,6 +30,7 @@ class VideoSink(abc.ABC):
     def __init__(self, spec: OutputSpec):
         self.spec = spec
         self.detail = ""            # what it opened (the pipeline), for status
+        self.skipped = 0            # frames the sink itself let go (a client behind)
 
     @classmethod
     def missing(cls, spec: OutputSpec) -> Optional[str]:
@@ -46,12 +47,6 @@ class VideoSink(abc.ABC):
 
     def close(self) -> None:
         ...
-
-
-def opencv_gstreamer() -> bool:
-    from ..sources.opencv import gstreamer_available
-
-    return gstreamer_available()
 
 
 def gi_rtsp_server() -> Optional[str]:

@@ -10,21 +10,13 @@ from typing import Optional
 import numpy as np
 
 from ..sources.pipelines import on_jetson
-from .base import OutputUnavailable, VideoSink, has_display, open_gst_writer, opencv_gstreamer
+from ..sources.opencv import build_option, gstreamer_available
+from .base import OutputUnavailable, VideoSink, has_display, open_gst_writer
 from .uri import OutputSpec
 
 __all__ = ["DisplaySink"]
 
 WINDOW = "surgeon"
-
-
-def _gui_backend() -> bool:
-    import cv2
-
-    for line in cv2.getBuildInformation().splitlines():
-        if line.strip().startswith("GUI:"):
-            return "NONE" not in line.upper()
-    return False
 
 
 class DisplaySink(VideoSink):
@@ -39,7 +31,8 @@ class DisplaySink(VideoSink):
             import cv2  # noqa: F401
         except ImportError as exc:
             return "display:// needs OpenCV (%s)" % exc
-        if opencv_gstreamer() or _gui_backend():
+        gui = build_option("GUI")
+        if gstreamer_available() or (gui and "NONE" not in gui.upper()):
             return None
         return ("display:// needs OpenCV with GStreamer or a GUI backend; pip's "
                 "opencv-python-headless has neither (on Jetson use JetPack's OpenCV)")
@@ -48,7 +41,7 @@ class DisplaySink(VideoSink):
         problem = has_display(self.spec.display)
         if problem:
             raise OutputUnavailable(problem)
-        if opencv_gstreamer():
+        if gstreamer_available():
             sinks = (["nvvidconv ! nv3dsink sync=false",
                       "nvvidconv ! nvegltransform ! nveglglessink sync=false"]
                      if on_jetson() else [])

@@ -8,13 +8,14 @@ so months of video keep a bounded disk. mp4 needs a clean close to be playable; 
 up to the last frame written even after a kill -9.
 """
 
-import os
 from pathlib import Path
 from typing import Optional
 
 import numpy as np
 
-from .base import OutputUnavailable, VideoSink, h264_encoders, open_gst_writer, opencv_gstreamer
+from ..safefiles import shift_numbered
+from ..sources.opencv import gstreamer_available
+from .base import OutputUnavailable, VideoSink, h264_encoders, open_gst_writer
 from .uri import OutputSpec
 
 __all__ = ["FileSink"]
@@ -22,20 +23,6 @@ __all__ = ["FileSink"]
 _MUXERS = {".mp4": "mp4mux", ".mkv": "matroskamux", ".avi": "avimux"}
 _FOURCCS = ("mp4v", "MJPG")
 _SIZE_CHECK_FRAMES = 100
-
-
-def numbered(path: Path, index: int) -> Path:
-    return path.with_name("%s.%d%s" % (path.stem, index, path.suffix))
-
-
-def shift_recordings(path: Path, keep: int) -> None:
-    """out.mp4 -> out.1.mp4 -> ... -> out.KEEP.mp4 (the oldest dropped)."""
-    if not path.exists():
-        return
-    for index in range(keep - 1, 0, -1):
-        if numbered(path, index).exists():
-            os.replace(numbered(path, index), numbered(path, index + 1))
-    os.replace(path, numbered(path, 1))
 
 
 class FileSink(VideoSink):
@@ -60,11 +47,13 @@ class FileSink(VideoSink):
     def open(self, width: int, height: int, fps: float) -> None:
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
-            shift_recordings(self.path, self.keep)
+            if self.path.exists():      # out.mp4 -> out.1.mp4 -> ... (the oldest dropped)
+                shift_numbered(self.path, self.keep, lambda i: self.path.with_name(
+                    "%s.%d%s" % (self.path.stem, i, self.path.suffix)))
         except OSError as exc:
             raise OutputUnavailable("%s: %s" % (self.path, exc.strerror or exc)) from None
         self._size = (width, height, fps)
-        if opencv_gstreamer():
+        if gstreamer_available():
             muxer = _MUXERS[self.path.suffix.lower()]
             tails = ["%s ! %s ! filesink location=%s" % (encoder, muxer, self.path)
                      for encoder in h264_encoders()]

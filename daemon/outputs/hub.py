@@ -60,7 +60,8 @@ class SinkState:
 
     def stats(self) -> Dict:
         return {"uri": self.sink.spec.uri, "state": self.state, "frames": self.frames,
-                "failures": self.failures, "last_error": self.last_error,
+                "failures": self.failures, "skipped": self.sink.skipped,
+                "last_error": self.last_error,
                 "detail": self.sink.detail or None}
 
 
@@ -105,7 +106,7 @@ class VideoOutputs:
         self.status_info = StatusInfo(
             fps=snap.get("fps") or 0.0, cache_mb=snap.get("cache_mb"),
             budget_mb=snap.get("budget_mb"),
-            learner=learner_text(snap, self.learner_enabled, rollbacks, self._rollback_seen_at))
+            learner=learner_text(snap, self.learner_enabled, self._rollback_seen_at))
 
     def stats(self) -> Dict:
         return {"offered": self.offered, "written": self.written, "drops": self.drops,

@@ -42,8 +42,7 @@ class StatusInfo:
     stamp: float = field(default_factory=time.monotonic)
 
 
-def learner_text(snap: Dict[str, Any], enabled: bool, last_rollbacks: int,
-                 rollback_seen_at: Optional[float]) -> str:
+def learner_text(snap: Dict[str, Any], enabled: bool, rollback_seen_at: Optional[float]) -> str:
     """adapting (N steps) / paused: why / rolled back: why / learner off."""
     if not enabled:
         return "learner off"

@@ -8,7 +8,8 @@ from typing import Optional
 
 import numpy as np
 
-from .base import OutputUnavailable, VideoSink, h264_encoders, open_gst_writer, opencv_gstreamer
+from ..sources.opencv import gstreamer_available
+from .base import OutputUnavailable, VideoSink, h264_encoders, open_gst_writer
 from .uri import OutputSpec
 
 __all__ = ["RtpSink"]
@@ -21,7 +22,7 @@ class RtpSink(VideoSink):
 
     @classmethod
     def missing(cls, spec: OutputSpec) -> Optional[str]:
-        if opencv_gstreamer():
+        if gstreamer_available():
             return None
         return ("rtp:// needs OpenCV built with GStreamer (JetPack's, or Debian's "
                 "python3-opencv); pip's wheels have none")

@@ -27,7 +27,6 @@ class RtspSink(VideoSink):
         self._frame_bytes = 0
         self._server = self._context = self._loop = self._thread = None
         self._source_id = 0
-        self.skipped = 0
 
     @classmethod
     def missing(cls, spec: OutputSpec) -> Optional[str]:
@@ -89,10 +88,6 @@ class RtspSink(VideoSink):
     def _on_unprepared(self, media) -> None:
         with self._lock:
             self._appsrc = None
-
-    @property
-    def clients(self) -> bool:
-        return self._appsrc is not None
 
     def write(self, image: np.ndarray) -> None:
         from gi.repository import Gst

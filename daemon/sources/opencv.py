@@ -17,7 +17,8 @@ from .base import CaptureError, EndOfStream, Frame, FrameSource
 
 log = logging.getLogger("surgeond.source")
 
-__all__ = ["OpenCVSource", "FileSource", "gstreamer_available", "opencv_import_error",
+__all__ = ["OpenCVSource", "FileSource", "gstreamer_available", "build_option",
+           "opencv_import_error",
            "import_opencv_first"]
 
 _TLS_FIX = ("cannot allocate memory in static TLS block: on Jetson, OpenCV (and NVIDIA's "
@@ -62,19 +63,25 @@ def import_opencv_first() -> None:
         _import_error[:] = [_TLS_FIX + " (%s)" % text if "static TLS" in text else text]
 
 
-def gstreamer_available() -> bool:
-    """True when this OpenCV was built with GStreamer ("GStreamer: YES" in its build info)."""
+def build_option(name: str) -> Optional[str]:
+    """The value OpenCV's build information gives ``name`` (``GStreamer``, ``GUI``), None when
+    it names none or cv2 does not import."""
     try:
         import cv2
     except ImportError as exc:
         if not _import_error:
             import_opencv_first()
         log.debug("cv2 does not import: %s", exc)
-        return False
+        return None
     for line in cv2.getBuildInformation().splitlines():
-        if line.strip().startswith("GStreamer:"):
-            return "YES" in line
-    return False
+        if line.strip().startswith(name + ":"):
+            return line.split(":", 1)[1].strip()
+    return None
+
+
+def gstreamer_available() -> bool:
+    """True when this OpenCV was built with GStreamer ("GStreamer: YES" in its build info)."""
+    return "YES" in (build_option("GStreamer") or "")
 
 
 class OpenCVSource(FrameSource):

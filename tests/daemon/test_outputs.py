@@ -75,11 +75,11 @@ def _has_colour(image, bgr):
 
 
 def test_learner_state_text():
-    assert learner_text({}, False, 0, None) == "learner off"
-    assert learner_text({"learner_paused": "memory"}, True, 0, None) == "paused: memory"
+    assert learner_text({}, False, None) == "learner off"
+    assert learner_text({"learner_paused": "memory"}, True, None) == "paused: memory"
     recent = {"last_rollback": "collapse (good)", "learner_steps": 5}
-    assert learner_text(recent, True, 1, time.monotonic()).startswith("rolled back: collapse")
-    assert learner_text(recent, True, 1, time.monotonic() - 60) == "adapting (5 steps)"
+    assert learner_text(recent, True, time.monotonic()).startswith("rolled back: collapse")
+    assert learner_text(recent, True, time.monotonic() - 60) == "adapting (5 steps)"
 
 
 class FlakySink(VideoSink):
