@@ -31,6 +31,7 @@ allocator is configured through PYTORCH_CUDA_ALLOC_CONF before CUDA starts
 
 import ctypes
 import ctypes.util
+import functools
 import logging
 import os
 from typing import Dict, Optional
@@ -68,10 +69,12 @@ def tune_malloc(mode: Optional[str] = None) -> Optional[Dict[str, int]]:
     return applied
 
 
+@functools.lru_cache(maxsize=1)
 def preloaded_allocator() -> Optional[str]:
     """``tcmalloc`` or ``jemalloc`` when one serves malloc in this process (LD_PRELOAD), else
     None. Such an allocator keeps what it frees for reuse: glibc's settings do not apply, and
-    no step peak can be read off the resident set (NOTE [Step peak])."""
+    no step peak can be read off the resident set (NOTE [Step peak]). Read once: what was
+    preloaded cannot change while the process runs, and status asks for it on every call."""
     try:
         with open("/proc/self/maps") as maps:
             text = maps.read()
