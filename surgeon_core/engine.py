@@ -290,11 +290,10 @@ class SparseBackprop:
         a budget the batch may run as micro-batches whose gradients add up (NOTE [Peak budget]).
         """
         start = time.perf_counter()
-        every = self.config.probe_every
-        probed = not self._grad_imp or (every > 0 and self.steps % every == 0)
-        if probed and self.config.fixed_keep is None:
+        probed = self._wants_probe()
+        if probed:
             self.probe(x)
-        elif not self._numel:  # static ratios still need the layer list: one forward
+        elif not self._numel and self.steps == 0:   # static ratios still need the layer list
             self._learn_sizes_from(x)
         plan, chunks = self.plan(x, forward_loss)
         trained = [n for n, keep in plan.keep_ratios.items() if keep >= SKIP_BELOW]
@@ -319,6 +318,19 @@ class SparseBackprop:
                           plan.predicted_bytes, plan.keep_ratios, run.layers,
                           time.perf_counter() - start, run.skipped, len(trained),
                           self.overall_keep(plan.keep_ratios), run.kinds, chunks, peak)
+
+    def _wants_probe(self) -> bool:
+        """A dense probe is due: importance is missing or the periodic probe is due, and some
+        trained layer prunes. Without one (1-bit x_hat, where the trained norms keep codes and
+        the frozen convs keep nothing) no ratio reads importance, and each step paid a dense
+        forward and backward on a few samples and a copy of every buffer for nothing."""
+        if self.config.fixed_keep is not None:
+            return False
+        if self.steps > 0 and not any(weights_needing_grad(self.capture.weight_of,
+                                                           self._numel).values()):
+            return False
+        every = self.config.probe_every
+        return not self._grad_imp or (every > 0 and self.steps % every == 0)
 
     def _run_chunks(self, parts, ratios: Dict[str, float], forward_loss: ForwardLoss) -> "_Run":
         """Forward and backward each part in turn; the cache reported is the largest part's

@@ -53,6 +53,26 @@ def test_probe_changes_no_statistics_and_leaves_no_gradient():
     assert all(p.grad is None for p in model.parameters())
 
 
+def test_the_dense_probe_runs_only_while_some_trained_layer_prunes(monkeypatch):
+    """Only prunable trained layers read importance: with the convs frozen and 1-bit x_hat (the
+    daemon's recipe) one probe learns the layers, and no step after it probes again."""
+    probes = {}
+    for trains_convs in (False, True):
+        model = convert_batchnorm(resnet20(), xhat_bits=1).train().requires_grad_(trains_convs)
+        for m in model.modules():
+            if isinstance(m, torch.nn.BatchNorm2d):
+                m.requires_grad_(True)
+        engine = SparseBackprop(model, EngineConfig(probe_every=2))
+        calls = []
+        monkeypatch.setattr(engine, "probe", lambda x, real=engine.probe: (calls.append(1),
+                                                                          real(x)))
+        for _ in range(4):
+            engine.step(torch.rand(8, 3, 32, 32), _entropy_loss)
+            model.zero_grad()
+        probes[trains_convs] = len(calls)
+    assert probes == {False: 1, True: 2}   # steps 0 and 2 under probe_every=2
+
+
 def test_weights_are_unfrozen_after_a_step_that_skipped_layers():
     model = convert_batchnorm(resnet20()).train()
     engine = SparseBackprop(model)
