@@ -280,8 +280,9 @@ class RunningStatNorm2d(nn.BatchNorm2d):
         mean = x.mean(dims)
         var = ((x * x).mean(dims) - mean * mean).clamp_(min=0.0)
         rate = self._rate(mean, var)
-        # a non-finite batch must not poison the statistics; decided on the device, no sync
-        finite = torch.isfinite(rate) & torch.isfinite(mean).all() & torch.isfinite(var).all()
+        # a non-finite batch must not poison the statistics; decided on the device, no sync,
+        # in one check (a NaN or infinity in any of them reaches the sum)
+        finite = torch.isfinite((mean + var).sum() + rate)
         rate = torch.where(finite, rate, torch.zeros_like(rate))
         self.running_mean.lerp_(torch.where(finite, mean, self.running_mean), rate)
         self.running_var.lerp_(torch.where(finite, var, self.running_var), rate)

@@ -34,7 +34,7 @@ class CoTTA(Method):
     def __init__(self, model: nn.Module, args: CoTTAArgs = CoTTAArgs()):
         model.train().requires_grad_(True)
         use_batch_statistics(model)
-        super().__init__(model, torch.optim.Adam(model.parameters(), lr=args.lr))
+        super().__init__(model, torch.optim.Adam(model.parameters(), lr=args.lr, foreach=True))
         self.args = args
         self.teacher = self._frozen_copy(model)
         self.anchor = self._frozen_copy(model)

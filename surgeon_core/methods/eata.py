@@ -54,7 +54,7 @@ class EATA(Method):
             raise ValueError("eata with fisher_alpha > 0 needs Fisher information from clean "
                              "source images (fisher_information); use fisher_alpha=0 for ETA")
         params, _ = collect_params(model)
-        super().__init__(model, torch.optim.Adam(params, lr=args.lr))
+        super().__init__(model, torch.optim.Adam(params, lr=args.lr, foreach=True))
         self.args, self.fisher = args, fisher
         self.mean_probs: Optional[torch.Tensor] = None
 

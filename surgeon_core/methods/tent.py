@@ -61,7 +61,8 @@ class Tent(Method):
         check_model(model)
         configure_model(model)
         params, _ = collect_params(model)
-        super().__init__(model, torch.optim.Adam(params, lr=args.lr, betas=(0.9, 0.999)))
+        super().__init__(model, torch.optim.Adam(params, lr=args.lr, betas=(0.9, 0.999),
+                                                 foreach=True))
         self.args = args
 
     def _adapt(self, x: torch.Tensor) -> StepResult:

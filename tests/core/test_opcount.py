@@ -21,9 +21,11 @@ def test_the_counter_sees_forward_and_backward_and_leaves_views_out():
 
 
 def test_surgeons_operator_count_is_held(resnet20_weights):
-    """Measured 2,378 at batch 16 against full backprop's 735 (3.2x, BENCHMARKS.md); the
-    issue's aim is 2x. This holds the line until the engine's packing is fused."""
+    """Measured at batch 16 with every Adam on its foreach path (CUDA's default, so the count
+    is a GPU's): full backprop 330, surgeon 1,897 (5.7x), the daemon's recipe 2,963 (9.0x;
+    BENCHMARKS.md). The issue's aim is 2x; this holds the line until the packing is fused."""
     model = cifar_resnet_by_name("resnet20", resnet20_weights)
     results = {r.config: r for r in run_memory_benchmark(model, torch.rand(8, 3, 32, 32), 1)}
-    assert 600 < results["full"].ops < 900
-    assert results["surgeon"].ops_ratio < 3.6, results["surgeon"].ops
+    assert 250 < results["full"].ops < 450
+    assert results["surgeon"].ops_ratio < 6.2, results["surgeon"].ops
+    assert results["daemon"].ops_ratio < 9.6, results["daemon"].ops
