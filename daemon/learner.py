@@ -26,6 +26,8 @@ from surgeon_core.engine import entropy as sample_entropy
 from surgeon_core.errors import BudgetExceeded
 
 from .memory import MB, is_out_of_memory
+from .priority import (LEARNER_NICE, LEARNER_STREAM_PRIORITY, cuda_stream, lower_thread_priority,
+                       on_stream, settle)
 from .serving import ServingModel, publish_weights
 from .telemetry import Telemetry
 
@@ -100,6 +102,7 @@ class Learner:
         self._exclusive = threading.RLock()   # a step, or an operator's change of state
         self._beat = time.monotonic()          # the loop's last round (systemd's watchdog)
         self._thread: Optional[threading.Thread] = None
+        self._stream = None   # the learner's low-priority CUDA stream, made by its thread
         # (step, measured cache bytes, budget bytes in force) of recent steps
         self.step_log: Deque[tuple] = collections.deque(maxlen=100_000)
 
@@ -147,6 +150,8 @@ class Learner:
             raise ValueError("the checkpoint holds no model state")
         _check_tensors(self.method.model.state_dict(), model_state)
         self.method.model.load_state_dict(model_state)
+        if isinstance(state.get("updates"), int) and hasattr(self.method, "updates"):
+            self.method.updates = state["updates"]   # where the anchor's ramp stood
         optimizer = getattr(self.method, "optimizer", None)
         if optimizer is None or "optimizer" not in state:
             return ""
@@ -208,9 +213,12 @@ class Learner:
         """The loop, restarted after anything it raises: a transient fault (no descriptor left
         for /proc/meminfo, a driver hiccup) pauses adaptation, never ends it for good. Faults
         in a row back off exponentially (1 s to 60 s) so a permanent one costs nothing."""
+        lower_thread_priority(LEARNER_NICE, "learner")   # serving first (daemon/priority.py)
+        self._stream = cuda_stream(self.device, LEARNER_STREAM_PRIORITY)
         while not self._stop.is_set():
             try:
-                self._loop()
+                with on_stream(self._stream):
+                    self._loop()
                 return
             except Exception as exc:  # noqa: BLE001 - serving goes on; the reason is reported
                 self._faults_in_row += 1
@@ -234,7 +242,10 @@ class Learner:
                 self._wake.clear()
                 continue
             with self._exclusive:
-                self._step()
+                try:
+                    self._step()
+                finally:   # an operator's save or reset reads finished weights
+                    settle(self._stream)
 
     def _ready(self) -> bool:
         if self.user_paused or (self.paused_reason and not self._budget_bytes):

@@ -32,6 +32,7 @@ from .model import load_model
 from .operations import Operations, OperationError
 from .outputs import FrameInfo, VideoOutputs, make_sink, missing_requirements, parse_output_uri
 from .sdnotify import Notifier
+from .priority import SERVING_STREAM_PRIORITY, cuda_stream, on_stream
 from .serving import Preprocessor, ServingModel, describe_prediction, to_uint8
 from .sources import Grabber, UnknownSource, source_factory
 from .telemetry import JsonlWriter, Telemetry
@@ -316,21 +317,9 @@ class Daemon:
         self._announce_ready()
         self.health = health = Health(self.notifier, lambda: time.monotonic() - self._serve_beat,
                                       self.learner.beat_age, self.status_line).start()
-        deadline = (time.monotonic() + self.config.duration_s) if self.config.duration_s else None
         try:
-            while not self._stop.is_set():
-                self._serve_beat = time.monotonic()
-                self._supervise()
-                if deadline is not None and time.monotonic() >= deadline:
-                    break
-                if self.config.max_frames and self.frames >= self.config.max_frames:
-                    break
-                frame = self.grabber.get(0.2)
-                if frame is None:
-                    if self.grabber.ended:
-                        break
-                    continue
-                self._serve(frame)
+            with on_stream(cuda_stream(self.device, SERVING_STREAM_PRIORITY)):
+                self._serve_until_done()
         finally:
             self.notifier.stopping()
             health.stop()
@@ -435,6 +424,23 @@ class Daemon:
         for model in filter(None, (self.serving, self.source_model)):
             for _ in range(runs):
                 model.predict(x)
+
+    def _serve_until_done(self) -> None:
+        """Frames until the stream ends, a limit is hit or a stop is requested."""
+        deadline = (time.monotonic() + self.config.duration_s) if self.config.duration_s else None
+        while not self._stop.is_set():
+            self._serve_beat = time.monotonic()
+            self._supervise()
+            if deadline is not None and time.monotonic() >= deadline:
+                return
+            if self.config.max_frames and self.frames >= self.config.max_frames:
+                return
+            frame = self.grabber.get(0.2)
+            if frame is None:
+                if self.grabber.ended:
+                    return
+                continue
+            self._serve(frame)
 
     def _serve(self, frame) -> None:
         start = time.monotonic()

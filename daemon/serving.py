@@ -51,9 +51,14 @@ def _pairs(dst: nn.Module, src: nn.Module) -> List[Tuple[torch.Tensor, torch.Ten
 
 @torch.no_grad()
 def publish_weights(pairs: List[Tuple[torch.Tensor, torch.Tensor]], lock: threading.Lock) -> None:
+    """Copy the learner's tensors into serving's; on CUDA the copies have run before serving,
+    on its own stream, may read them (``daemon/priority.py``)."""
     with lock:
         for dst, src in pairs:
             dst.data.copy_(src.data)
+        devices = {dst.device for dst, _ in pairs if dst.is_cuda}
+        for device in devices:
+            torch.cuda.current_stream(device).synchronize()
 
 
 class ServingModel:

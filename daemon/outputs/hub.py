@@ -8,29 +8,19 @@ after a backoff that doubles up to ``backoff_max_s``; it is never fatal after st
 """
 
 import logging
-import os
 import threading
 import time
 from typing import Dict, List, Optional, Tuple
 
 import numpy as np
 
+from ..priority import OUTPUT_NICE, lower_thread_priority
 from .base import VideoSink
 from .overlay import FrameInfo, StatusInfo, draw_overlay, enlarge, learner_text
 
 __all__ = ["VideoOutputs", "SinkState"]
 
 log = logging.getLogger("surgeond.output")
-OUTPUT_NICE = 10        # encoding yields the CPU to serving and the learner
-
-
-def _lower_priority(nice: int) -> None:
-    """Linux schedules threads on their own: a niced output thread leaves the cores to the
-    others when the CPU is short (software encoding at 30-60 fps on a 2-core box)."""
-    try:
-        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), nice)
-    except (AttributeError, OSError) as exc:
-        log.debug("output thread keeps its priority: %s", exc)
 
 
 class SinkState:
@@ -134,7 +124,7 @@ class VideoOutputs:
             return item
 
     def _loop(self) -> None:
-        _lower_priority(OUTPUT_NICE)
+        lower_thread_priority(OUTPUT_NICE, "output")
         while not self._stop.is_set():
             item = self._take()
             if item is None:

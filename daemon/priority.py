@@ -1,0 +1,69 @@
+"""Serving first: the learner and the video outputs yield to serving, on the CPU and the GPU.
+
+On the CPU Linux schedules each thread on its own, so a niced thread leaves the cores to
+serving when they are short. On a GPU the serving thread queues its kernels on a high-priority
+CUDA stream and the learner on a low-priority one: the GPU's scheduler then starts a frame's
+kernels ahead of the learner's queued backward instead of behind it. torch 2.0 (JetPack 5)
+offers two levels, -1 (high) and 0 (low); later releases accept more, and -1 still ranks above 0.
+
+Work crosses the streams in two places, each settled on the host so no kernel reads a tensor
+another stream is still writing: the learner's step ends with its stream synchronised (an
+operator's checkpoint or reset then reads finished weights), and a weight publish waits for
+its copies before serving may run again (``daemon/serving.py``).
+"""
+
+import contextlib
+import logging
+import os
+import threading
+
+__all__ = ["LEARNER_NICE", "OUTPUT_NICE", "SERVING_STREAM_PRIORITY", "LEARNER_STREAM_PRIORITY",
+           "lower_thread_priority", "cuda_stream", "on_stream", "settle"]
+
+log = logging.getLogger("surgeond.priority")
+
+LEARNER_NICE = 5      # adaptation yields the CPU to serving
+OUTPUT_NICE = 10      # encoding yields it to serving and the learner
+SERVING_STREAM_PRIORITY = -1
+LEARNER_STREAM_PRIORITY = 0
+
+
+def lower_thread_priority(nice: int, who: str) -> None:
+    """Set the calling thread's nice value (Linux: per thread, through its TID)."""
+    try:
+        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), nice)
+    except (AttributeError, OSError) as exc:
+        log.debug("%s thread keeps its priority: %s", who, exc)
+
+
+def cuda_stream(device, priority: int):
+    """A CUDA stream of ``priority`` on ``device`` (a torch.device); None off CUDA or where
+    none can be made. torch is imported here: the output thread uses this module without it."""
+    if device.type != "cuda":
+        return None
+    import torch
+
+    try:
+        return torch.cuda.Stream(device=device, priority=priority)
+    except (RuntimeError, TypeError) as exc:   # an old driver or build: the default stream
+        log.warning("no CUDA stream of priority %d on %s (%s): using the default stream",
+                    priority, device, exc)
+        return None
+
+
+@contextlib.contextmanager
+def on_stream(stream):
+    """Queue the calling thread's CUDA work on ``stream`` (thread-local); no-op for None."""
+    if stream is None:
+        yield
+        return
+    import torch
+
+    with torch.cuda.stream(stream):
+        yield
+
+
+def settle(stream) -> None:
+    """Wait on the host until everything queued on ``stream`` has run; no-op for None."""
+    if stream is not None:
+        stream.synchronize()

@@ -1,0 +1,84 @@
+"""Serving first (daemon/priority.py): the learner thread is niced on the CPU, and on CUDA the
+serving and learner threads queue work on streams of different priority. No GPU runs here:
+the CUDA side is checked through the calls it makes."""
+
+import threading
+
+import pytest
+import torch
+
+from daemon import priority
+from daemon.serving import publish_weights
+
+from .running import Running, small_config, wait_for
+
+
+def _nice(tid):
+    """A thread's nice value, from /proc (field 19 of its stat line)."""
+    with open("/proc/self/task/%d/stat" % tid) as stat:
+        return int(stat.read().rsplit(")", 1)[1].split()[16])
+
+
+def test_the_learner_thread_yields_the_cpu_to_serving():
+    with Running(small_config()) as daemon:
+        wait_for(lambda: daemon.learner.steps >= 1)
+        learner_nice = _nice(daemon.learner._thread.native_id)
+        serving_nice = _nice(threading.main_thread().native_id)
+    assert learner_nice == max(priority.LEARNER_NICE, serving_nice)   # a niced CI stays so
+
+
+def test_no_stream_off_cuda_and_the_stream_context_is_then_a_no_op():
+    stream = priority.cuda_stream(torch.device("cpu"), priority.SERVING_STREAM_PRIORITY)
+    assert stream is None
+    with priority.on_stream(stream):
+        assert torch.ones(2).sum() == 2
+    priority.settle(stream)
+
+
+def test_serving_asks_for_the_high_priority_stream_and_the_learner_for_the_low(monkeypatch):
+    made = []
+
+    class FakeStream:
+        def __init__(self, device=None, priority=0):
+            made.append((str(device), priority))
+
+    monkeypatch.setattr(torch.cuda, "Stream", FakeStream)
+    for level in (priority.SERVING_STREAM_PRIORITY, priority.LEARNER_STREAM_PRIORITY):
+        assert isinstance(priority.cuda_stream(torch.device("cuda:0"), level), FakeStream)
+    assert made == [("cuda:0", -1), ("cuda:0", 0)]
+    assert priority.SERVING_STREAM_PRIORITY < priority.LEARNER_STREAM_PRIORITY  # lower runs first
+
+
+def test_a_build_without_stream_priorities_falls_back_to_the_default_stream(monkeypatch, caplog):
+    def refuse(device=None, priority=0):
+        raise RuntimeError("no CUDA GPUs are available")
+
+    monkeypatch.setattr(torch.cuda, "Stream", refuse)
+    assert priority.cuda_stream(torch.device("cuda:0"), -1) is None
+    assert "default stream" in caplog.text
+
+
+def test_a_publish_to_cuda_waits_for_its_copies_before_serving_reads(monkeypatch):
+    synced = []
+
+    class FakeStream:
+        def synchronize(self):
+            synced.append(True)
+
+    class FakeCudaTensor:
+        is_cuda, device = True, torch.device("cuda:0")
+
+        def __init__(self):
+            self.data = self
+
+        def copy_(self, other):
+            assert not synced   # the copies are queued first, then waited for
+            return self
+
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: FakeStream())
+    publish_weights([(FakeCudaTensor(), torch.ones(1)), (FakeCudaTensor(), torch.ones(1))],
+                    threading.Lock())
+    assert synced == [True]            # once per device, not per tensor
+    dst = torch.zeros(3)
+    publish_weights([(dst, torch.ones(3))], threading.Lock())   # CPU: no stream at all
+    assert synced == [True] and torch.equal(dst, torch.ones(3))
