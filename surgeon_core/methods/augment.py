@@ -19,6 +19,7 @@ __all__ = ["blur_valid", "cotta_augment"]
 # Images per hue conversion: the HSV round trip holds about 25 copies of its input.
 HUE_CHUNK = 32
 BLUR_TAPS = 5
+NOISE_SIGMA = 0.005
 
 
 def _adjust_hue(x: torch.Tensor, factor: float) -> torch.Tensor:
@@ -73,4 +74,8 @@ def cotta_augment(x: torch.Tensor, rng: Optional[random.Random] = None) -> torch
     x = blur_valid(x, rng.uniform(0.001, 0.5))
     if rng.random() < 0.5:
         x = TF.hflip(x)
-    return (x + torch.randn_like(x) * 0.005).clamp(0.0, 1.0)
+    # the noise drawn from ``rng`` too, not torch's global generator: a method's results then
+    # do not depend on what else ran in the process (rdumb matches its method until a reset)
+    noise = torch.Generator(device=x.device).manual_seed(rng.getrandbits(63))
+    return (x + torch.randn(x.shape, generator=noise, device=x.device, dtype=x.dtype)
+            * NOISE_SIGMA).clamp(0.0, 1.0)

@@ -53,6 +53,9 @@ class SurgeonArgs:
             (default: each BatchNorm's own).
         anchor: after each update every trained weight moves this share of the way back to
             its source value (ROID's weight ensembling): bounds drift on long streams.
+        anchor_ramp: the anchor's share grows linearly from 0 over this many updates after
+            the source (start or reset): young weights are not yet drifting, and pulling them
+            back only slows the first adaptation (0: the full share from the first update).
         xhat_bits: how the lean norm keeps x_hat (NOTE [Quantised x_hat]): 1 (default) its sign,
             2 a 2-bit code, 0 x_hat itself pruned at the layer's dynamic keep ratio (the paper's
             activation sparsity; ``static`` compares against this).
@@ -74,6 +77,7 @@ class SurgeonArgs:
     shift_scale: float = 3.0
     lag_deep: bool = False
     anchor: float = 0.01
+    anchor_ramp: int = 100
     gate_scale: Optional[float] = 1.0
     momentum: Optional[float] = None
     xhat_bits: int = 1
@@ -100,6 +104,8 @@ class SurgeonArgs:
             raise ValueError("shallow_share must be in (0, 1], got %r" % (self.shallow_share,))
         if not 0.0 <= self.anchor < 1.0:
             raise ValueError("anchor must be in [0, 1), got %r" % (self.anchor,))
+        if self.anchor_ramp < 0:
+            raise ValueError("anchor_ramp must be >= 0, got %r" % (self.anchor_ramp,))
         if not self.shift_scale > 0:
             raise ValueError("shift_scale must be > 0, got %r" % (self.shift_scale,))
         if self.running_after is not None and self.running_after < 0:
@@ -176,17 +182,31 @@ class Surgeon(Method):
     def __init__(self, model: nn.Module, args: SurgeonArgs = SurgeonArgs()):
         configure_model(model, args)
         params = [p for p in model.parameters() if p.requires_grad]
-        super().__init__(model, torch.optim.Adam(params, lr=args.learning_rate()))
+        super().__init__(model, torch.optim.Adam(params, lr=args.learning_rate(), foreach=True))
         self.args = args
         self.engine = SparseBackprop(model, args.engine_config())
         self._rng = random.Random(args.seed)
         self._selected = 0
+        self.updates = 0   # since the source weights: the anchor's ramp reads it
 
     def reset(self) -> None:
         super().reset()
+        self.updates = 0
         self.engine.forget()
         for gate in shift_gates(self.model):
             gate.restart()
+
+    def anchor_rate(self) -> float:
+        """This update's pull toward the source (``anchor``, ramped in over ``anchor_ramp``)."""
+        ramp = self.args.anchor_ramp
+        return self.args.anchor * (min(1.0, self.updates / ramp) if ramp > 0 else 1.0)
+
+    def state_dict(self):
+        return dict(super().state_dict(), updates=self.updates)
+
+    def load_state_dict(self, state) -> None:
+        super().load_state_dict(state)
+        self.updates = int(state.get("updates", 0))
 
     def _forward_loss(self, model: nn.Module, x: torch.Tensor):
         logits = model(x)
@@ -207,7 +227,8 @@ class Surgeon(Method):
         report = self.engine.step(x, self._forward_loss)
         updated = not report.skipped and self.apply_update()
         if updated:
-            self.pull_to_source(self.args.anchor)
+            self.updates += 1
+            self.pull_to_source(self.anchor_rate())
         trained = [k for k in report.keep_ratios.values() if k > 0]
         mean_keep = sum(trained) / len(trained) if trained else None
         return StepResult(report.logits, report.loss, report.cache_bytes, report.paper_bytes,

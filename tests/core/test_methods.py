@@ -178,10 +178,39 @@ def test_the_anchor_pulls_trained_weights_back_toward_the_source(base, noisy):
     for anchor in (0.0, 0.5):
         torch.manual_seed(0)
         method = get_method("surgeon")(copy.deepcopy(base), args_for("surgeon", anchor=anchor,
-                                                                    margin=1.0))
+                                                                    anchor_ramp=0, margin=1.0))
         assert method.step(x).updated
         source = method._source["model"]
         moved[anchor] = sum(float((p.detach() - source[n]).abs().sum())
                             for n, p in method.model.named_parameters() if p.requires_grad)
     assert moved[0.0] > 0
     assert abs(moved[0.5] - 0.5 * moved[0.0]) < 0.05 * moved[0.0]
+
+
+def test_the_anchor_ramps_in_over_its_first_updates_and_again_after_a_reset(base, noisy):
+    """anchor_ramp R: the k-th update since the source pulls back anchor * min(1, k / R)."""
+    method = get_method("surgeon")(copy.deepcopy(base), args_for("surgeon", anchor=0.5,
+                                                                anchor_ramp=4, margin=1.0))
+    rates = []
+    for _ in range(5):
+        assert method.step(noisy[0][:32]).updated
+        rates.append(method.anchor_rate())
+    assert rates == [0.125, 0.25, 0.375, 0.5, 0.5]
+    saved = copy.deepcopy(method.state_dict())
+    method.reset()
+    assert method.updates == 0 and method.anchor_rate() == 0.0
+    method.load_state_dict(saved)   # a checkpoint carries where the ramp stood
+    assert method.updates == 5
+    with pytest.raises(ValueError, match="anchor_ramp"):
+        args_for("surgeon", anchor_ramp=-1)
+
+
+def test_all_finite_finds_one_bad_value_among_many_tensors():
+    from surgeon_core.methods.base import all_finite
+
+    tensors = [torch.randn(64, 3), torch.randn(5, dtype=torch.float64), torch.zeros(7)]
+    assert all_finite(tensors)
+    for bad in (float("nan"), float("inf"), float("-inf")):
+        spoiled = [t.clone() for t in tensors]
+        spoiled[1][3] = bad
+        assert not all_finite(spoiled)

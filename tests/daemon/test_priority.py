@@ -4,7 +4,6 @@ the CUDA side is checked through the calls it makes."""
 
 import threading
 
-import pytest
 import torch
 
 from daemon import priority
