@@ -103,6 +103,7 @@ class Learner:
         self._beat = time.monotonic()          # the loop's last round (systemd's watchdog)
         self._thread: Optional[threading.Thread] = None
         self._stream = None   # the learner's low-priority CUDA stream, made by its thread
+        self._give_way: list = []   # its forward's hooks that wait for a frame in flight
         # (step, measured cache bytes, budget bytes in force) of recent steps
         self.step_log: Deque[tuple] = collections.deque(maxlen=100_000)
 
@@ -215,6 +216,7 @@ class Learner:
         in a row back off exponentially (1 s to 60 s) so a permanent one costs nothing."""
         lower_thread_priority(LEARNER_NICE, "learner")   # serving first (daemon/priority.py)
         self._stream = cuda_stream(self.device, LEARNER_STREAM_PRIORITY)
+        self._give_way = self.serving.turn.attach(self.method.model)
         while not self._stop.is_set():
             try:
                 with on_stream(self._stream):
@@ -298,6 +300,7 @@ class Learner:
         self.telemetry.event("learner.resumed", reason="memory")
 
     def _step(self) -> None:
+        self.serving.turn.max_wait_s = self.config.yield_ms / 1000.0   # live changes apply
         self._used_until = self.buffer.added
         x = self.buffer.latest(self.batch_size).to(self.device).float().div_(255.0)
         try:
@@ -383,6 +386,8 @@ class Learner:
                            overall_keep=result.overall_keep, batch_size=self.batch_size,
                            selected=result.selected, learner_steps=self.steps,
                            peak_mb=_mb(result.peak_bytes), reserved_mb=_mb(result.reserved_bytes),
+                           gave_way=self.serving.turn.waits,
+                           gave_way_s=round(self.serving.turn.waited_s, 3),
                            resident_peak_mb=_mb(result.resident_bytes),
                            micro_batches=result.chunks)
 

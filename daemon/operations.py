@@ -30,7 +30,7 @@ LIVE_KEYS = (
     "memory.budget_mb", "memory.available_share", "memory.reserve_mb",
     "learner.enabled", "learner.batch_size", "learner.fresh_frames", "learner.publish_every",
     "learner.good_every", "learner.collapse_entropy", "learner.collapse_class_share",
-    "learner.method_args.lr", "learner.method_args.margin",
+    "learner.yield_ms", "learner.method_args.lr", "learner.method_args.margin",
     "learner.method_args.consistency_weight", "learner.method_args.keep_floor",
     "telemetry.interval_s", "control.publish_predictions", "log_level",
 )

@@ -1,5 +1,9 @@
 """Serving first: the learner and the video outputs yield to serving, on the CPU and the GPU.
 
+The learner also gives way while a frame is being served (``ServingTurn``): between any two
+layers of its forward it waits, up to a bound, for the frame in flight to finish, so a frame
+never queues behind a whole forward of the learner's batch.
+
 On the CPU Linux schedules each thread on its own, so a niced thread leaves the cores to
 serving when they are short. On a GPU the serving thread queues its kernels on a high-priority
 CUDA stream and the learner on a low-priority one: the GPU's scheduler then starts a frame's
@@ -16,9 +20,11 @@ import contextlib
 import logging
 import os
 import threading
+import time
 
-__all__ = ["LEARNER_NICE", "OUTPUT_NICE", "SERVING_STREAM_PRIORITY", "LEARNER_STREAM_PRIORITY",
-           "lower_thread_priority", "cuda_stream", "on_stream", "settle"]
+__all__ = ["ServingTurn", "LEARNER_NICE", "OUTPUT_NICE", "SERVING_STREAM_PRIORITY",
+           "LEARNER_STREAM_PRIORITY", "lower_thread_priority", "cuda_stream", "on_stream",
+           "settle"]
 
 log = logging.getLogger("surgeond.priority")
 
@@ -67,3 +73,46 @@ def settle(stream) -> None:
     """Wait on the host until everything queued on ``stream`` has run; no-op for None."""
     if stream is not None:
         stream.synchronize()
+
+
+class ServingTurn:
+    """Serving marks each frame with ``serving()``; the learner's forward, between layers, calls
+    ``give_way()`` and waits while a frame is in flight, at most ``max_wait_s`` each time.
+
+    Hooks attached with ``attach`` act only in the thread that attached them (the learner's), so
+    a copy of the model made later, or a forward run by another thread, never waits.
+    """
+
+    def __init__(self, max_wait_s: float = 0.02):
+        self.max_wait_s = max_wait_s
+        self._idle = threading.Event()
+        self._idle.set()
+        self.waits = 0
+        self.waited_s = 0.0
+
+    @contextlib.contextmanager
+    def serving(self):
+        self._idle.clear()
+        try:
+            yield
+        finally:
+            self._idle.set()
+
+    def give_way(self) -> None:
+        if self._idle.is_set() or self.max_wait_s <= 0:
+            return
+        start = time.monotonic()
+        self._idle.wait(self.max_wait_s)
+        self.waits += 1
+        self.waited_s += time.monotonic() - start
+
+    def attach(self, model) -> list:
+        """A pre-hook on every leaf module of ``model``; returns the handles (``.remove()``)."""
+        owner = threading.get_ident()
+
+        def hook(module, args):
+            if threading.get_ident() == owner:
+                self.give_way()
+
+        return [m.register_forward_pre_hook(hook) for m in model.modules()
+                if next(m.children(), None) is None]

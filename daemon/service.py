@@ -440,7 +440,8 @@ class Daemon:
                 if self.grabber.ended:
                     return
                 continue
-            self._serve(frame)
+            with self.serving.turn.serving():   # the learner gives way meanwhile
+                self._serve(frame)
 
     def _serve(self, frame) -> None:
         start = time.monotonic()

@@ -17,6 +17,8 @@ from surgeon_core.engine import entropy as sample_entropy
 from surgeon_core.models.labels import class_name
 from surgeon_core.models.preprocess import Preprocessing
 
+from .priority import ServingTurn
+
 __all__ = ["Preprocessor", "ServingModel", "publish_weights", "to_uint8", "describe_prediction"]
 
 
@@ -67,6 +69,7 @@ class ServingModel:
     def __init__(self, model: nn.Module):
         self.model = model.eval().requires_grad_(False)
         self.lock = threading.Lock()
+        self.turn = ServingTurn()   # frames in flight, for the learner to give way to
 
     def pairs_with(self, learner_model: nn.Module) -> List[Tuple[torch.Tensor, torch.Tensor]]:
         return _pairs(self.model, learner_model)

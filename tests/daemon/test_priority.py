@@ -23,7 +23,10 @@ def test_the_learner_thread_yields_the_cpu_to_serving():
         wait_for(lambda: daemon.learner.steps >= 1)
         learner_nice = _nice(daemon.learner._thread.native_id)
         serving_nice = _nice(threading.main_thread().native_id)
+        gave_way = daemon.telemetry.gauges["gave_way"]
+        hooked = len(daemon.learner._give_way)
     assert learner_nice == max(priority.LEARNER_NICE, serving_nice)   # a niced CI stays so
+    assert gave_way >= 0 and hooked > 10        # every leaf layer of the learner's model
 
 
 def test_no_stream_off_cuda_and_the_stream_context_is_then_a_no_op():
@@ -81,3 +84,55 @@ def test_a_publish_to_cuda_waits_for_its_copies_before_serving_reads(monkeypatch
     dst = torch.zeros(3)
     publish_weights([(dst, torch.ones(3))], threading.Lock())   # CPU: no stream at all
     assert synced == [True] and torch.equal(dst, torch.ones(3))
+
+
+def _in_thread(fn):
+    out = []
+    thread = threading.Thread(target=lambda: out.append(fn()))
+    thread.start()
+    thread.join(10)
+    return out[0]
+
+
+def test_the_learners_forward_gives_way_to_a_frame_in_flight_between_layers():
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.ReLU(),
+                                torch.nn.Sequential(torch.nn.Conv2d(4, 4, 3), torch.nn.ReLU()))
+    turn = priority.ServingTurn(max_wait_s=0.01)
+    x = torch.rand(1, 3, 8, 8)
+
+    def learner():
+        turn.attach(model)
+        with turn.serving():          # a frame that outlasts the whole forward
+            model(x)
+        waits = turn.waits
+        model(x)                      # nothing in flight: no wait
+        return waits, turn.waits
+
+    # the serving() above runs in the learner's own thread only to hold a frame "in flight"
+    during, after = _in_thread(learner)
+    assert during == 4 and after == 4          # one wait before each of the 4 leaf layers
+    assert 0.04 <= turn.waited_s < 1.0
+    with turn.serving():
+        model(x)                               # serving's own thread never waits on itself
+    assert turn.waits == 4
+
+
+def test_a_wait_ends_as_soon_as_the_frame_is_served():
+    turn = priority.ServingTurn(max_wait_s=5.0)
+    served = threading.Event()
+
+    def serve():
+        with turn.serving():
+            served.set()
+            threading.Event().wait(0.05)
+
+    thread = threading.Thread(target=serve)
+    thread.start()
+    served.wait(5)
+    turn.give_way()
+    thread.join()
+    assert turn.waits == 1 and turn.waited_s < 1.0
+    turn.max_wait_s = 0.0
+    with turn.serving():
+        turn.give_way()                        # yield_ms 0: never waits
+    assert turn.waits == 1
