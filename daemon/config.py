@@ -137,9 +137,9 @@ class LearnerConfig(_Section):
     collapse_entropy: float = Field(0.02, ge=0, le=1, description="mean entropy / ln C below this")
     collapse_class_share: float = Field(0.95, gt=0, le=1,
                                         description="... with this share of one class: collapse")
-    yield_ms: float = Field(20.0, ge=0, le=1000,
-                            description="longest the learner waits between two layers while a "
-                                        "frame is being served (0: never waits)")
+    yield_ms: float = Field(100.0, ge=0, le=10000,
+                            description="longest the learner waits in all, per step, between "
+                                        "layers for frames being served (0: never waits)")
 
     @model_validator(mode="after")
     def _batch_fits(self):

@@ -300,7 +300,7 @@ class Learner:
         self.telemetry.event("learner.resumed", reason="memory")
 
     def _step(self) -> None:
-        self.serving.turn.max_wait_s = self.config.yield_ms / 1000.0   # live changes apply
+        self.serving.turn.begin_step(self.config.yield_ms / 1000.0)   # live changes apply
         self._used_until = self.buffer.added
         x = self.buffer.latest(self.batch_size).to(self.device).float().div_(255.0)
         try:

@@ -1,8 +1,8 @@
 """Serving first: the learner and the video outputs yield to serving, on the CPU and the GPU.
 
 The learner also gives way while a frame is being served (``ServingTurn``): between any two
-layers of its forward it waits, up to a bound, for the frame in flight to finish, so a frame
-never queues behind a whole forward of the learner's batch.
+layers of its forward it waits for the frame in flight to finish, out of a per-step budget, so
+a frame does not queue behind a whole forward of the learner's batch.
 
 On the CPU Linux schedules each thread on its own, so a niced thread leaves the cores to
 serving when they are short. On a GPU the serving thread queues its kernels on a high-priority
@@ -77,14 +77,17 @@ def settle(stream) -> None:
 
 class ServingTurn:
     """Serving marks each frame with ``serving()``; the learner's forward, between layers, calls
-    ``give_way()`` and waits while a frame is in flight, at most ``max_wait_s`` each time.
+    ``give_way()`` and waits while a frame is in flight, until it is served, out of a budget of
+    waiting per step (``begin_step``): a serving loop that is never idle slows a step by the
+    budget at most, and cannot starve the learner (or silence its watchdog heartbeat).
 
     Hooks attached with ``attach`` act only in the thread that attached them (the learner's), so
     a copy of the model made later, or a forward run by another thread, never waits.
     """
 
-    def __init__(self, max_wait_s: float = 0.02):
-        self.max_wait_s = max_wait_s
+    def __init__(self, budget_s: float = 0.1):
+        self.budget_s = budget_s
+        self._left = budget_s
         self._idle = threading.Event()
         self._idle.set()
         self.waits = 0
@@ -98,13 +101,19 @@ class ServingTurn:
         finally:
             self._idle.set()
 
+    def begin_step(self, budget_s: float) -> None:
+        """A new learner step may wait ``budget_s`` in all."""
+        self.budget_s = self._left = budget_s
+
     def give_way(self) -> None:
-        if self._idle.is_set() or self.max_wait_s <= 0:
+        if self._idle.is_set() or self._left <= 0:
             return
         start = time.monotonic()
-        self._idle.wait(self.max_wait_s)
+        self._idle.wait(self._left)
+        waited = time.monotonic() - start
+        self._left -= waited
         self.waits += 1
-        self.waited_s += time.monotonic() - start
+        self.waited_s += waited
 
     def attach(self, model) -> list:
         """A pre-hook on every leaf module of ``model``; returns the handles (``.remove()``)."""

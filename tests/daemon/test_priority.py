@@ -94,31 +94,35 @@ def _in_thread(fn):
     return out[0]
 
 
-def test_the_learners_forward_gives_way_to_a_frame_in_flight_between_layers():
+def test_the_learners_forward_gives_way_to_a_frame_in_flight_out_of_a_budget():
     model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.ReLU(),
                                 torch.nn.Sequential(torch.nn.Conv2d(4, 4, 3), torch.nn.ReLU()))
-    turn = priority.ServingTurn(max_wait_s=0.01)
+    turn = priority.ServingTurn()
     x = torch.rand(1, 3, 8, 8)
 
     def learner():
         turn.attach(model)
-        with turn.serving():          # a frame that outlasts the whole forward
-            model(x)
-        waits = turn.waits
+        turn.begin_step(0.05)
+        with turn.serving():          # a frame that outlasts the budget: never idle
+            model(x)                  # waits before the first layer until the budget is spent
+        spent = (turn.waits, turn.waited_s)
+        turn.begin_step(0.05)
         model(x)                      # nothing in flight: no wait
-        return waits, turn.waits
+        return spent, turn.waits
 
-    # the serving() above runs in the learner's own thread only to hold a frame "in flight"
-    during, after = _in_thread(learner)
-    assert during == 4 and after == 4          # one wait before each of the 4 leaf layers
-    assert 0.04 <= turn.waited_s < 1.0
+    # serving() runs in the learner's own thread here only to hold a frame "in flight"
+    (waits, waited_s), after = _in_thread(learner)
+    assert waits == 1 and after == 1            # the budget went on one wait, then none
+    assert 0.04 <= waited_s < 1.0               # and a step is slowed by the budget at most
+    turn.begin_step(0.05)
     with turn.serving():
-        model(x)                               # serving's own thread never waits on itself
-    assert turn.waits == 4
+        model(x)                                # serving's own thread never waits on itself
+    assert turn.waits == 1
 
 
 def test_a_wait_ends_as_soon_as_the_frame_is_served():
-    turn = priority.ServingTurn(max_wait_s=5.0)
+    turn = priority.ServingTurn()
+    turn.begin_step(5.0)
     served = threading.Event()
 
     def serve():
@@ -132,7 +136,7 @@ def test_a_wait_ends_as_soon_as_the_frame_is_served():
     turn.give_way()
     thread.join()
     assert turn.waits == 1 and turn.waited_s < 1.0
-    turn.max_wait_s = 0.0
+    turn.begin_step(0.0)
     with turn.serving():
         turn.give_way()                        # yield_ms 0: never waits
     assert turn.waits == 1
