@@ -88,11 +88,13 @@ def all_finite(tensors: List[torch.Tensor]) -> bool:
     return all(bool(torch.isfinite(total)) for total in totals)
 
 
-def _fusable_groups(tensors: List[torch.Tensor]) -> List[List[torch.Tensor]]:
-    """Tensors grouped by device and dtype: what one foreach operator accepts."""
-    groups: Dict[Tuple[torch.device, torch.dtype], List[torch.Tensor]] = {}
-    for tensor in tensors:
-        groups.setdefault((tensor.device, tensor.dtype), []).append(tensor)
+def _fusable_groups(items: list, key=lambda tensor: tensor) -> List[list]:
+    """Items grouped by their tensor's (``key``) device and dtype: what one foreach operator
+    accepts."""
+    groups: Dict[Tuple[torch.device, torch.dtype], list] = {}
+    for item in items:
+        tensor = key(item)
+        groups.setdefault((tensor.device, tensor.dtype), []).append(item)
     return list(groups.values())
 
 
@@ -166,12 +168,11 @@ class Method:
         if rate <= 0:
             return
         source = self._source["model"]
-        targets = {id(p): source[n] for n, p in self.model.named_parameters()
-                   if p.requires_grad and n in source}
-        params = [p for n, p in self.model.named_parameters() if id(p) in targets]
-        for group in _fusable_groups(params):   # one fused update per device and dtype
-            torch._foreach_lerp_(group, [targets[id(p)].to(p.device, p.dtype) for p in group],
-                                 rate)
+        pairs = [(p, source[n]) for n, p in self.model.named_parameters()
+                 if p.requires_grad and n in source]
+        for group in _fusable_groups(pairs, key=lambda pair: pair[0]):   # one fused update each
+            torch._foreach_lerp_([p for p, _ in group],
+                                 [s.to(p.device, p.dtype) for p, s in group], rate)
 
     def metered_forward(self, fn, *args) -> Tuple[Any, int, int]:
         """Run ``fn`` under a passthrough meter: plain autograd, its cache measured."""
