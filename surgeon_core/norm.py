@@ -66,6 +66,7 @@ view out of the statistics and the gate (n then grows to the cap) measured worse
 overwrites fast is what works; the augmented views keep it short.
 """
 
+import functools
 from typing import List, Optional
 
 import torch
@@ -79,11 +80,13 @@ __all__ = ["RunningStatNorm2d", "ShiftGate", "convert_batchnorm", "forget_gate_r
 
 def symmetric_kl(batch_mean: torch.Tensor, batch_var: torch.Tensor, run_mean: torch.Tensor,
                  run_var: torch.Tensor, eps: float = 1e-3) -> torch.Tensor:
-    """Mean over channels of the symmetric KL between per-channel Gaussians (a 0-dim tensor)."""
-    delta2 = (batch_mean - run_mean) ** 2
-    skl = ((batch_var + eps + delta2) / (run_var + eps)
-           + (run_var + eps + delta2) / (batch_var + eps)) / 2.0 - 1.0
-    return skl.mean()
+    """Mean over channels of the symmetric KL between per-channel Gaussians (a 0-dim tensor).
+
+    Not finite exactly when a batch statistic is not (the running ones are kept finite)."""
+    batch_var, run_var = batch_var + eps, run_var + eps
+    delta2 = (batch_mean - run_mean).square()
+    twice = torch.addcdiv((batch_var + delta2) / run_var, run_var + delta2, batch_var)
+    return twice.mean() * 0.5 - 1.0
 
 
 def forget_gate_rate(batch_mean: torch.Tensor, batch_var: torch.Tensor, run_mean: torch.Tensor,
@@ -145,61 +148,103 @@ class ShiftGate:
         return self._rate
 
 
+def _finite(value: torch.Tensor) -> torch.Tensor:
+    """Whether a 0-dim tensor is finite, on the device: value - value is 0 unless it is NaN or
+    infinite (two operators; isfinite is four on the CPU)."""
+    return (value - value) == 0
+
+
+@functools.lru_cache(maxsize=64)
+def _standard(channels: int, device: torch.device, dtype: torch.dtype):
+    """Per-channel zeros and ones: statistics under which a tensor is its own x_hat."""
+    return (torch.zeros(channels, device=device, dtype=dtype),
+            torch.ones(channels, device=device, dtype=dtype))
+
+
 class _LeanAffine(torch.autograd.Function):
-    """y = weight * (x - mean) * invstd + bias without differentiating mean and invstd.
+    """y = weight * (x - mean) / sqrt(var + eps) + bias without differentiating mean and var.
 
     With ``center`` (batch statistics) the input gradient gets train-mode BatchNorm's correction,
-    dx = w * invstd * (g - mean(g) - x_hat * mean(g * x_hat)), from the saved (pruned) x_hat;
-    see NOTE [Lean normalisation].
+    dx = w * invstd * (g - mean(g) - x_hat * mean(g * x_hat)), from the saved (pruned or coded)
+    x_hat; see NOTE [Lean normalisation]. ``code_mean``/``code_var``: under running statistics,
+    the batch statistics x_hat is coded against (NOTE [Quantised x_hat]).
+
+    NOTE [Native normalisation kernels]
+    The forward is one ``batch_norm`` kernel in inference form (the statistics are given), and
+    the backward one ``native_batch_norm_backward`` fed the saved x_hat as if it were the input:
+    with mean 0 and invstd 1 it reads x_hat as it is, and weight * invstd as its weight makes its
+    input gradient ours. In training form that kernel applies the centring correction; in
+    inference form (running statistics) it does not, and there a coded x_hat is mapped onto
+    the running standardisation through the kernel's own mean and variance. One kernel each way
+    instead of about twenty elementwise ones (issue 15: a GPU step is launch-bound), and none of
+    the full-size temporaries of the elementwise form.
     """
 
     @staticmethod
-    def forward(ctx, x, weight, bias, mean, invstd, center, bits, batch_mean=None,
-                batch_invstd=None):
-        shape = (1, -1) + (1,) * (x.dim() - 2)
-        ctx.shape, ctx.center, ctx.codes, ctx.fix = shape, center, None, None
+    def forward(ctx, x, weight, bias, mean, var, eps, center, bits, code_mean=None,
+                code_var=None):
+        ctx.center, ctx.codes = center, None
+        var_eps = var + eps
+        invstd = torch.rsqrt(var_eps)
+        scale = weight * invstd
         # quantised x_hat is cheap enough to keep the correction even where gamma is frozen
         wanted = ctx.needs_input_grad[1] or (bits > 0 and center and ctx.needs_input_grad[0])
-        if not wanted:  # nothing to cache: one fused pass
-            scale = weight * invstd
-            ctx.save_for_backward(None, None, weight, invstd)
-            return torch.addcmul((bias - mean * scale).view(shape), x, scale.view(shape))
-        x_hat = torch.addcmul((-mean * invstd).view(shape), x, invstd.view(shape))
-        if bits > 0:
-            standard = x_hat
-            if batch_mean is not None:   # running statistics: code the batch-standardised x
-                standard = torch.addcmul((-batch_mean * batch_invstd).view(shape), x,
-                                         batch_invstd.view(shape))
-                ctx.fix = (invstd / batch_invstd, (batch_mean - mean) * invstd)
-            ctx.codes = (x.shape, x.numel(), x.dtype)
-            ctx.save_for_backward(*quantize_standard(standard, bits), weight, invstd)
+        if not wanted:  # nothing to cache
+            ctx.save_for_backward(None, None, scale, None, None)
+            return nn.functional.batch_norm(x, mean, var, weight, bias, False, 0.0, eps)
+        run_mean = run_var = None     # the kernel's statistics: x_hat as it is by default
+        if bits == 0:
+            x_hat = nn.functional.batch_norm(x, mean, var, None, None, False, 0.0, eps)
+            ctx.save_for_backward(x_hat, None, scale, None, None)
+            return torch.addcmul(bias.view((1, -1) + (1,) * (x.dim() - 2)), x_hat,
+                                 weight.view((1, -1) + (1,) * (x.dim() - 2)))
+        coded_invstd = invstd
+        if code_mean is not None:   # running statistics: x coded against the batch's
+            code_var_eps = code_var + eps
+            coded_invstd = torch.rsqrt(code_var_eps)
+            run_mean = (mean - code_mean) * coded_invstd
+            run_var = var_eps / code_var_eps
+            scale = weight * coded_invstd
+            center_at = code_mean
         else:
-            ctx.save_for_backward(x_hat, None, weight, invstd)
-        return torch.addcmul(bias.view(shape), x_hat, weight.view(shape))
+            center_at = mean
+        shape = (1, -1) + (1,) * (x.dim() - 2)
+        ctx.codes = (x.shape, x.numel(), x.dtype)
+        ctx.save_for_backward(*quantize_standard(x, bits, center_at.view(shape),
+                                                 coded_invstd.view(shape)),
+                              scale, run_mean, run_var)
+        return nn.functional.batch_norm(x, mean, var, weight, bias, False, 0.0, eps)
 
     @staticmethod
     def backward(ctx, grad):
-        x_hat, big, weight, invstd = ctx.saved_tensors
+        x_hat, big, scale, run_mean, run_var = ctx.saved_tensors
         if ctx.codes is not None:
             shape, numel, dtype = ctx.codes
             x_hat = dequantize_standard(x_hat, big, numel, dtype).view(shape)
-            if ctx.fix is not None:
-                scale, shift = ctx.fix
-                x_hat = torch.addcmul(shift.view(ctx.shape), x_hat, scale.view(ctx.shape))
-        dims = [0] + list(range(2, grad.dim()))
-        grad_b = grad.sum(dims)
-        grad_w = (grad * x_hat).sum(dims) if x_hat is not None else None
-        grad_x = None
-        if ctx.needs_input_grad[0]:
-            g = grad
-            if ctx.center:
-                count = grad.numel() / grad.shape[1]
-                g = g - (grad_b / count).view(ctx.shape)
-                if grad_w is not None:
-                    g = g - x_hat * (grad_w / count).view(ctx.shape)
-            grad_x = g * (weight * invstd).view(ctx.shape)
-        return (grad_x, grad_w if ctx.needs_input_grad[1] else None,
-                grad_b if ctx.needs_input_grad[2] else None, None, None, None, None, None, None)
+        wanted = ctx.needs_input_grad[:3]
+        if x_hat is None:
+            return _grads_without_x_hat(ctx, grad, scale) + (None,) * 7
+        zeros, ones = _standard(scale.numel(), scale.device, scale.dtype)
+        if ctx.center:
+            grads = torch.ops.aten.native_batch_norm_backward(
+                grad, x_hat, scale, None, None, zeros, ones, True, 0.0, list(wanted))
+        else:
+            grads = torch.ops.aten.native_batch_norm_backward(
+                grad, x_hat, scale, zeros if run_mean is None else run_mean,
+                ones if run_var is None else run_var, None, None, False, 0.0, list(wanted))
+        return tuple(g if w else None for g, w in zip(grads, wanted)) + (None,) * 7
+
+
+def _grads_without_x_hat(ctx, grad: torch.Tensor, scale: torch.Tensor):
+    """Input and bias gradients of a norm that cached nothing (its weight is frozen)."""
+    dims = [0] + list(range(2, grad.dim()))
+    grad_b = grad.sum(dims) if ctx.needs_input_grad[2] else None
+    grad_x = None
+    if ctx.needs_input_grad[0]:
+        shape = (1, -1) + (1,) * (grad.dim() - 2)
+        g = grad - grad.mean(dims, keepdim=True) if ctx.center else grad
+        grad_x = g * scale.view(shape)
+    return grad_x, None, grad_b
 
 
 STATISTICS = ("batch", "running")
@@ -254,13 +299,14 @@ class RunningStatNorm2d(nn.BatchNorm2d):
         at each forward), ``deep`` norms update their running statistics at its rate."""
         self.shift_gate, self.gate_role, self._clears_gate = gate, role, first
 
-    def _rate(self, mean, var) -> torch.Tensor:
-        """This batch's update rate for the running statistics (see ``join_gate``)."""
+    def _rate(self, mean, var):
+        """This batch's update rate for the running statistics (see ``join_gate``), and
+        whether the batch's statistics are finite (a 0-dim bool tensor: no host sync)."""
         gate, role = self.shift_gate, self.gate_role
         if gate is not None and role == "deep":
             shared = gate.rate()
             if shared is not None:
-                return shared
+                return shared, _finite((mean + var).sum())
         skl = None
         if self.gate_scale is not None or (gate is not None and role == "shallow"):
             skl = symmetric_kl(mean, var, self.running_mean, self.running_var)   # once a step
@@ -268,44 +314,42 @@ class RunningStatNorm2d(nn.BatchNorm2d):
             if self._clears_gate:
                 gate.clear()
             gate.report(skl)
+        finite = _finite((mean + var).sum() if skl is None else skl)
         if self.gate_scale is None:
-            return torch.full((), self.momentum, device=mean.device)
-        return -torch.expm1(-self.gate_scale * skl)   # forget_gate_rate, from the KL above
+            return torch.full((), self.momentum, device=mean.device), finite
+        # forget_gate_rate, from the KL above; a NaN rate would survive the lerp with itself
+        return torch.nan_to_num(-torch.expm1(-self.gate_scale * skl), nan=0.0), finite
 
     @torch.no_grad()
     def _update_statistics(self, x: torch.Tensor):
-        """Update the running statistics from ``x``; return the batch's (mean, var, finite)."""
+        """Update the running statistics from ``x``; return the batch's (mean, var), or the
+        running ones where the batch is not finite (it must not poison them)."""
         dims = [0] + list(range(2, x.dim()))
         # E[x^2] - E[x]^2: several times faster than var_mean over these dims on the CPU
         mean = x.mean(dims)
-        var = ((x * x).mean(dims) - mean * mean).clamp_(min=0.0)
-        rate = self._rate(mean, var)
-        # a non-finite batch must not poison the statistics; decided on the device, no sync,
-        # in one check (a NaN or infinity in any of them reaches the sum)
-        finite = torch.isfinite((mean + var).sum() + rate)
-        rate = torch.where(finite, rate, torch.zeros_like(rate))
-        self.running_mean.lerp_(torch.where(finite, mean, self.running_mean), rate)
-        self.running_var.lerp_(torch.where(finite, var, self.running_var), rate)
+        var = torch.addcmul((x * x).mean(dims), mean, mean, value=-1.0).clamp_(min=0.0)
+        rate, finite = self._rate(mean, var)   # finite: a rate any stand-in leaves alone
+        mean = torch.where(finite, mean, self.running_mean)
+        var = torch.where(finite, var, self.running_var)
+        self.running_mean.lerp_(mean, rate)
+        self.running_var.lerp_(var, rate)
         self._last_rate = rate
-        return mean, var, finite
+        return mean, var
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         mean, var, batch = self.running_mean, self.running_var, None
         if self.training and x.numel() > x.shape[1]:
             if self.gate_role == "deep" and self.shift_gate.lag:   # this batch's own excluded
                 mean, var = mean.clone(), var.clone()
-            batch_mean, batch_var, finite = self._update_statistics(x)
-            batch = (torch.where(finite, batch_mean, self.running_mean),
-                     torch.where(finite, batch_var, self.running_var))
+            batch = self._update_statistics(x)
             if self.statistics == "batch":
                 mean, var = batch
-        invstd = torch.rsqrt(var + self.eps)
         center = self.training and self.statistics == "batch"
         bits = self.xhat_bits if batch is not None else 0
-        if bits and not center:   # x_hat under running statistics is coded against the batch's
-            return _LeanAffine.apply(x, self.weight, self.bias, mean, invstd, center, bits,
-                                     batch[0], torch.rsqrt(batch[1] + self.eps))
-        return _LeanAffine.apply(x, self.weight, self.bias, mean, invstd, center, bits)
+        # x_hat under running statistics is coded against the batch's
+        codes = batch if bits and not center else (None, None)
+        return _LeanAffine.apply(x, self.weight, self.bias, mean, var, self.eps, center, bits,
+                                 *codes)
 
 
 def shift_gates(model: nn.Module) -> List[ShiftGate]:

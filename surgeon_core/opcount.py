@@ -13,10 +13,12 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 __all__ = ["OpCounter", "VIEWS"]
 
-# metadata-only operators: no kernel runs (autograd's AccumulateGrad detaches, for one)
+# operators that run no kernel: metadata only (autograd's AccumulateGrad detaches, for one)
 VIEWS = frozenset(("detach", "view", "_unsafe_view", "alias", "as_strided", "expand", "t",
                    "transpose", "permute", "unsqueeze", "squeeze", "slice", "select", "split",
-                   "unbind", "narrow", "_reshape_alias", "view_as_real", "lift_fresh"))
+                   "unbind", "narrow", "_reshape_alias", "view_as_real", "lift_fresh",
+                   # allocations: memory, but no kernel
+                   "empty", "empty_like", "empty_strided", "new_empty", "new_empty_strided"))
 
 
 class OpCounter(TorchDispatchMode):

@@ -148,7 +148,8 @@ def pack_bits(mask: torch.Tensor) -> torch.Tensor:
     if pad:
         flat = torch.cat([flat, flat.new_zeros(pad)])
     words = flat.contiguous().view(torch.uint8).view(torch.int64)
-    return (((words * _GATHER_BITS) >> 56) & 255).to(torch.uint8)
+    # the shift is arithmetic, so bit 7 smears upward; the cast keeps the low byte (checked)
+    return ((words * _GATHER_BITS) >> 56).to(torch.uint8)
 
 
 def unpack_bits_as(bits: torch.Tensor, numel: int, table: torch.Tensor) -> torch.Tensor:
@@ -168,28 +169,41 @@ STANDARD_LEVELS = {1: (0.7979, 0.7979), 2: (0.4528, 1.5104)}
 STANDARD_SPLIT = 0.9816
 
 
-def quantize_standard(x: torch.Tensor, bits: int):
-    """Packed codes of an (about) unit-variance tensor: (sign bits, magnitude bits or None)."""
+def quantize_standard(x: torch.Tensor, bits: int, mean: Optional[torch.Tensor] = None,
+                      invstd: Optional[torch.Tensor] = None):
+    """Packed codes of ``(x - mean) * invstd``, an (about) unit-variance tensor: (sign bits,
+    magnitude bits or None). ``mean`` and ``invstd`` broadcast against ``x`` (default 0 and 1);
+    the standardised tensor itself is never formed."""
     if bits not in STANDARD_LEVELS:
         raise ValueError("bits must be 1 or 2, got %r" % (bits,))
     with torch.no_grad():
-        sign = pack_bits(x > 0)
-        return sign, (pack_bits(x.abs() > STANDARD_SPLIT) if bits == 2 else None)
+        centre = 0.0 if mean is None else mean
+        sign = pack_bits(x > centre)
+        if bits == 1:
+            return sign, None
+        split = STANDARD_SPLIT if invstd is None else STANDARD_SPLIT / invstd
+        return sign, pack_bits((x - centre).abs() > split)
+
+
+@functools.lru_cache(maxsize=32)
+def _level_table(device: torch.device, dtype: torch.dtype, low: float,
+                 high: float) -> torch.Tensor:
+    """(256, 8) table of ``low`` where a bit is clear and ``high`` where it is set."""
+    return low + (high - low) * _bit_table(device, dtype)
 
 
 def dequantize_standard(sign: torch.Tensor, big: Optional[torch.Tensor], numel: int,
                         dtype: torch.dtype) -> torch.Tensor:
     """A flat tensor of ``numel`` reconstruction levels from ``quantize_standard``'s codes."""
     small, large = STANDARD_LEVELS[1 if big is None else 2]
-    signs = unpack_bits_as(sign, numel, _bit_table(sign.device, dtype) * 2 - 1)
-    if big is None:
-        return signs * small
-    magnitude = unpack_bits_as(big, numel, small + (large - small) * _bit_table(big.device, dtype))
-    return signs * magnitude
+    if big is None:   # one lookup straight to the levels
+        return unpack_bits_as(sign, numel, _level_table(sign.device, dtype, -small, small))
+    signs = unpack_bits_as(sign, numel, _level_table(sign.device, dtype, -1.0, 1.0))
+    return signs * unpack_bits_as(big, numel, _level_table(big.device, dtype, small, large))
 
 
 def _self_check() -> None:
-    probe = torch.rand(1003) > 0.5
+    probe = torch.cat([torch.rand(1003) > 0.5, torch.ones(16, dtype=torch.bool)])
     if not torch.equal(unpack_bits(pack_bits(probe), probe.numel()), probe):
         raise RuntimeError("surgeon: bit packing does not round-trip on this platform")
 
