@@ -66,6 +66,7 @@ view out of the statistics and the gate (n then grows to the cap) measured worse
 overwrites fast is what works; the augmented views keep it short.
 """
 
+import contextlib
 import functools
 from typing import List, Optional
 
@@ -146,6 +147,12 @@ class ShiftGate:
             self.count = ((1.0 - changed) * count + 1.0).clamp(max=self.max_count)
             self._rate = 1.0 / self.count
         return self._rate
+
+
+def _no_torch_function():
+    """A context in which no __torch_function__ mode or override runs (torch >= 2.0)."""
+    disable = getattr(torch._C, "DisableTorchFunction", None)
+    return disable() if disable is not None else contextlib.nullcontext()
 
 
 def _finite(value: torch.Tensor) -> torch.Tensor:
@@ -337,6 +344,12 @@ class RunningStatNorm2d(nn.BatchNorm2d):
         return mean, var
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # the capture layer classifies this module's saves by the module itself, so its twenty
+        # small operators need not pass through the op tracker's Python mode one by one
+        with _no_torch_function():
+            return self._forward(x)
+
+    def _forward(self, x: torch.Tensor) -> torch.Tensor:
         mean, var, batch = self.running_mean, self.running_var, None
         if self.training and x.numel() > x.shape[1]:
             if self.gate_role == "deep" and self.shift_gate.lag:   # this batch's own excluded
