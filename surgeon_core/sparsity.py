@@ -200,6 +200,12 @@ def _level_table(device: torch.device, dtype: torch.dtype, low: float,
     return low + (high - low) * _bit_table(device, dtype)
 
 
+@functools.lru_cache(maxsize=16)
+def _byte_table(device: torch.device, inside: int) -> torch.Tensor:
+    """(256, 8) uint8 table: 0 where a bit is clear, ``inside`` where it is set."""
+    return _bit_table(device, torch.uint8) * inside
+
+
 def dequantize_standard(sign: torch.Tensor, big: Optional[torch.Tensor], numel: int,
                         dtype: torch.dtype) -> torch.Tensor:
     """A flat tensor of ``numel`` reconstruction levels from ``quantize_standard``'s codes."""
@@ -246,9 +252,12 @@ class BitMask(Packed):
         return [self.bits]
 
     def unpack(self) -> torch.Tensor:
-        table = _bit_table(self.device, self.dtype)
-        if self.inside != 1.0 or self.outside != 0.0:
-            table = self.outside + (self.inside - self.outside) * table
+        if self.outside == 0.0 and self.inside in (1.0, 3.0):
+            # ReLU's and ReLU6's: the backward ops that read these (threshold, leaky ReLU and
+            # hardtanh backward) compare them and promote, so bytes do: a quarter of the memory
+            table = _byte_table(self.device, int(self.inside))
+        else:
+            table = _level_table(self.device, self.dtype, self.outside, self.inside)
         return unpack_bits_as(self.bits, self.numel, table).view(self.shape)
 
 

@@ -96,6 +96,17 @@ def test_relu_mask_gives_the_exact_relu_gradient():
     packed = BitMask(y.detach())
     assert packed.nbytes == math.ceil(42 / 8)
     assert torch.equal(torch.ops.aten.threshold_backward(grad, packed.unpack(), 0), expected)
+    assert packed.unpack().dtype == torch.uint8   # a byte an element while backward reads it
+
+
+def test_relu_mask_gives_the_exact_leaky_relu_gradient():
+    x = torch.randn(6, 7, requires_grad=True)
+    grad = torch.randn(6, 7)
+    y = torch.nn.functional.leaky_relu(x, 0.1)
+    expected = torch.autograd.grad(y, x, grad)[0]
+    restored = BitMask(y.detach()).unpack()
+    got = torch.ops.aten.leaky_relu_backward(grad, restored, 0.1, True)
+    assert torch.equal(got, expected)
 
 
 def test_hardtanh_mask_gives_the_exact_relu6_gradient():
