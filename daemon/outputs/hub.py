@@ -126,13 +126,20 @@ class VideoOutputs:
     def _loop(self) -> None:
         lower_thread_priority(OUTPUT_NICE, "output")
         while not self._stop.is_set():
-            item = self._take()
-            if item is None:
-                continue
-            try:
-                self._emit(self.render(*item))
-            except Exception:  # noqa: BLE001 - the output thread must outlive a bad frame
-                log.exception("video output round failed")
+            self._round(self._take())
+        # a frame offered while the last one was being written: the recording's final frame,
+        # written rather than lost uncounted (serving has stopped offering by now)
+        with self._cond:
+            item, self._slot = self._slot, None
+        self._round(item)
+
+    def _round(self, item: Optional[Tuple[np.ndarray, FrameInfo]]) -> None:
+        if item is None:
+            return
+        try:
+            self._emit(self.render(*item))
+        except Exception:  # noqa: BLE001 - the output thread must outlive a bad frame
+            log.exception("video output round failed")
 
     def render(self, image: np.ndarray, info: FrameInfo) -> np.ndarray:
         import cv2

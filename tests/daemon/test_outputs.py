@@ -138,6 +138,31 @@ def test_a_slow_output_drops_frames_and_never_holds_serving():
     assert slow.frames[-1] == 99                        # the newest frame is never the one lost
 
 
+def test_the_frame_offered_during_the_last_write_is_written_at_stop():
+    """Caught by the demo test on a loaded machine: one of 224 frames neither written nor
+    dropped, left in the slot when the loop saw the stop."""
+    release = threading.Event()
+
+    class Blocking(FlakySink):
+        def write(self, image):
+            release.wait(5)
+            super().write(image)
+
+    sink = Blocking("rtp://127.0.0.1:5000")
+    outputs = VideoOutputs([sink], fps=30, overlay=False, min_height=16).start()
+    outputs.offer(np.full((40, 60, 3), 1, np.uint8), _info())
+    wait_for(lambda: outputs._slot is None, timeout=5)        # taken: its write blocks
+    outputs.offer(np.full((40, 60, 3), 2, np.uint8), _info())
+    stopping = threading.Thread(target=outputs.stop)
+    stopping.start()
+    wait_for(outputs._stop.is_set, timeout=5)
+    release.set()
+    stopping.join(10)
+    stats = outputs.stats()
+    assert sink.frames == [1, 2]
+    assert stats["written"] == 2 and stats["drops"] == 0 and stats["offered"] == 2
+
+
 def test_failing_outputs_are_retried_with_backoff_and_others_go_on():
     flaky = FlakySink("rtsp://@:8554/live", fail_opens=2, fail_write_at=3)
     steady = FlakySink("file:///tmp/never-written.mp4")
