@@ -335,9 +335,18 @@ class SparseBackprop:
     def _run_chunks(self, parts, ratios: Dict[str, float], forward_loss: ForwardLoss) -> "_Run":
         """Forward and backward each part in turn; the cache reported is the largest part's
         (one part's graph is alive at a time). A non-finite loss in any part discards the
-        gradients of all: no half-accumulated update."""
+        gradients of all: no half-accumulated update.
+
+        NOTE [One read a step]
+        The loss is read on the host once, after every part's backward is queued: each read
+        before that would make a GPU finish the forward before the host could queue the
+        backward's first kernel, idling it for a launch round trip per read. A non-finite loss
+        therefore runs its backward too (into gradients that are then discarded); it is rare,
+        and it costs no more than a finite one.
+        """
         total = sum(part.shape[0] for part in parts)
         run = _Run()
+        losses = []
         for part in parts:
             with self.capture.record(ratios) as rec:
                 loss, logits = forward_loss(self.model, part)
@@ -345,15 +354,16 @@ class SparseBackprop:
             if cache >= run.cache or run.layers is None:
                 run.cache, run.layers, run.kinds = cache, rec.layers(), rec.bytes_by_kind()
             share = part.shape[0] / total
-            value = loss.detach()
-            if not bool(torch.isfinite(value)):
-                run.skipped = True
-            elif not run.skipped and loss.requires_grad:
+            # backward is queued without reading the loss first: on a GPU a host read here
+            # would drain the queue between forward and backward (NOTE [One read a step])
+            if loss.requires_grad:
                 (loss * share).backward() if share < 1 else loss.backward()
                 run.backward = True
-            run.loss += float(value) * share
+            losses.append(loss.detach() * share if share < 1 else loss.detach())
             run.outputs.append(logits.detach())
-            del loss, logits, value
+            del loss, logits
+        run.loss = float(losses[0] if len(losses) == 1 else torch.stack(losses).sum())
+        run.skipped = not math.isfinite(run.loss)   # any part's NaN or inf reaches the sum
         if run.skipped:
             self.model.zero_grad(set_to_none=True)
         run.logits = run.outputs[0] if len(run.outputs) == 1 else torch.cat(run.outputs)

@@ -211,11 +211,13 @@ class Surgeon(Method):
     def _forward_loss(self, model: nn.Module, x: torch.Tensor):
         logits = model(x)
         threshold = self.args.margin * math.log(logits.shape[1])
-        selected = int((entropy(logits.detach()) < threshold).sum())
-        self._selected += selected   # summed over the step's micro-batches
+        selected = (entropy(logits.detach()) < threshold).sum()
+        self._selected = self._selected + selected   # over the micro-batches; read after
         weight = self.args.consistency_weight
         weight = 0.01 * logits.shape[1] if weight is None else weight
-        if selected == 0 and weight <= 0:  # nothing to learn from: no backward at all
+        # read only when it decides something: with the consistency loss every step has a
+        # backward, and a read here would stall a GPU between the two forwards
+        if weight <= 0 and int(selected) == 0:  # nothing to learn from: no backward at all
             return logits.new_zeros(()), logits
         loss = css_entropy(logits, self.args.margin)
         if weight > 0:
@@ -232,7 +234,7 @@ class Surgeon(Method):
         trained = [k for k in report.keep_ratios.values() if k > 0]
         mean_keep = sum(trained) / len(trained) if trained else None
         return StepResult(report.logits, report.loss, report.cache_bytes, report.paper_bytes,
-                          updated=updated, selected=self._selected, mean_keep=mean_keep,
+                          updated=updated, selected=int(self._selected), mean_keep=mean_keep,
                           overall_keep=report.overall_keep, chunks=report.chunks)
 
 

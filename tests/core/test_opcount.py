@@ -6,6 +6,7 @@ import torch
 
 from surgeon_core.bench.memory import run_memory_benchmark
 from surgeon_core.models import cifar_resnet_by_name
+from surgeon_core.methods.surgeon import Surgeon, SurgeonArgs
 from surgeon_core.norm import RunningStatNorm2d
 from surgeon_core.opcount import OpCounter
 
@@ -50,3 +51,34 @@ def test_the_lean_norms_backward_is_one_kernel_and_its_codes_lookup(statistics, 
     lookups = {0: 0, 1: 1, 2: 2}[bits]
     assert backward.by_name["embedding"] == lookups
     assert backward.kernels <= 2 + 3 * lookups, backward.by_name
+
+
+class _Sequence(OpCounter):
+    """The operators in the order they ran."""
+
+    def __init__(self):
+        super().__init__()
+        self.names = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.names.append(func.overloadpacket.__name__)
+        return super().__torch_dispatch__(func, types, args, kwargs)
+
+
+HOST_READS = ("_local_scalar_dense", "item", "is_nonzero", "equal")
+
+
+def test_the_daemons_step_reads_nothing_on_the_host_until_its_backward_is_queued(
+        resnet20_weights):
+    """NOTE [One read a step]: a GPU's queue must not drain between the forwards and backward.
+    Reads after it (the loss, the finiteness check, Adam's step counts) end the step anyway."""
+    model = cifar_resnet_by_name("resnet20", resnet20_weights)
+    method = Surgeon(model, SurgeonArgs())
+    x = torch.rand(16, 3, 32, 32)
+    method.step(x)          # the first step probes and learns the layers
+    with _Sequence() as ops:
+        method.step(x)
+    backward = [i for i, name in enumerate(ops.names) if name.endswith("_backward")]
+    reads = [i for i, name in enumerate(ops.names) if name in HOST_READS]
+    assert backward and reads, (len(backward), len(reads))
+    assert min(reads) > max(backward), [ops.names[i] for i in reads if i < max(backward)]
