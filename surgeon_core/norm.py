@@ -285,13 +285,15 @@ class RunningStatNorm2d(nn.BatchNorm2d):
         self.gate_scale = gate_scale
         self.statistics = statistics
         self.xhat_bits = xhat_bits
-        self._last_rate = torch.zeros(())
+        self._last_rate = (torch.zeros(()), torch.ones((), dtype=torch.bool))   # (rate, finite)
         self.join_gate(None)
 
     @property
     def last_rate(self) -> float:
-        """The update rate of the latest batch (0 when it was not finite)."""
-        return float(self._last_rate)
+        """The update rate of the latest batch (0 when it was not finite; decided here, when
+        asked, not in every forward)."""
+        rate, finite = self._last_rate
+        return float(rate) if bool(finite) else 0.0
 
     @classmethod
     def from_batchnorm(cls, bn: nn.BatchNorm2d, gate_scale: Optional[float] = 1.0,
@@ -340,7 +342,7 @@ class RunningStatNorm2d(nn.BatchNorm2d):
         var = torch.where(finite, var, self.running_var)
         self.running_mean.lerp_(mean, rate)
         self.running_var.lerp_(var, rate)
-        self._last_rate = rate
+        self._last_rate = (rate, finite)
         return mean, var
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

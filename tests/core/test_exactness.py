@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from surgeon_core.capture import ActivationCapture, CapturePolicy
-from surgeon_core.norm import RunningStatNorm2d, convert_batchnorm
+from surgeon_core.norm import RunningStatNorm2d, ShiftGate, convert_batchnorm
 from surgeon_core.sparsity import select_topk
 
 from surgeon_core.models import resnet20
@@ -123,9 +123,17 @@ def test_lean_norm_moves_statistics_toward_a_shifted_batch():
     assert float(norm.running_mean.mean()) > 2.5
 
 
-def test_lean_norm_ignores_a_non_finite_batch():
+@pytest.mark.parametrize("value", [float("nan"), float("inf")])
+@pytest.mark.parametrize("role", ["own gate", "deep"])
+def test_lean_norm_ignores_a_non_finite_batch(value, role):
     norm = RunningStatNorm2d(3).train()
+    if role == "deep":   # its rate comes from the shallow norms' gate, finite whatever it sees
+        shallow, gate = RunningStatNorm2d(3).train(), ShiftGate()
+        shallow.join_gate(gate, "shallow", first=True)
+        norm.join_gate(gate, "deep")
+        shallow(torch.randn(4, 3, 2, 2) + 3.0)
     bad = torch.randn(4, 3, 2, 2)
-    bad[0, 0, 0, 0] = float("nan")
+    bad[0, 0, 0, 0] = value
     norm(bad)
     assert torch.isfinite(norm.running_mean).all() and torch.isfinite(norm.running_var).all()
+    assert norm.last_rate == 0.0
