@@ -40,8 +40,9 @@ def test_the_meter_sees_a_transient_and_not_what_was_held_before():
 def test_glibc_is_told_to_return_freed_memory():
     """In a fresh process: tensors of mixed sizes (about 200 MiB) allocated and freed, three
     times over. With the settings the resident set goes back to where it was; with glibc's
-    adaptive defaults it keeps many times more (most of them with torch 2.0 and 2.14, 23 MiB
-    with torch 2.5, whose allocations reach glibc in another pattern)."""
+    adaptive defaults it keeps many times more (most of them with torch 2.0 and 2.14; with
+    torch 2.5, whose allocations reach glibc in another pattern, 15.4 to 23 MiB across runs,
+    against 1.5 to 1.8 MiB tuned)."""
     script = ("import random, sys, torch\n"
               "from surgeon_core.allocator import before_step, tune_malloc\n"
               "from surgeon_core.peak import resident_bytes\n"
@@ -57,7 +58,7 @@ def test_glibc_is_told_to_return_freed_memory():
         out = subprocess.run([sys.executable, "-c", script, mode], capture_output=True,
                              text=True, check=True)
         kept[mode] = int(out.stdout.strip().splitlines()[-1])
-    assert kept["tuned"] < 10 * MB and kept["default"] > max(16 * MB, 8 * kept["tuned"]), kept
+    assert kept["tuned"] < 10 * MB and kept["default"] > max(8 * MB, 8 * kept["tuned"]), kept
 
 
 @linux
