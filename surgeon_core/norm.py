@@ -191,6 +191,7 @@ class _LeanAffine(torch.autograd.Function):
     def forward(ctx, x, weight, bias, mean, var, eps, center, bits, code_mean=None,
                 code_var=None):
         ctx.center, ctx.codes = center, None
+        shape = (1, -1) + (1,) * (x.dim() - 2)
         var_eps = var + eps
         invstd = torch.rsqrt(var_eps)
         scale = weight * invstd
@@ -203,8 +204,7 @@ class _LeanAffine(torch.autograd.Function):
         if bits == 0:
             x_hat = nn.functional.batch_norm(x, mean, var, None, None, False, 0.0, eps)
             ctx.save_for_backward(x_hat, None, scale, None, None)
-            return torch.addcmul(bias.view((1, -1) + (1,) * (x.dim() - 2)), x_hat,
-                                 weight.view((1, -1) + (1,) * (x.dim() - 2)))
+            return torch.addcmul(bias.view(shape), x_hat, weight.view(shape))
         coded_invstd = invstd
         if code_mean is not None:   # running statistics: x coded against the batch's
             code_var_eps = code_var + eps
@@ -215,7 +215,6 @@ class _LeanAffine(torch.autograd.Function):
             center_at = code_mean
         else:
             center_at = mean
-        shape = (1, -1) + (1,) * (x.dim() - 2)
         ctx.codes = (x.shape, x.numel(), x.dtype)
         ctx.save_for_backward(*quantize_standard(x, bits, center_at.view(shape),
                                                  coded_invstd.view(shape)),
