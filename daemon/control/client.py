@@ -5,6 +5,10 @@ Requests follow the ZMQ guide's lazy pirate pattern: a DEALER sends, polls for t
 on a fresh one, up to ``retries`` times. Every try carries the same request id, and the daemon
 answers a repeated id from its reply cache, so a retry never runs a command twice. Every try
 carries the same routing id too, since that cache is kept per client.
+
+The send has the same deadline as the reply. A DEALER's send blocks while it has no peer, and a
+daemon's CURVE authenticator that refuses this client's key removes the peer: a client with a
+revoked key would otherwise hang in send for good rather than report the daemon unreachable.
 """
 
 import json
@@ -34,7 +38,7 @@ class DaemonError(Exception):
 
 
 class Unreachable(Exception):
-    """No reply after every retry."""
+    """No reply after every retry (or no peer to send to: wrong CURVE keys look the same)."""
 
 
 class BadReply(Exception):
@@ -105,9 +109,13 @@ class ControlClient:
     def _try(self, message: bytes, rid: str, timeout: float) -> Optional[Dict[str, Any]]:
         sock = self._socket(zmq.DEALER)
         try:
+            sock.setsockopt(zmq.SNDTIMEO, max(1, int(timeout * 1000)))
             sock.connect(self.endpoint)
-            sock.send(message)
             deadline = time.monotonic() + timeout
+            try:
+                sock.send(message)
+            except zmq.Again:
+                return None
             while True:
                 left = deadline - time.monotonic()
                 if left <= 0 or not sock.poll(int(left * 1000)):

@@ -238,13 +238,18 @@ class ControlServer:
             return
         probe = self._context.socket(zmq.DEALER)
         probe.setsockopt(zmq.LINGER, 0)
+        # a send that cannot leave means a listener refused the handshake: a daemon is there too
+        probe.setsockopt(zmq.SNDTIMEO, 300)
         try:
             probe.connect(self.endpoint)
             probe.send(encode({"v": 1, "id": "probe", "cmd": "ping"}))
-            if probe.poll(300):
-                raise ControlError("another daemon already answers on %s" % self.endpoint)
+            answered = probe.poll(300)
+        except zmq.Again:
+            answered = True
         finally:
             probe.close()
+        if answered:
+            raise ControlError("another daemon already answers on %s" % self.endpoint)
 
     def _enable_curve(self) -> None:
         from zmq.auth.thread import ThreadAuthenticator

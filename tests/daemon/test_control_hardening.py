@@ -240,3 +240,61 @@ def test_a_second_daemon_cannot_take_the_sockets_of_a_stopped_one():
             if process.poll() is None:
                 process.send_signal(signal.SIGCONT)
                 process.kill()
+
+
+def test_a_client_whose_key_is_refused_reports_unreachable_instead_of_hanging(tmp_path):
+    """The daemon's authenticator drops a refused client's only peer, and a DEALER's send then
+    blocks; the CI saw surgeonctl hang there until the test timed out."""
+    import threading
+    import zmq.auth
+    from zmq.auth.thread import ThreadAuthenticator
+    from zmq.utils.monitor import recv_monitor_message
+
+    from daemon.control.client import Unreachable
+
+    context = zmq.Context.instance()
+    server_public, server_secret = zmq.curve_keypair()
+    stranger_public, stranger_secret = zmq.curve_keypair()
+    (tmp_path / "allowed").mkdir()
+    auth = ThreadAuthenticator(context)
+    auth.start()
+    auth.configure_curve(domain="*", location=str(tmp_path / "allowed"))
+    router = context.socket(zmq.ROUTER)
+    router.curve_secretkey, router.curve_publickey, router.curve_server = \
+        server_secret, server_public, True
+    endpoint = "tcp://127.0.0.1:%d" % router.bind_to_random_port("tcp://127.0.0.1")
+
+    class RefusedBeforeSend(ControlClient):
+        """Connects, then waits for the refusal, so the send comes after it every time."""
+        def _socket(self, kind):
+            sock = super()._socket(kind)
+            monitor = sock.get_monitor_socket(zmq.EVENT_HANDSHAKE_FAILED_AUTH)
+            connect = sock.connect
+
+            def connect_and_wait(address):
+                connect(address)
+                assert monitor.poll(10000), "the daemon never refused the handshake"
+                recv_monitor_message(monitor)
+                sock.disable_monitor()
+                monitor.close()
+            sock.connect = connect_and_wait
+            return sock
+
+    outcome = []
+
+    def ask():
+        client = RefusedBeforeSend(endpoint, timeout_s=0.5, retries=2,
+                                   curve=(server_public, stranger_public, stranger_secret))
+        try:
+            client.call("ping")
+        except Unreachable as exc:
+            outcome.append(exc)
+    asker = threading.Thread(target=ask, daemon=True)
+    try:
+        asker.start()
+        asker.join(20)
+        assert not asker.is_alive(), "the client hangs in send"
+        assert outcome and "after 2 tries" in str(outcome[0])
+    finally:
+        router.close()
+        auth.stop()
