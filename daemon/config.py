@@ -288,7 +288,8 @@ class DaemonConfig(_Section):
     control: ControlConfig = Field(default_factory=ControlConfig)
     checkpoints: CheckpointConfig = Field(default_factory=CheckpointConfig)
     metrics: MetricsConfig = Field(default_factory=MetricsConfig)
-    threads: int = Field(0, ge=0, description="torch CPU threads; 0 leaves torch's default")
+    threads: int = Field(0, ge=0, description="torch CPU threads; 0: half the cores while the "
+                         "learner runs (serving and learner at once), else torch's default")
     duration_s: Optional[float] = Field(None, gt=0, description="stop after this long")
     max_frames: Optional[int] = Field(None, ge=1, description="stop after this many frames")
     log_level: str = Field("INFO", pattern="^(DEBUG|INFO|WARNING|ERROR)$")

@@ -10,6 +10,17 @@ CUDA stream and the learner on a low-priority one: the GPU's scheduler then star
 kernels ahead of the learner's queued backward instead of behind it. torch 2.0 (JetPack 5)
 offers two levels, -1 (high) and 0 (low); later releases accept more, and -1 still ranks above 0.
 
+NOTE [Sharing the cores]
+Serving and the learner run at once, and torch gives each calling thread its own OpenMP team
+of, by default, as many threads as there are cores: both together ask for twice the cores,
+and a frame's kernels then wait on the learner's at every barrier. So unless told otherwise
+the daemon gives torch half the cores it may run on while the learner is on. Measured on this
+project's 2-core x86 (``surgeond bench``, BENCHMARKS.md): serving p99 with the learner on went
+from 17.5-18.5 ms to 10.1-10.9 (1.26-1.32x the learner paused, where it was 1.5-1.8x), serving
+alone from 6.0-6.6 to 4.2-5.2 ms at p50 (one frame gains nothing from a second thread), and the
+learner's step from 660-690 to 640 ms at p50. Waiting for frames in flight (``ServingTurn``)
+matters little beside it: with it off, p99 was 10.1 ms and the step 526 ms.
+
 Work crosses the streams in two places, each settled on the host so no kernel reads a tensor
 another stream is still writing: the learner's step ends with its stream synchronised (an
 operator's checkpoint or reset then reads finished weights), and a weight publish waits for
@@ -21,8 +32,9 @@ import logging
 import os
 import threading
 import time
+from typing import Optional
 
-__all__ = ["ServingTurn", "LEARNER_NICE", "OUTPUT_NICE", "SERVING_STREAM_PRIORITY",
+__all__ = ["ServingTurn", "torch_threads", "LEARNER_NICE", "OUTPUT_NICE", "SERVING_STREAM_PRIORITY",
            "LEARNER_STREAM_PRIORITY", "lower_thread_priority", "cuda_stream", "on_stream",
            "settle"]
 
@@ -32,6 +44,21 @@ LEARNER_NICE = 5      # adaptation yields the CPU to serving
 OUTPUT_NICE = 10      # encoding yields it to serving and the learner
 SERVING_STREAM_PRIORITY = -1
 LEARNER_STREAM_PRIORITY = 0
+
+
+def torch_threads(configured: int, learner_on: bool) -> Optional[int]:
+    """The torch CPU threads to set (NOTE [Sharing the cores]): ``configured`` when it is
+    positive, else half the cores this process may run on while the learner is on; None
+    (torch's own default) without a learner or where OMP_NUM_THREADS already decides."""
+    if configured > 0:
+        return configured
+    if not learner_on or os.environ.get("OMP_NUM_THREADS"):
+        return None
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        cores = os.cpu_count() or 1
+    return max(1, cores // 2)
 
 
 def lower_thread_priority(nice: int, who: str) -> None:

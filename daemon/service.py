@@ -32,7 +32,7 @@ from .model import load_model
 from .operations import Operations, OperationError
 from .outputs import FrameInfo, VideoOutputs, make_sink, missing_requirements, parse_output_uri
 from .sdnotify import Notifier
-from .priority import SERVING_STREAM_PRIORITY, cuda_stream, on_stream
+from .priority import SERVING_STREAM_PRIORITY, cuda_stream, on_stream, torch_threads
 from .serving import Preprocessor, ServingModel, describe_prediction, to_uint8
 from .sources import Grabber, UnknownSource, source_factory
 from .telemetry import JsonlWriter, Telemetry
@@ -161,8 +161,12 @@ class Daemon:
                  on_snapshot: Optional[Callable[[Dict], None]] = None):
         self.config = config
         tune_malloc(config.memory.malloc)   # NOTE [Giving memory back]
-        if config.threads:
-            torch.set_num_threads(config.threads)
+        threads = torch_threads(config.threads, config.learner.enabled)
+        if threads:   # NOTE [Sharing the cores]
+            torch.set_num_threads(threads)
+        log.info("torch CPU threads: %d%s", torch.get_num_threads(),
+                 "" if config.threads or threads is None else
+                 " (half the cores: serving and the learner run at once)")
         self.device = resolve_device(config.model.device)
         check_files(config)
         try:

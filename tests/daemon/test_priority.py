@@ -140,3 +140,27 @@ def test_a_wait_ends_as_soon_as_the_frame_is_served():
     with turn.serving():
         turn.give_way()                        # yield_ms 0: never waits
     assert turn.waits == 1
+
+
+def test_serving_and_the_learner_share_the_cores_instead_of_asking_for_twice_as_many(
+        monkeypatch):
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    monkeypatch.setattr(priority.os, "sched_getaffinity", lambda pid: set(range(6)))
+    assert priority.torch_threads(0, learner_on=True) == 3
+    assert priority.torch_threads(4, learner_on=True) == 4       # an operator's choice wins
+    assert priority.torch_threads(0, learner_on=False) is None   # serving alone: torch's own
+    monkeypatch.setattr(priority.os, "sched_getaffinity", lambda pid: {0})
+    assert priority.torch_threads(0, learner_on=True) == 1
+    monkeypatch.setenv("OMP_NUM_THREADS", "2")
+    assert priority.torch_threads(0, learner_on=True) is None    # the environment decides
+
+
+def test_the_daemon_sets_the_shared_thread_count_at_start(monkeypatch):
+    from daemon.service import Daemon
+
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    monkeypatch.setattr(priority.os, "sched_getaffinity", lambda pid: set(range(4)))
+    asked = []
+    monkeypatch.setattr(torch, "set_num_threads", asked.append)
+    Daemon(small_config("threads=0", "control.enabled=false"))
+    assert asked == [2]
