@@ -34,15 +34,32 @@ def test_the_chain_gives_torchvisions_pixels(shape, monkeypatch):
     monkeypatch.setattr(augment, "NOISE_SIGMA", 0.0)   # the final noise aside
     x = torch.rand(*shape)
     for seed in range(4):
-        expected = _torchvision_chain(x, random.Random(seed)).clamp(0.0, 1.0)
+        with monkeypatch.context() as patch:
+            patch.setattr(augment, "_adjust_hue", TF.adjust_hue)
+            expected = _torchvision_chain(x, random.Random(seed)).clamp(0.0, 1.0)
         got = augment.cotta_augment(x, random.Random(seed))
         assert got.shape == x.shape
         assert torch.allclose(got, expected, atol=1e-5), seed
 
 
-def test_hue_in_chunks_is_hue_in_one_go():
-    x = torch.rand(augment.HUE_CHUNK * 2 + 5, 3, 8, 8)
-    assert torch.allclose(augment._adjust_hue(x, 0.05), TF.adjust_hue(x, 0.05), atol=1e-6)
+@pytest.mark.parametrize("factor", [-0.5, -0.06, -0.01, 0.0, 0.03, 0.06, 0.5])
+def test_hue_is_torchvisions_in_a_few_whole_batch_operators(factor):
+    from surgeon_core.opcount import OpCounter
+
+    torch.manual_seed(0)
+    x = torch.rand(40, 3, 8, 8)
+    x[:4] = x[:4, :1]                       # grey: every channel ties
+    x[4:8, 0] = x[4:8, 1]                   # red ties green: red's formula, as torchvision
+    x[8:10, 1] = x[8:10, 2]                 # green ties blue
+    x[10:12] = 0.0
+    x[12:14] = 1.0
+    x[14:18] = (x[14:18] * 4).round() / 4   # few levels: ties and sextant edges
+    assert torch.allclose(augment._adjust_hue(x, factor), TF.adjust_hue(x, factor), atol=1e-5)
+    gray = x[:, :1]
+    assert augment._adjust_hue(gray, factor) is gray
+    with OpCounter() as ops:
+        augment._adjust_hue(torch.rand(200, 3, 32, 32), factor)
+    assert ops.total <= 30, ops.total       # torchvision's: about 60 a call, 462 in chunks
 
 
 def test_blur_valid_is_the_interior_of_torchvisions_blur():

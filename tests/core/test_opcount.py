@@ -25,14 +25,14 @@ def test_the_counter_sees_forward_and_backward_and_leaves_views_out():
 
 def test_surgeons_operator_count_is_held(resnet20_weights):
     """Measured at batch 8 with every Adam on its foreach path (CUDA's default, so the count
-    is a GPU's): full backprop 311, surgeon 1,428 (4.6x), the daemon's recipe 2,056 (6.6x) on
-    torch 2.14; 4.8x and 6.4x on torch 2.0.1 (BENCHMARKS.md). The issue's aim is 2x; this
-    holds the line where the last round left it."""
+    is a GPU's): full backprop 311, surgeon 1,497 (4.8x), the daemon's recipe 1,971 (6.3x; 6.6x
+    before the hue rotation went whole-batch) on torch 2.14; 4.7x and 6.3x on torch 2.0.1
+    (BENCHMARKS.md). The issue's aim is 2x; this holds the line where the last round left it."""
     model = cifar_resnet_by_name("resnet20", resnet20_weights)
     results = {r.config: r for r in run_memory_benchmark(model, torch.rand(8, 3, 32, 32), 1)}
     assert 250 < results["full"].ops < 450
     assert results["surgeon"].ops_ratio < 5.0, results["surgeon"].ops
-    assert results["daemon"].ops_ratio < 7.0, results["daemon"].ops
+    assert results["daemon"].ops_ratio < 6.5, results["daemon"].ops
 
 
 @pytest.mark.parametrize("statistics,bits", [("batch", 1), ("running", 1), ("batch", 0),
