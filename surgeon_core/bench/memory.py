@@ -75,6 +75,7 @@ class _Runner:
         self.kinds: Dict[str, int] = {}
         self.mean_keep: Optional[float] = None
         self.peak: Optional[int] = None
+        self.last_peak: Optional[int] = None   # a method's own meter, of its latest step
         self.ops: Optional[int] = None
         self.chunks = 1
 
@@ -96,6 +97,7 @@ class _Runner:
             result = self.method.step(x)
             self.cache, self.paper, self.chunks = (result.cache_bytes, result.paper_bytes,
                                                    result.chunks)
+            self.last_peak = result.peak_bytes
             _sync(x)
             self.times.append(time.perf_counter() - start)
             return
@@ -194,9 +196,17 @@ def run_memory_benchmark(model: nn.Module, x: torch.Tensor, steps: int = 5,
 
 def _peak_step_bytes(runner: _Runner, x: torch.Tensor) -> Optional[int]:
     """One more step under the PeakMeter (NOTE [Step peak]): CUDA's allocator peak, or on the
-    CPU the kernel's resident high-water mark; untimed."""
+    CPU the kernel's resident high-water mark; untimed. A method meters its own step; the
+    others are metered from after the free pages went back, as a method's step is (a meter
+    started before them counted the pages trimmed and touched again as nothing new: in 'trim'
+    mode every row read near 0)."""
+    if runner.method is not None:
+        runner.step(x)
+        runner.times.pop()
+        return runner.last_peak
+    before_step()
     with PeakMeter(x.device) as meter:
-        runner.step(x)          # which hands the free pages back first
+        runner.step(x)          # its own before_step finds nothing more to hand back
     runner.times.pop()
     return meter.peak_bytes
 
