@@ -34,9 +34,9 @@ import threading
 import time
 from typing import Optional
 
-__all__ = ["ServingTurn", "torch_threads", "LEARNER_NICE", "OUTPUT_NICE", "SERVING_STREAM_PRIORITY",
-           "LEARNER_STREAM_PRIORITY", "lower_thread_priority", "cuda_stream", "on_stream",
-           "settle"]
+__all__ = ["ServingTurn", "torch_threads", "LEARNER_NICE", "OUTPUT_NICE",
+           "SERVING_STREAM_PRIORITY", "LEARNER_STREAM_PRIORITY", "lower_thread_priority",
+           "cuda_stream", "on_stream", "settle"]
 
 log = logging.getLogger("surgeond.priority")
 

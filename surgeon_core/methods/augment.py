@@ -23,27 +23,27 @@ _TINY = 1e-12
 
 
 def _adjust_hue(x: torch.Tensor, factor: float) -> torch.Tensor:
-    """TF.adjust_hue's HSV round trip in about twenty whole-batch operators (issue 15: its
+    """TF.adjust_hue's HSV round trip in about fifteen whole-batch operators (issue 15: its
     version is some sixty per call and holds about 25 copies of its input; chunked for memory,
     it was 462 of the daemon recipe's 2,414 operators a step at batch 200).
 
-    Hue in sextants, ties going to red, then green, as torchvision's masks do:
-    max r: (g - b) / C, max g: 2 + (b - r) / C, max b: 4 + (r - g) / C. Back to RGB with the
-    closed form of the sector table, channel by channel n = 5, 3, 1 for r, g, b:
-    k = (n + 6h) mod 6, out = v - v * s * clamp(min(k, 4 - k), 0, 1).
+    Hue in sextants from the brightest channel (v) and the chroma C = v - min:
+    max r: (g - b) / C, max g: 2 + (b - r) / C, max b: 4 + (r - g) / C (where two channels tie
+    for brightest both formulas agree). Back to RGB with the closed form of torchvision's sector
+    table, channel by channel n = 5, 3, 1 for r, g, b, with v * s = C:
+    k = (n + 6h) mod 6, out = v - C * clamp(min(k, 4 - k), 0, 1).
     """
     if x.shape[-3] == 1:    # grayscale has no hue (as torchvision)
         return x
     minuend, subtrahend, offsets, channel_n = _hue_constants(x.device, x.dtype)
     value, brightest = x.max(dim=-3, keepdim=True)
     chroma = value - x.amin(dim=-3, keepdim=True)
-    saturation = chroma / value.clamp(min=_TINY)
     candidates = (x.index_select(-3, minuend) - x.index_select(-3, subtrahend)) \
         / chroma.clamp(min=_TINY) + offsets
     sextant = candidates.gather(-3, brightest).add_(6.0 + 6.0 * factor).remainder_(6.0)
     k = (sextant + channel_n).remainder_(6.0)
     ramp = torch.minimum(k, 4.0 - k).clamp_(0.0, 1.0)
-    return torch.addcmul(value, value * saturation, ramp, value=-1.0)
+    return torch.addcmul(value, chroma, ramp, value=-1.0)
 
 
 @functools.lru_cache(maxsize=8)
