@@ -1,4 +1,5 @@
-"""Helpers for tests that read frames from a Grabber (no torch: the GStreamer lane uses it)."""
+"""Helpers for tests that read frames from a Grabber or wait on a condition (no torch: the
+GStreamer lane uses it)."""
 
 import time
 
@@ -11,3 +12,12 @@ def drain(grabber, limit=10_000, timeout=20.0):
         if frame is not None:
             frames.append(frame)
     return frames
+
+
+def wait_for(predicate, timeout=60.0):
+    """Poll ``predicate`` until true; a fixed sleep instead flakes under load (OpenCV's
+    GStreamer backend took over 0.3 s to fail an open in the gst lane)."""
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.02)

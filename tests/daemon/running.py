@@ -1,10 +1,11 @@
 """Helpers for tests that run a daemon in-process."""
 
 import threading
-import time
 
 from daemon.config import load_config
 from daemon.service import Daemon
+
+from .grabbing import wait_for  # noqa: F401 - the daemon tests' import point
 
 REPLAY = "replay://cifar10?schedule=clean:64,gaussian_noise:4000&severity=5&seed=0"
 FAST = ["learner.batch_size=16", "learner.fresh_frames=8", "learner.min_batch_size=4",
@@ -35,10 +36,3 @@ class Running:
         self.daemon.request_stop()
         self.thread.join(30)
         assert not self.thread.is_alive()
-
-
-def wait_for(predicate, timeout=60.0):
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        assert time.monotonic() < deadline, "timed out"
-        time.sleep(0.02)

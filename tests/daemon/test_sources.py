@@ -10,7 +10,7 @@ from daemon.sources import (CaptureError, EndOfStream, Frame, FrameSource, Grabb
 from daemon.sources.replay import parse_schedule
 from surgeon_core.errors import DataNotFound
 
-from .grabbing import drain as _drain
+from .grabbing import drain as _drain, wait_for
 
 cv2 = pytest.importorskip("cv2")
 
@@ -58,8 +58,8 @@ def test_directory_skips_undecodable_files_and_comes_back_when_created(tmp_path)
     folder = tmp_path / "frames"
     grabber = Grabber(source_factory("dir://%s" % folder, SourceConfig()),
                       backoff_initial_s=0.05, backoff_max_s=0.2).start()
-    time.sleep(0.4)                                   # missing: failing with backoff
-    assert grabber.failures >= 1 and grabber.frames == 0
+    wait_for(lambda: grabber.failures >= 1, timeout=10)   # missing: failing with backoff
+    assert grabber.frames == 0
     staging = tmp_path / "staging"
     staging.mkdir()
     for i in range(5):
@@ -89,8 +89,8 @@ def test_video_file_is_read_to_the_end_and_reconnected_when_it_comes_back(tmp_pa
     factory = source_factory("file://%s" % video, config)
     video.unlink()                                          # gone after the start
     grabber = Grabber(factory, backoff_initial_s=0.05, backoff_max_s=0.2).start()
-    time.sleep(0.3)
-    assert grabber.frames == 0 and grabber.failures >= 1     # not there
+    wait_for(lambda: grabber.failures >= 1, timeout=10)   # not there
+    assert grabber.frames == 0
     _write_video(tmp_path / "tmp.avi")
     (tmp_path / "tmp.avi").rename(video)
     frames = _drain(grabber)
