@@ -75,7 +75,7 @@ class _Runner:
         self.kinds: Dict[str, int] = {}
         self.mean_keep: Optional[float] = None
         self.peak: Optional[int] = None
-        self.last_peak: Optional[int] = None   # a method's own meter, of its latest step
+        self.last_peak: Optional[int] = None   # the latest step's
         self.ops: Optional[int] = None
         self.chunks = 1
 
@@ -90,17 +90,24 @@ class _Runner:
         capture.close()
 
     def step(self, x: torch.Tensor) -> None:
+        """One timed step; ``last_peak`` is its peak, metered after the free pages went back
+        (NOTE [Giving memory back]), as ``Method.step`` meters its own."""
         _sync(x)
-        before_step()      # as Method.step does: NOTE [Giving memory back]
+        before_step()
         start = time.perf_counter()
-        if self.method is not None:   # the whole method step: its own loss and update
+        if self.method is not None:   # the whole method step: its own loss, update and meter
             result = self.method.step(x)
             self.cache, self.paper, self.chunks = (result.cache_bytes, result.paper_bytes,
                                                    result.chunks)
             self.last_peak = result.peak_bytes
-            _sync(x)
-            self.times.append(time.perf_counter() - start)
-            return
+        else:
+            with PeakMeter(x.device) as meter:
+                self._update(x)
+            self.last_peak = meter.peak_bytes
+        _sync(x)
+        self.times.append(time.perf_counter() - start)
+
+    def _update(self, x: torch.Tensor) -> None:
         if self.engine is None:
             loss, _ = _entropy_loss(self.model, x)
             loss.backward()
@@ -113,8 +120,6 @@ class _Runner:
             self.chunks = report.chunks
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
-        _sync(x)
-        self.times.append(time.perf_counter() - start)
 
 
 def _kind_names(kinds: Dict) -> Dict[str, int]:
@@ -195,20 +200,11 @@ def run_memory_benchmark(model: nn.Module, x: torch.Tensor, steps: int = 5,
 
 
 def _peak_step_bytes(runner: _Runner, x: torch.Tensor) -> Optional[int]:
-    """One more step under the PeakMeter (NOTE [Step peak]): CUDA's allocator peak, or on the
-    CPU the kernel's resident high-water mark; untimed. A method meters its own step; the
-    others are metered from after the free pages went back, as a method's step is (a meter
-    started before them counted the pages trimmed and touched again as nothing new: in 'trim'
-    mode every row read near 0)."""
-    if runner.method is not None:
-        runner.step(x)
-        runner.times.pop()
-        return runner.last_peak
-    before_step()
-    with PeakMeter(x.device) as meter:
-        runner.step(x)          # its own before_step finds nothing more to hand back
+    """One more, untimed step for its peak (NOTE [Step peak]): CUDA's allocator peak, or on
+    the CPU the kernel's resident high-water mark."""
+    runner.step(x)
     runner.times.pop()
-    return meter.peak_bytes
+    return runner.last_peak
 
 
 def _ops_per_step(runner: _Runner, x: torch.Tensor) -> int:
