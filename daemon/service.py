@@ -164,9 +164,7 @@ class Daemon:
         threads = torch_threads(config.threads, config.learner.enabled)
         if threads:   # NOTE [Sharing the cores]
             torch.set_num_threads(threads)
-        log.info("torch CPU threads: %d%s", torch.get_num_threads(),
-                 "" if config.threads or threads is None else
-                 " (half the cores: serving and the learner run at once)")
+        log.info("torch CPU threads: %d", torch.get_num_threads())
         self.device = resolve_device(config.model.device)
         check_files(config)
         try:
