@@ -246,7 +246,6 @@ def test_a_client_whose_key_is_refused_reports_unreachable_instead_of_hanging(tm
     """The daemon's authenticator drops a refused client's only peer, and a DEALER's send then
     blocks; the CI saw surgeonctl hang there until the test timed out."""
     import threading
-    import zmq.auth
     from zmq.auth.thread import ThreadAuthenticator
     from zmq.utils.monitor import recv_monitor_message
 
