@@ -66,7 +66,6 @@ view out of the statistics and the gate (n then grows to the cap) measured worse
 overwrites fast is what works; the augmented views keep it short.
 """
 
-import contextlib
 import functools
 from typing import List, Optional
 
@@ -74,6 +73,7 @@ import torch
 from torch import nn
 
 from .sparsity import dequantize_standard, quantize_standard
+from .statistics_queue import StatisticsQueue, install, no_torch_function, symmetric_kl_terms
 
 __all__ = ["RunningStatNorm2d", "ShiftGate", "convert_batchnorm", "forget_gate_rate",
            "shift_gates", "split_statistics", "symmetric_kl"]
@@ -84,10 +84,7 @@ def symmetric_kl(batch_mean: torch.Tensor, batch_var: torch.Tensor, run_mean: to
     """Mean over channels of the symmetric KL between per-channel Gaussians (a 0-dim tensor).
 
     Not finite exactly when a batch statistic is not (the running ones are kept finite)."""
-    batch_var, run_var = batch_var + eps, run_var + eps
-    delta2 = (batch_mean - run_mean).square()
-    twice = torch.addcdiv((batch_var + delta2) / run_var, run_var + delta2, batch_var)
-    return twice.mean() * 0.5 - 1.0
+    return symmetric_kl_terms(batch_mean, batch_var, run_mean, run_var, eps).mean() * 0.5 - 1.0
 
 
 def forget_gate_rate(batch_mean: torch.Tensor, batch_var: torch.Tensor, run_mean: torch.Tensor,
@@ -135,30 +132,27 @@ class ShiftGate:
         self._reports, self._rate = [], None
 
     def report(self, skl: torch.Tensor) -> None:
-        self._reports.append(skl)
+        """Shallow norms' mean KLs (a vector: NOTE [Batched statistics updates])."""
+        self._reports.append(skl.reshape(-1))
+
+    def rate_after(self, queue: StatisticsQueue) -> Optional[torch.Tensor]:
+        """``rate()``, the shallow norms' waiting updates run first: they report the KLs."""
+        if self._rate is None:
+            queue.flush()
+        return self.rate()
 
     def rate(self) -> Optional[torch.Tensor]:
         """This forward's update rate for the deep norms; None before any shallow report."""
         if self._rate is None and self._reports:
-            skl = torch.nan_to_num(torch.stack(self._reports).mean(), nan=0.0, posinf=1e4)
+            reports = self._reports
+            skl = reports[0] if len(reports) == 1 else torch.cat(reports)
+            skl = torch.nan_to_num(skl.mean(), nan=0.0, posinf=1e4)
             changed = -torch.expm1(-self.scale * skl)
             # the source statistics start as a full count: a first batch does not replace them
             count = torch.full_like(changed, self.max_count) if self.count is None else self.count
             self.count = ((1.0 - changed) * count + 1.0).clamp(max=self.max_count)
             self._rate = 1.0 / self.count
         return self._rate
-
-
-def _no_torch_function():
-    """A context in which no __torch_function__ mode or override runs (torch >= 2.0)."""
-    disable = getattr(torch._C, "DisableTorchFunction", None)
-    return disable() if disable is not None else contextlib.nullcontext()
-
-
-def _finite(value: torch.Tensor) -> torch.Tensor:
-    """Whether a 0-dim tensor is finite, on the device: value - value is 0 unless it is NaN or
-    infinite (two operators; isfinite is four on the CPU)."""
-    return (value - value) == 0
 
 
 @functools.lru_cache(maxsize=64)
@@ -168,77 +162,105 @@ def _standard(channels: int, device: torch.device, dtype: torch.dtype):
             torch.ones(channels, device=device, dtype=dtype))
 
 
-class _LeanAffine(torch.autograd.Function):
-    """y = weight * (x - mean) / sqrt(var + eps) + bias without differentiating mean and var.
+def _channel_shape(x: torch.Tensor):
+    return (1, -1) + (1,) * (x.dim() - 2)
 
-    With ``center`` (batch statistics) the input gradient gets train-mode BatchNorm's correction,
-    dx = w * invstd * (g - mean(g) - x_hat * mean(g * x_hat)), from the saved (pruned or coded)
-    x_hat; see NOTE [Lean normalisation]. ``code_mean``/``code_var``: under running statistics,
-    the batch statistics x_hat is coded against (NOTE [Quantised x_hat]).
+
+class _LeanBatchNorm(torch.autograd.Function):
+    """Train-mode BatchNorm on the batch's own statistics, which backward treats as constants
+    but for train-mode BatchNorm's centring correction (NOTE [Lean normalisation]): returns
+    (y, mean, invstd), the statistics for the running update.
 
     NOTE [Native normalisation kernels]
-    The forward is one ``batch_norm`` kernel in inference form (the statistics are given), and
-    the backward one ``native_batch_norm_backward`` fed the saved x_hat as if it were the input:
-    with mean 0 and invstd 1 it reads x_hat as it is, and weight * invstd as its weight makes its
-    input gradient ours. In training form that kernel applies the centring correction; in
-    inference form (running statistics) it does not, and there a coded x_hat is mapped onto
-    the running standardisation through the kernel's own mean and variance. One kernel each way
-    instead of about twenty elementwise ones (issue 15: a GPU step is launch-bound), and none of
-    the full-size temporaries of the elementwise form.
+    The forward is one ``native_batch_norm`` in training form: the output and the batch's
+    statistics in one pass (with ``xhat_bits=0`` it runs without the affine, and x_hat is
+    saved). The backward is one ``native_batch_norm_backward`` fed the saved x_hat as if it
+    were the input: with mean 0 and invstd 1 it reads x_hat as it is, and weight * invstd as
+    its weight makes its input gradient ours; in training form the kernel applies the
+    centring correction. One kernel each way instead of about twenty elementwise ones (issue
+    15: a GPU step is launch-bound), and none of the elementwise form's full-size temporaries.
     """
 
     @staticmethod
-    def forward(ctx, x, weight, bias, mean, var, eps, center, bits, code_mean=None,
-                code_var=None):
-        ctx.center, ctx.codes = center, None
-        shape = (1, -1) + (1,) * (x.dim() - 2)
-        var_eps = var + eps
-        invstd = torch.rsqrt(var_eps)
-        scale = weight * invstd
+    def forward(ctx, x, weight, bias, eps, bits):
+        ctx.center, ctx.codes = True, None
+        ctx.set_materialize_grads(False)   # no zeros for the statistics' gradients
+        shape = _channel_shape(x)
+        batch_norm = torch.ops.aten.native_batch_norm
         # quantised x_hat is cheap enough to keep the correction even where gamma is frozen
-        wanted = ctx.needs_input_grad[1] or (bits > 0 and center and ctx.needs_input_grad[0])
-        if not wanted:  # nothing to cache
-            ctx.save_for_backward(None, None, scale, None, None)
-            return nn.functional.batch_norm(x, mean, var, weight, bias, False, 0.0, eps)
-        run_mean = run_var = None     # the kernel's statistics: x_hat as it is by default
-        if bits == 0:
-            x_hat = nn.functional.batch_norm(x, mean, var, None, None, False, 0.0, eps)
-            ctx.save_for_backward(x_hat, None, scale, None, None)
-            return torch.addcmul(bias.view(shape), x_hat, weight.view(shape))
-        coded_invstd = invstd
-        if code_mean is not None:   # running statistics: x coded against the batch's
-            code_var_eps = code_var + eps
-            coded_invstd = torch.rsqrt(code_var_eps)
-            run_mean = (mean - code_mean) * coded_invstd
-            run_var = var_eps / code_var_eps
-            scale = weight * coded_invstd
-            center_at = code_mean
+        wanted = ctx.needs_input_grad[1] or (bits > 0 and ctx.needs_input_grad[0])
+        if wanted and bits == 0:
+            x_hat, mean, invstd = batch_norm(x, None, None, None, None, True, 0.0, eps)
+            out = torch.addcmul(bias.view(shape), x_hat, weight.view(shape))
+            saved = (x_hat, None)
         else:
-            center_at = mean
+            out, mean, invstd = batch_norm(x, weight, bias, None, None, True, 0.0, eps)
+            saved = (None, None)
+            if wanted:
+                ctx.codes = (x.shape, x.numel(), x.dtype)
+                saved = quantize_standard(x, bits, mean.view(shape), invstd.view(shape))
+        ctx.save_for_backward(*saved, weight * invstd, None, None)
+        ctx.mark_non_differentiable(mean, invstd)
+        return out, mean, invstd
+
+    @staticmethod
+    def backward(ctx, grad, _mean, _invstd):
+        if grad is None:
+            return (None,) * 5
+        return _lean_backward(ctx, grad) + (None, None)
+
+
+class _LeanAffine(torch.autograd.Function):
+    """y = weight * (x - mean) / sqrt(var + eps) + bias on given statistics (running ones, or
+    a norm in evaluation), constants in backward. ``code_mean``/``code_invstd``: the batch
+    statistics a quantised x_hat is coded against (NOTE [Quantised x_hat]); the coded x_hat
+    reaches ``native_batch_norm_backward`` (in inference form: no centring) through the
+    kernel's own mean and variance, which map it onto the running standardisation.
+    """
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, mean, var, eps, bits, code_mean=None, code_invstd=None):
+        ctx.center, ctx.codes = False, None
+        if not ctx.needs_input_grad[1]:    # nothing to cache
+            ctx.save_for_backward(None, None, weight * torch.rsqrt(var + eps), None, None)
+            return nn.functional.batch_norm(x, mean, var, weight, bias, False, 0.0, eps)
+        if bits == 0 or code_mean is None:
+            x_hat = nn.functional.batch_norm(x, mean, var, None, None, False, 0.0, eps)
+            ctx.save_for_backward(x_hat, None, weight * torch.rsqrt(var + eps), None, None)
+            return torch.addcmul(bias.view(_channel_shape(x)), x_hat,
+                                 weight.view(_channel_shape(x)))
+        shape = _channel_shape(x)
         ctx.codes = (x.shape, x.numel(), x.dtype)
-        ctx.save_for_backward(*quantize_standard(x, bits, center_at.view(shape),
-                                                 coded_invstd.view(shape)),
-                              scale, run_mean, run_var)
+        # the kernel's statistics: the coded x_hat mapped onto the running standardisation
+        ctx.save_for_backward(*quantize_standard(x, bits, code_mean.view(shape),
+                                                 code_invstd.view(shape)),
+                              weight * code_invstd, (mean - code_mean).mul_(code_invstd),
+                              (var + eps).mul_(code_invstd.square()))
         return nn.functional.batch_norm(x, mean, var, weight, bias, False, 0.0, eps)
 
     @staticmethod
     def backward(ctx, grad):
-        x_hat, big, scale, run_mean, run_var = ctx.saved_tensors
-        if ctx.codes is not None:
-            shape, numel, dtype = ctx.codes
-            x_hat = dequantize_standard(x_hat, big, numel, dtype).view(shape)
-        wanted = ctx.needs_input_grad[:3]
-        if x_hat is None:
-            return _grads_without_x_hat(ctx, grad, scale) + (None,) * 7
-        zeros, ones = _standard(scale.numel(), scale.device, scale.dtype)
-        if ctx.center:
-            grads = torch.ops.aten.native_batch_norm_backward(
-                grad, x_hat, scale, None, None, zeros, ones, True, 0.0, list(wanted))
-        else:
-            grads = torch.ops.aten.native_batch_norm_backward(
-                grad, x_hat, scale, zeros if run_mean is None else run_mean,
-                ones if run_var is None else run_var, None, None, False, 0.0, list(wanted))
-        return tuple(g if w else None for g, w in zip(grads, wanted)) + (None,) * 7
+        return _lean_backward(ctx, grad) + (None,) * 6
+
+
+def _lean_backward(ctx, grad):
+    """Input, weight and bias gradients of either lean Function from its saved x_hat."""
+    x_hat, big, scale, run_mean, run_var = ctx.saved_tensors
+    if ctx.codes is not None:
+        shape, numel, dtype = ctx.codes
+        x_hat = dequantize_standard(x_hat, big, numel, dtype).view(shape)
+    wanted = ctx.needs_input_grad[:3]
+    if x_hat is None:
+        return _grads_without_x_hat(ctx, grad, scale)
+    zeros, ones = _standard(scale.numel(), scale.device, scale.dtype)
+    if ctx.center:
+        grads = torch.ops.aten.native_batch_norm_backward(
+            grad, x_hat, scale, None, None, zeros, ones, True, 0.0, list(wanted))
+    else:
+        grads = torch.ops.aten.native_batch_norm_backward(
+            grad, x_hat, scale, zeros if run_mean is None else run_mean,
+            ones if run_var is None else run_var, None, None, False, 0.0, list(wanted))
+    return tuple(g if w else None for g, w in zip(grads, wanted))
 
 
 def _grads_without_x_hat(ctx, grad: torch.Tensor, scale: torch.Tensor):
@@ -285,6 +307,7 @@ class RunningStatNorm2d(nn.BatchNorm2d):
         self.statistics = statistics
         self.xhat_bits = xhat_bits
         self._last_rate = (torch.zeros(()), torch.ones((), dtype=torch.bool))   # (rate, finite)
+        self.statistics_queue: Optional[StatisticsQueue] = None   # the model's, once converted
         self.join_gate(None)
 
     @property
@@ -307,63 +330,68 @@ class RunningStatNorm2d(nn.BatchNorm2d):
         at each forward), ``deep`` norms update their running statistics at its rate."""
         self.shift_gate, self.gate_role, self._clears_gate = gate, role, first
 
-    def _rate(self, mean, var):
-        """This batch's update rate for the running statistics (see ``join_gate``), and
-        whether the batch's statistics are finite (a 0-dim bool tensor: no host sync)."""
-        gate, role = self.shift_gate, self.gate_role
-        if gate is not None and role == "deep":
-            shared = gate.rate()
-            if shared is not None:
-                return shared, _finite((mean + var).sum())
-        skl = None
-        if self.gate_scale is not None or (gate is not None and role == "shallow"):
-            skl = symmetric_kl(mean, var, self.running_mean, self.running_var)   # once a step
-        if gate is not None and role == "shallow":
-            if self._clears_gate:
-                gate.clear()
-            gate.report(skl)
-        finite = _finite((mean + var).sum() if skl is None else skl)
-        if self.gate_scale is None:
-            return torch.full((), self.momentum, device=mean.device), finite
-        # forget_gate_rate, from the KL above; a NaN rate would survive the lerp with itself
-        return torch.nan_to_num(-torch.expm1(-self.gate_scale * skl), nan=0.0), finite
+    def _save_to_state_dict(self, destination, prefix, keep_vars):
+        self._flush()
+        super()._save_to_state_dict(destination, prefix, keep_vars)
 
-    @torch.no_grad()
-    def _update_statistics(self, x: torch.Tensor):
-        """Update the running statistics from ``x``; return the batch's (mean, var), or the
-        running ones where the batch is not finite (it must not poison them)."""
-        dims = [0] + list(range(2, x.dim()))
-        # E[x^2] - E[x]^2: several times faster than var_mean over these dims on the CPU
-        mean = x.mean(dims)
-        var = torch.addcmul((x * x).mean(dims), mean, mean, value=-1.0).clamp_(min=0.0)
-        rate, finite = self._rate(mean, var)   # finite: a rate any stand-in leaves alone
-        mean = torch.where(finite, mean, self.running_mean)
-        var = torch.where(finite, var, self.running_var)
-        self.running_mean.lerp_(mean, rate)
-        self.running_var.lerp_(var, rate)
-        self._last_rate = (rate, finite)
-        return mean, var
+    def _load_from_state_dict(self, *args, **kwargs):
+        self._flush()   # an update waiting would land on the loaded statistics
+        super()._load_from_state_dict(*args, **kwargs)
+
+    def _flush(self) -> None:
+        queue = self.__dict__.get("statistics_queue")
+        if queue is not None:
+            queue.flush()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # the capture layer classifies this module's saves by the module itself, so its twenty
-        # small operators need not pass through the op tracker's Python mode one by one
-        with _no_torch_function():
-            return self._forward(x)
+        # the capture layer classifies this module's saves by the module itself, so its small
+        # operators need not pass through the op tracker's Python mode one by one
+        with no_torch_function():
+            queue = self.__dict__.get("statistics_queue")
+            if queue is None:   # in no model's queue: the update runs at once
+                queue = self.__dict__.setdefault("_own_queue", StatisticsQueue())
+                try:
+                    return self._forward(x, queue)
+                finally:
+                    queue.flush()
+            return self._forward(x, queue)
 
-    def _forward(self, x: torch.Tensor) -> torch.Tensor:
-        mean, var, batch = self.running_mean, self.running_var, None
-        if self.training and x.numel() > x.shape[1]:
-            if self.gate_role == "deep" and self.shift_gate.lag:   # this batch's own excluded
-                mean, var = mean.clone(), var.clone()
-            batch = self._update_statistics(x)
-            if self.statistics == "batch":
-                mean, var = batch
-        center = self.training and self.statistics == "batch"
-        bits = self.xhat_bits if batch is not None else 0
-        # x_hat under running statistics is coded against the batch's
-        codes = batch if bits and not center else (None, None)
-        return _LeanAffine.apply(x, self.weight, self.bias, mean, var, self.eps, center, bits,
-                                 *codes)
+    def _forward(self, x: torch.Tensor, queue: StatisticsQueue) -> torch.Tensor:
+        if queue.holds(self):   # run again before the forward ended: its update first
+            queue.flush()
+        if not (self.training and x.numel() > x.shape[1]):
+            return _LeanAffine.apply(x, self.weight, self.bias, self.running_mean,
+                                     self.running_var, self.eps, 0)
+        if self.statistics == "batch":
+            if self.shift_gate is not None and self._clears_gate:
+                self.shift_gate.clear()
+            out, mean, invstd = _LeanBatchNorm.apply(x, self.weight, self.bias, self.eps,
+                                                     self.xhat_bits)
+            queue.add(self, mean, invstd)
+            return out
+        mean, var, batch_mean, batch_invstd = self._running_statistics(x, queue)
+        return _LeanAffine.apply(x, self.weight, self.bias, mean, var, self.eps,
+                                 self.xhat_bits, batch_mean, batch_invstd)
+
+    @torch.no_grad()
+    def _running_statistics(self, x: torch.Tensor, queue: StatisticsQueue):
+        """The statistics a running-statistics norm normalises ``x`` with: its running ones
+        moved toward the batch's (at the shift gate's rate for a deep norm, else its own), and
+        the batch's (mean, invstd) that x_hat is coded against."""
+        _, batch_mean, batch_invstd = torch.ops.aten.native_batch_norm(
+            x, None, None, None, None, True, 0.0, self.eps)
+        gate = self.shift_gate if self.gate_role == "deep" else None
+        rate = gate.rate_after(queue) if gate is not None else None
+        queue.add(self, batch_mean, batch_invstd, rate)
+        if rate is None:    # its own gate's rate, from its own KL: the update runs now
+            queue.flush()
+            return self.running_mean, self.running_var, batch_mean, batch_invstd
+        if gate.lag:   # this batch's own statistics excluded; its update waits for the others
+            return self.running_mean, self.running_var, batch_mean, batch_invstd
+        # the queue clamps the batch variance it stores; here it only meets var + eps
+        batch_var = batch_invstd.pow(-2).sub_(self.eps)
+        return (torch.lerp(self.running_mean, batch_mean, rate),
+                torch.lerp(self.running_var, batch_var, rate), batch_mean, batch_invstd)
 
 
 def shift_gates(model: nn.Module) -> List[ShiftGate]:
@@ -393,11 +421,19 @@ def split_statistics(model: nn.Module, shallow: int, scale: float = 3.0,
 
 def convert_batchnorm(model: nn.Module, gate_scale: Optional[float] = 1.0,
                       statistics: str = "batch", xhat_bits: int = 0) -> nn.Module:
-    """Replace every ``nn.BatchNorm2d`` in ``model`` (in place) by a ``RunningStatNorm2d`` copy."""
+    """Replace every ``nn.BatchNorm2d`` in ``model`` (in place) by a ``RunningStatNorm2d`` copy;
+    their running-statistics updates run together after each forward of ``model`` (NOTE
+    [Batched statistics updates])."""
+    _convert(model, gate_scale, statistics, xhat_bits)
+    install(model, [m for m in model.modules() if isinstance(m, RunningStatNorm2d)])
+    return model
+
+
+def _convert(model: nn.Module, gate_scale: Optional[float], statistics: str,
+             xhat_bits: int) -> None:
     for name, child in list(model.named_children()):
         if isinstance(child, nn.BatchNorm2d) and not isinstance(child, RunningStatNorm2d):
             setattr(model, name, RunningStatNorm2d.from_batchnorm(child, gate_scale, statistics,
                                                                   xhat_bits))
         else:
-            convert_batchnorm(child, gate_scale, statistics, xhat_bits)
-    return model
+            _convert(child, gate_scale, statistics, xhat_bits)

@@ -16,7 +16,8 @@ __all__ = ["OpCounter", "VIEWS"]
 # operators that run no kernel: metadata only (autograd's AccumulateGrad detaches, for one)
 VIEWS = frozenset(("detach", "view", "_unsafe_view", "alias", "as_strided", "expand", "t",
                    "transpose", "permute", "unsqueeze", "squeeze", "slice", "select", "split",
-                   "unbind", "narrow", "_reshape_alias", "view_as_real", "lift_fresh",
+                   "split_with_sizes", "unbind", "narrow", "_reshape_alias", "view_as_real",
+                   "lift_fresh",
                    # allocations: memory, but no kernel
                    "empty", "empty_like", "empty_strided", "new_empty", "new_empty_strided"))
 

@@ -16,6 +16,7 @@ kept value would overflow fp16, so packing never turns finite activations into i
 
 import functools
 import math
+import sys
 from typing import List, Optional, Sequence
 
 import torch
@@ -140,6 +141,7 @@ class ShapeOnly(Dropped):
 # Gathers the low bit of each of 8 bytes into the top byte of their int64 (byte i -> bit i):
 # eight 0/1 bytes become one mask byte in two vector passes. Checked at import (_self_check).
 _GATHER_BITS = 0x0102040810204080
+_TOP_BYTE = 7 if sys.byteorder == "little" else 0
 
 
 @functools.lru_cache(maxsize=16)
@@ -156,8 +158,9 @@ def pack_bits(mask: torch.Tensor) -> torch.Tensor:
     if pad:
         flat = torch.cat([flat, flat.new_zeros(pad)])
     words = flat.contiguous().view(torch.uint8).view(torch.int64)
-    # the shift is arithmetic, so bit 7 smears upward; the cast keeps the low byte (checked)
-    return ((words * _GATHER_BITS) >> 56).to(torch.uint8)
+    # the gathered bits are each product's top byte; copied out, they are the packed mask
+    # (little-endian: byte 7; checked at import)
+    return (words * _GATHER_BITS).view(torch.uint8).view(-1, 8)[:, _TOP_BYTE].contiguous()
 
 
 def unpack_bits_as(bits: torch.Tensor, numel: int, table: torch.Tensor) -> torch.Tensor:

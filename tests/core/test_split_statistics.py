@@ -75,8 +75,8 @@ def test_running_statistics_keep_a_one_bit_code_of_x_hat():
     batch_mean = x.mean((0, 2, 3))
     batch_invstd = torch.rsqrt(x.var((0, 2, 3), unbiased=False) + 1e-5)
     grad = torch.randn_like(x)
-    _LeanAffine.apply(x, weight, bias, mean, invstd ** -2 - 1e-5, 1e-5, False, 1, batch_mean,
-                      batch_invstd ** -2 - 1e-5).backward(grad)
+    _LeanAffine.apply(x, weight, bias, mean, invstd ** -2 - 1e-5, 1e-5, 1, batch_mean,
+                      batch_invstd).backward(grad)
     shape = (1, -1, 1, 1)
     z = (x - batch_mean.view(shape)) * batch_invstd.view(shape)
     coded = torch.where(z > 0, 0.7979, -0.7979)
