@@ -3,7 +3,10 @@ and a Jetson's slow cores launch slowly, so the count predicts a launch-bound st
 
 ``OpCounter`` is a TorchDispatchMode (torch 2.0 has it), so it sees every operator below
 autograd, forward and backward alike, on any device; the CPU count is the CUDA count, which
-lets CI hold the line without a GPU. Counting slows the step; time it without.
+lets CI hold the line without a GPU. Where the code takes a CPU-only path for speed (the lean
+norms' batch statistics, NOTE [Statistics on the CPU] in norm.py), it takes the GPU's path
+while a counter runs (``gpu_path``), so the count stays the GPU's. Counting slows the step;
+time it without.
 """
 
 import collections
@@ -11,7 +14,7 @@ from typing import Counter, Dict
 
 from torch.utils._python_dispatch import TorchDispatchMode
 
-__all__ = ["OpCounter", "VIEWS"]
+__all__ = ["OpCounter", "VIEWS", "gpu_path"]
 
 # operators that run no kernel: metadata only (autograd's AccumulateGrad detaches, for one)
 VIEWS = frozenset(("detach", "view", "_unsafe_view", "alias", "as_strided", "expand", "t",
@@ -22,12 +25,28 @@ VIEWS = frozenset(("detach", "view", "_unsafe_view", "alias", "as_strided", "exp
                    "empty", "empty_like", "empty_strided", "new_empty", "new_empty_strided"))
 
 
+_counting = [0]   # counters active: a process-wide switch, for measurements only
+
+
+def gpu_path() -> bool:
+    """Whether code with a CPU-only fast path should take the GPU's path: a counter runs."""
+    return _counting[0] > 0
+
+
 class OpCounter(TorchDispatchMode):
     """``with OpCounter() as ops: step()``; then ``ops.total`` and ``ops.by_name``."""
 
     def __init__(self):
         super().__init__()
         self.by_name: Counter[str] = collections.Counter()
+
+    def __enter__(self):
+        _counting[0] += 1
+        return super().__enter__()
+
+    def __exit__(self, *exc):
+        _counting[0] -= 1
+        return super().__exit__(*exc)
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         self.by_name[func.overloadpacket.__name__] += 1

@@ -3,10 +3,12 @@ together after each forward, with the same result as one norm at a time."""
 
 import copy
 
+import pytest
 import torch
 from torch import nn
 
-from surgeon_core.norm import RunningStatNorm2d, convert_batchnorm, symmetric_kl
+from surgeon_core.norm import (RunningStatNorm2d, _train_forward, convert_batchnorm,
+                               split_statistics, symmetric_kl)
 from surgeon_core.opcount import OpCounter
 from surgeon_core.statistics_queue import StatisticsQueue
 
@@ -147,3 +149,34 @@ def test_the_update_costs_the_same_operators_for_any_number_of_norms():
                 queue.flush()
         counts.append(ops.kernels)
     assert counts[0] == counts[1] and counts[0] < 40, counts
+
+
+def _run(model, x, grad):
+    x = x.clone().requires_grad_(True)
+    out = model(x)
+    out.backward(grad)
+    grads = [x.grad] + [p.grad for p in model.parameters()]
+    return [out.detach()] + grads + [b.clone() for b in model.buffers()]
+
+
+@pytest.mark.parametrize("bits", [0, 1])
+def test_the_cpus_statistics_path_equals_the_gpus(bits):
+    """NOTE [Statistics on the CPU]: while a counter runs, the CPU takes the GPU's path (one
+    training-form kernel); outputs, gradients and running statistics agree with the CPU's."""
+    torch.manual_seed(0)
+    model = convert_batchnorm(nn.Sequential(*[
+        layer for width in (4, 4, 4) for layer in
+        (nn.Conv2d(4, width, 3, padding=1), nn.BatchNorm2d(width), nn.ReLU())]),
+        xhat_bits=bits).train()
+    split_statistics(model, 1)
+    twin = copy.deepcopy(model)
+    x, grad = torch.randn(6, 4, 5, 5) * 2 + 1, torch.randn(6, 4, 5, 5)
+    cpu = _run(model, x, grad)
+    with OpCounter() as ops:
+        gpu = _run(twin, x, grad)
+    with OpCounter():       # the GPU's kernel returns an output the CPU's path does not make
+        assert _train_forward(x, None, None, 1e-5, output=False)[0] is not None
+    assert _train_forward(x, None, None, 1e-5, output=False)[0] is None
+    assert ops.by_name["native_batch_norm_backward"] == 3
+    for got, want in zip(gpu, cpu):
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
