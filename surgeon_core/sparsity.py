@@ -204,6 +204,12 @@ def _level_table(device: torch.device, dtype: torch.dtype, low: float,
 
 
 @functools.lru_cache(maxsize=16)
+def _bit_values(device: torch.device) -> torch.Tensor:
+    """The uint8 values of bits 0..7: a mask byte ANDed with them spreads to 8 bytes."""
+    return torch.tensor([1 << bit for bit in range(8)], dtype=torch.uint8, device=device)
+
+
+@functools.lru_cache(maxsize=16)
 def _byte_table(device: torch.device, inside: int) -> torch.Tensor:
     """(256, 8) uint8 table: 0 where a bit is clear, ``inside`` where it is set."""
     return _bit_table(device, torch.uint8) * inside
@@ -255,8 +261,13 @@ class BitMask(Packed):
         return [self.bits]
 
     def unpack(self) -> torch.Tensor:
-        if self.outside == 0.0 and self.inside in (1.0, 3.0):
-            # ReLU's and ReLU6's: the backward ops that read these (threshold, leaky ReLU and
+        if self.outside == 0.0 and self.inside == 1.0:
+            # ReLU's: a bit ANDed out of its byte is 0, or its own value, inside (0, inf): one
+            # operator where a table lookup takes two (a cast, then the lookup)
+            spread = self.bits.unsqueeze(1) & _bit_values(self.device)
+            return spread.view(-1)[:self.numel].view(self.shape)
+        if self.outside == 0.0 and self.inside == 3.0:
+            # ReLU6's: the backward ops that read these masks (threshold, leaky ReLU and
             # hardtanh backward) compare them and promote, so bytes do: a quarter of the memory
             table = _byte_table(self.device, int(self.inside))
         else:

@@ -3,6 +3,7 @@ import math
 import pytest
 import torch
 
+from surgeon_core.opcount import OpCounter
 from surgeon_core.sparsity import (BitMask, Dropped, Pruned, PrunedFixed, ShapeOnly, capacity_for,
                                    pack_bits, prune, select_threshold, select_topk, unpack_bits)
 
@@ -97,6 +98,15 @@ def test_relu_mask_gives_the_exact_relu_gradient():
     assert packed.nbytes == math.ceil(42 / 8)
     assert torch.equal(torch.ops.aten.threshold_backward(grad, packed.unpack(), 0), expected)
     assert packed.unpack().dtype == torch.uint8   # a byte an element while backward reads it
+
+
+def test_a_relu_mask_unpacks_in_one_operator():
+    """Each element's bit ANDed out of its byte: positive where set (issue 15: launches)."""
+    packed = BitMask(torch.relu(torch.randn(3, 5, 7)))
+    packed.unpack()          # the bit values are built once
+    with OpCounter() as ops:
+        restored = packed.unpack()
+    assert ops.kernels == 1 and restored.shape == (3, 5, 7)
 
 
 def test_relu_mask_gives_the_exact_leaky_relu_gradient():
