@@ -25,15 +25,15 @@ def test_the_counter_sees_forward_and_backward_and_leaves_views_out():
 
 def test_surgeons_operator_count_is_held(resnet20_weights):
     """Measured at batch 8 with every Adam on its foreach path (CUDA's default, so the count
-    is a GPU's): full backprop 311, surgeon 963 (3.1x), the daemon's recipe 1,362 (4.4x) on
-    torch 2.14; 3.0x and 4.3x on torch 2.0.1. Before the norms' running statistics updated
+    is a GPU's): full backprop 311, surgeon 926 (3.0x), the daemon's recipe 1,324 (4.3x) on
+    torch 2.14; 3.0x and 4.2x on torch 2.0.1. Before the norms' running statistics updated
     together (NOTE [Batched statistics updates]) it was 4.8x and 6.3x (BENCHMARKS.md). The
     issue's aim is 2x; this holds the line where the last round left it."""
     model = cifar_resnet_by_name("resnet20", resnet20_weights)
     results = {r.config: r for r in run_memory_benchmark(model, torch.rand(8, 3, 32, 32), 1)}
     assert 250 < results["full"].ops < 450
-    assert results["surgeon"].ops_ratio < 3.4, results["surgeon"].ops
-    assert results["daemon"].ops_ratio < 4.7, results["daemon"].ops
+    assert results["surgeon"].ops_ratio < 3.3, results["surgeon"].ops
+    assert results["daemon"].ops_ratio < 4.6, results["daemon"].ops
 
 
 @pytest.mark.parametrize("statistics,bits", [("batch", 1), ("running", 1), ("batch", 0),
