@@ -373,7 +373,9 @@ class RunningStatNorm2d(nn.BatchNorm2d):
         with no_torch_function():
             queue = self.__dict__.get("statistics_queue")
             if queue is None:   # in no model's queue: the update runs at once
-                queue = self.__dict__.setdefault("_own_queue", StatisticsQueue())
+                queue = self.__dict__.get("_own_queue")
+                if queue is None:
+                    queue = self.__dict__["_own_queue"] = StatisticsQueue()
                 try:
                     return self._forward(x, queue)
                 finally:
