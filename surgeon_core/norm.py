@@ -332,6 +332,7 @@ class RunningStatNorm2d(nn.BatchNorm2d):
         self.xhat_bits = xhat_bits
         self._last_rate = (torch.zeros(()), torch.ones((), dtype=torch.bool))   # (rate, finite)
         self.statistics_queue: Optional[StatisticsQueue] = None   # the model's, once converted
+        self._own_queue = StatisticsQueue()                        # used while there is none
         self.join_gate(None)
 
     @property
@@ -363,24 +364,20 @@ class RunningStatNorm2d(nn.BatchNorm2d):
         super()._load_from_state_dict(*args, **kwargs)
 
     def _flush(self) -> None:
-        queue = self.__dict__.get("statistics_queue")
-        if queue is not None:
-            queue.flush()
+        if self.statistics_queue is not None:
+            self.statistics_queue.flush()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # the capture layer classifies this module's saves by the module itself, so its small
         # operators need not pass through the op tracker's Python mode one by one
+        alone = self.statistics_queue is None   # in no model's queue: the update runs at once
+        queue = self._own_queue if alone else self.statistics_queue
         with no_torch_function():
-            queue = self.__dict__.get("statistics_queue")
-            if queue is None:   # in no model's queue: the update runs at once
-                queue = self.__dict__.get("_own_queue")
-                if queue is None:
-                    queue = self.__dict__["_own_queue"] = StatisticsQueue()
-                try:
-                    return self._forward(x, queue)
-                finally:
+            try:
+                return self._forward(x, queue)
+            finally:
+                if alone:
                     queue.flush()
-            return self._forward(x, queue)
 
     def _forward(self, x: torch.Tensor, queue: StatisticsQueue) -> torch.Tensor:
         if queue.holds(self):   # run again before the forward ended: its update first
@@ -410,8 +407,7 @@ class RunningStatNorm2d(nn.BatchNorm2d):
         queue.add(self, batch_mean, batch_invstd, rate)
         if rate is None:    # its own gate's rate, from its own KL: the update runs now
             queue.flush()
-            return self.running_mean, self.running_var, batch_mean, batch_invstd
-        if gate.lag:   # this batch's own statistics excluded; its update waits for the others
+        if rate is None or gate.lag:   # lag: this batch's own statistics excluded
             return self.running_mean, self.running_var, batch_mean, batch_invstd
         # the queue clamps the batch variance it stores; here it only meets var + eps
         batch_var = batch_invstd.pow(-2).sub_(self.eps)

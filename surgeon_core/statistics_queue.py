@@ -62,6 +62,7 @@ class _Layout:
                                    for c in range(n)], device=device)
         self.table = (len(norms), widest)
         self.half_mean = torch.tensor([0.5 / n for n in counts], device=device, dtype=dtype)
+        self.zero = torch.zeros((), device=device, dtype=dtype)
         self.eps = torch.cat([torch.full((n,), m.eps, device=device, dtype=dtype)
                               for m, n in zip(norms, counts)])
         scales = [m.gate_scale for m in norms]
@@ -99,7 +100,6 @@ class StatisticsQueue:
         self._means: List[torch.Tensor] = []
         self._invstds: List[torch.Tensor] = []
         self._given: List[Optional[torch.Tensor]] = []
-        self._ids = set()
 
     def __call__(self, module, inputs, output) -> None:
         self.flush()
@@ -116,14 +116,13 @@ class StatisticsQueue:
         return copy
 
     def holds(self, norm: nn.Module) -> bool:
-        return id(norm) in self._ids
+        return any(m is norm for m in self._norms)
 
     def add(self, norm: nn.Module, mean: torch.Tensor, invstd: torch.Tensor,
             rate: Optional[torch.Tensor] = None) -> None:
         """Queue ``norm``'s update from a batch's ``mean`` and ``invstd`` (as
         ``native_batch_norm`` returns them); ``rate``: the caller's, else the norm's own."""
         self._norms.append(norm)
-        self._ids.add(id(norm))
         self._means.append(mean)
         self._invstds.append(invstd)
         self._given.append(rate)
@@ -165,7 +164,7 @@ def _update(norms, means, invstds, given, layout: _Layout) -> None:
         rate = torch.where(layout.fixed, layout.momenta, rate)
     if any(g is not None for g in given):
         rate = _with_given(rate, given)
-    rate = torch.where(finite, rate, 0.0)
+    rate = torch.where(finite, rate, layout.zero)
     held = run_mean.dtype     # the kernel's statistics are fp32 even for fp16 buffers
     per_channel = rate.index_select(0, layout.segment).to(held).split(layout.counts)
     # zeroed, a non-finite batch value times a rate of 0 leaves the running value as it was
