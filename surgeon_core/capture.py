@@ -51,6 +51,7 @@ from torch import nn
 
 from .errors import CaptureError
 from .norm import RunningStatNorm2d
+from .opcount import gpu_path
 from .pool_indices import pack_pool_indices
 from .roles import Decision, OpTracker, Role, classify_module, classify_op, storage_key
 from .sparsity import (VALUE_DTYPES, SELECTIONS, BitMask, Cast, Exact, Packed, ShapeOnly,
@@ -92,8 +93,11 @@ class CapturePolicy:
         check_keep_ratio("default_keep", self.default_keep)
 
     def sync_free_on(self, device: torch.device) -> bool:
-        """Whether pruned tensors on ``device`` use the sync-free form."""
-        return self.sync_free if self.sync_free is not None else device.type == "cuda"
+        """Whether pruned tensors on ``device`` use the sync-free form (a CUDA device's, and
+        an operator counter's: ``opcount.gpu_path``)."""
+        if self.sync_free is not None:
+            return self.sync_free
+        return device.type == "cuda" or gpu_path()
 
     @classmethod
     def lossless(cls) -> "CapturePolicy":

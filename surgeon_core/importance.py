@@ -28,17 +28,20 @@ def gradient_importance(weight_of: Callable[[str], Optional[torch.Tensor]],
                         layers) -> Dict[str, float]:
     """RMS of each named layer's weight gradient; layers without a gradient are left out.
 
-    ``weight_of`` maps a layer key to its parameter (``ActivationCapture.weight_of``). All norms
-    are read back in one transfer.
+    ``weight_of`` maps a layer key to its parameter (``ActivationCapture.weight_of``). The norms
+    come from one multi-tensor operator and are read back in one transfer.
     """
-    names, norms = [], []
+    names, grads = [], []
     for name in layers:
         weight = weight_of(name)
         if weight is not None and weight.grad is not None:
-            grad = weight.grad.detach().float()
             names.append(name)
-            norms.append(grad.norm() / math.sqrt(grad.numel()))
-    return dict(zip(names, torch.stack(norms).tolist())) if norms else {}
+            grads.append(weight.grad.detach().float())
+    if not grads:
+        return {}
+    norms = torch.stack(torch._foreach_norm(grads)).tolist()
+    return {name: norm / math.sqrt(grad.numel())
+            for name, norm, grad in zip(names, norms, grads)}
 
 
 def memory_importance(sizes: Mapping[str, int]) -> Dict[str, float]:
@@ -89,7 +92,7 @@ def pruned_cost(numel: float, keep: float, value_bytes: int, sync_free: bool = F
     numel = math.ceil(numel)
     mask_bytes = math.ceil(numel / 8)
     if sync_free:
-        return mask_bytes + value_bytes * capacity_for(numel, keep, selection)
+        return mask_bytes + value_bytes * (capacity_for(numel, keep, selection) + 1)  # slot 0
     if selection == "threshold" and keep < 1:
         keep = min(1.0, keep + sampling_margin(keep))
     kept = keep * numel + 1  # rounding of the kept count

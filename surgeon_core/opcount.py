@@ -3,9 +3,10 @@ and a Jetson's slow cores launch slowly, so the count predicts a launch-bound st
 
 ``OpCounter`` is a TorchDispatchMode (torch 2.0 has it), so it sees every operator below
 autograd, forward and backward alike, on any device; the CPU count is the CUDA count, which
-lets CI hold the line without a GPU. Where the code takes a CPU-only path for speed (the lean
-norms' batch statistics, NOTE [Statistics on the CPU] in norm.py), it takes the GPU's path
-while a counter runs (``gpu_path``), so the count stays the GPU's. Counting slows the step;
+lets CI hold the line without a GPU. Where the code takes a CPU-only path (the lean norms'
+batch statistics, NOTE [Statistics on the CPU] in norm.py; pruned tensors' exact-count form,
+NOTE [Sync-free packing] in sparsity.py), it takes the GPU's path while a counter runs
+(``gpu_path``), so the count stays the GPU's. Counting slows the step;
 time it without.
 """
 

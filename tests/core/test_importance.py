@@ -11,6 +11,7 @@ from surgeon_core.importance import (CacheProfile, gradient_importance, keep_rat
                                      memory_importance, solve_budget)
 from surgeon_core.models import resnet20
 from surgeon_core.norm import convert_batchnorm
+from surgeon_core.opcount import OpCounter
 
 
 def test_memory_importance_is_log_of_total_over_size():
@@ -23,6 +24,20 @@ def test_gradient_importance_is_rms_keyed_by_name():
     model[0].weight.grad = torch.tensor([[3.0, 0.0], [0.0, 4.0]])
     weights = {"0": model[0].weight}
     assert gradient_importance(weights.get, ["0"]) == {"0": pytest.approx(2.5)}
+
+
+def test_gradient_importance_of_many_layers_costs_one_norm_operator():
+    """Issue 15: a layer's norm was two operators; all layers' now come from one."""
+    layers = {str(i): nn.Parameter(torch.randn(4, i + 1)) for i in range(12)}
+    for weight in layers.values():
+        weight.grad = torch.randn_like(weight)
+    with OpCounter() as ops:
+        scores = gradient_importance(layers.get, list(layers) + ["absent"])
+    assert ops.kernels <= 2, ops.by_name     # the norms, and their stack for one read
+    for name, weight in layers.items():
+        rms = float(weight.grad.pow(2).mean().sqrt())
+        assert scores[name] == pytest.approx(rms, rel=1e-5)
+    assert "absent" not in scores
 
 
 def test_paper_variant_min_max_normalises_both_terms():

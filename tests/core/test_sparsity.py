@@ -4,8 +4,9 @@ import pytest
 import torch
 
 from surgeon_core.opcount import OpCounter
-from surgeon_core.sparsity import (BitMask, Dropped, Pruned, PrunedFixed, ShapeOnly, capacity_for,
-                                   pack_bits, prune, select_threshold, select_topk, unpack_bits)
+from surgeon_core.sparsity import (QUANTILE_SAMPLE, BitMask, Dropped, Pruned, PrunedFixed,
+                                   ShapeOnly, capacity_for, pack_bits, prune, select_threshold,
+                                   select_topk, unpack_bits)
 
 
 @pytest.mark.parametrize("n", [1, 7, 8, 9, 1000, 4099])
@@ -144,7 +145,7 @@ def test_sync_free_form_holds_its_capacity_and_a_bitmask():
     t = torch.randn(100_000)
     packed = prune(t, 0.25, "threshold", torch.float16, sync_free=True)
     capacity = capacity_for(t.numel(), 0.25, "threshold")
-    assert packed.nbytes == math.ceil(t.numel() / 8) + 2 * capacity
+    assert packed.nbytes == math.ceil(t.numel() / 8) + 2 * (capacity + 1)   # and slot 0's zero
     assert abs(packed.kept / t.numel() - 0.25) <= 0.01
 
 
@@ -159,3 +160,38 @@ def test_sync_free_fp16_saturates_instead_of_overflowing():
     t = torch.tensor([1e6, 1.0, -2e5, 0.5])
     out = prune(t, 1.0, value_dtype=torch.float16, sync_free=True).unpack()
     assert torch.isfinite(out).all() and out[0] == 65504.0 and out[1] == 1.0
+
+
+def test_the_threshold_is_four_operators_and_reads_the_same_positions_every_call():
+    """NOTE [Fixed sample positions]: one gather from positions drawn once per size, where a
+    fresh draw cost two operators more (issue 15: launches)."""
+    t = torch.randn(4 * QUANTILE_SAMPLE)
+    select_threshold(t, 0.3)
+    with OpCounter() as ops:
+        first = select_threshold(t, 0.3)
+    assert ops.kernels == 4, ops.by_name
+    assert torch.equal(first, select_threshold(t.clone(), 0.3))
+
+
+def test_sample_positions_do_not_alias_with_a_power_of_two_layout():
+    """Activations are often (batch, 2^a, 2^b, 2^b): a strided sample could read one column.
+    A tensor whose last column alone is large keeps half of it, and only it, at keep 1/64."""
+    t = torch.rand(128, 16, 32, 32)
+    t[..., -1] += 10.0
+    mask = select_threshold(t.reshape(-1), 1 / 64).view(t.shape)
+    assert 0.45 < float(mask[..., -1].float().mean()) < 0.55 and not mask[..., :-1].any()
+
+
+@pytest.mark.parametrize("value_dtype", [torch.float16, torch.float32])
+def test_the_sync_free_form_packs_and_unpacks_in_few_operators(value_dtype):
+    """NOTE [Sync-free packing]: it was 15 operators to pack and 11 to unpack (issue 15)."""
+    t = torch.randn(16, 8, 12, 12)
+    mask = select_topk(t.reshape(-1), 0.4)
+    with OpCounter() as packing:
+        packed = PrunedFixed(t, mask, capacity_for(t.numel(), 0.4, "topk"), value_dtype)
+    with OpCounter() as unpacking:
+        restored = packed.unpack()
+    fp16 = value_dtype == torch.float16
+    assert packing.kernels <= 10 + 2 * fp16, packing.by_name    # a clamp and a cast for fp16
+    assert unpacking.kernels <= 5 + fp16, unpacking.by_name
+    assert torch.equal(restored, Pruned(t, mask, value_dtype).unpack())
