@@ -72,6 +72,7 @@ from typing import List, Optional
 import torch
 from torch import nn
 
+from .backward_constants import BackwardConstants
 from .opcount import gpu_path
 from .sparsity import dequantize_standard, quantize_standard
 from .statistics_queue import StatisticsQueue, install, no_torch_function, symmetric_kl_terms
@@ -207,7 +208,7 @@ class _LeanBatchNorm(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, x, weight, bias, eps, bits):
+    def forward(ctx, x, weight, bias, eps, bits, queue=None):
         ctx.center, ctx.codes = True, None
         ctx.set_materialize_grads(False)   # no zeros for the statistics' gradients
         shape = _channel_shape(x)
@@ -223,15 +224,16 @@ class _LeanBatchNorm(torch.autograd.Function):
             if wanted:
                 ctx.codes = (x.shape, x.numel(), x.dtype)
                 saved = quantize_standard(x, bits, mean.view(shape), invstd.view(shape))
-        ctx.save_for_backward(*saved, weight * invstd, None, None)
+        ctx.save_for_backward(*saved)
+        ctx.constants = _deferred(queue, BackwardConstants(weight, invstd.detach()))
         ctx.mark_non_differentiable(mean, invstd)
         return out, mean, invstd
 
     @staticmethod
     def backward(ctx, grad, _mean, _invstd):
         if grad is None:
-            return (None,) * 5
-        return _lean_backward(ctx, grad) + (None, None)
+            return (None,) * 6
+        return _lean_backward(ctx, grad) + (None, None, None)
 
 
 class _LeanAffine(torch.autograd.Function):
@@ -243,33 +245,42 @@ class _LeanAffine(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, x, weight, bias, mean, var, eps, bits, code_mean=None, code_invstd=None):
+    def forward(ctx, x, weight, bias, mean, var, eps, bits, code_mean=None, code_invstd=None,
+                queue=None):
         ctx.center, ctx.codes = False, None
         if not ctx.needs_input_grad[1]:    # nothing to cache
-            ctx.save_for_backward(None, None, weight * torch.rsqrt(var + eps), None, None)
+            ctx.save_for_backward(None, None)
+            ctx.constants = _deferred(queue, BackwardConstants(weight, None, var=var, eps=eps))
             return nn.functional.batch_norm(x, mean, var, weight, bias, False, 0.0, eps)
         if bits == 0 or code_mean is None:
             x_hat = nn.functional.batch_norm(x, mean, var, None, None, False, 0.0, eps)
-            ctx.save_for_backward(x_hat, None, weight * torch.rsqrt(var + eps), None, None)
+            ctx.save_for_backward(x_hat, None)
+            ctx.constants = _deferred(queue, BackwardConstants(weight, None, var=var, eps=eps))
             return torch.addcmul(bias.view(_channel_shape(x)), x_hat,
                                  weight.view(_channel_shape(x)))
         shape = _channel_shape(x)
         ctx.codes = (x.shape, x.numel(), x.dtype)
-        # the kernel's statistics: the coded x_hat mapped onto the running standardisation
         ctx.save_for_backward(*quantize_standard(x, bits, code_mean.view(shape),
-                                                 code_invstd.view(shape)),
-                              weight * code_invstd, (mean - code_mean).mul_(code_invstd),
-                              (var + eps).mul_(code_invstd.square()))
+                                                 code_invstd.view(shape)))
+        # the kernel's statistics: the coded x_hat mapped onto the running standardisation
+        ctx.constants = _deferred(queue, BackwardConstants(weight, code_invstd, mean, var, eps,
+                                                           code_mean))
         return nn.functional.batch_norm(x, mean, var, weight, bias, False, 0.0, eps)
 
     @staticmethod
     def backward(ctx, grad):
-        return _lean_backward(ctx, grad) + (None,) * 6
+        return _lean_backward(ctx, grad) + (None,) * 7
+
+
+def _deferred(queue: Optional[StatisticsQueue], constants: BackwardConstants):
+    """``constants``, left for ``queue``'s next flush (NOTE [Deferred backward constants])."""
+    return queue.defer(constants) if queue is not None else constants
 
 
 def _lean_backward(ctx, grad):
     """Input, weight and bias gradients of either lean Function from its saved x_hat."""
-    x_hat, big, scale, run_mean, run_var = ctx.saved_tensors
+    x_hat, big = ctx.saved_tensors
+    scale, run_mean, run_var = ctx.constants.values()
     if ctx.codes is not None:
         shape, numel, dtype = ctx.codes
         x_hat = dequantize_standard(x_hat, big, numel, dtype).view(shape)
@@ -384,17 +395,17 @@ class RunningStatNorm2d(nn.BatchNorm2d):
             queue.flush()
         if not (self.training and x.numel() > x.shape[1]):
             return _LeanAffine.apply(x, self.weight, self.bias, self.running_mean,
-                                     self.running_var, self.eps, 0)
+                                     self.running_var, self.eps, 0, None, None, queue)
         if self.statistics == "batch":
             if self.shift_gate is not None and self._clears_gate:
                 self.shift_gate.clear()
             out, mean, invstd = _LeanBatchNorm.apply(x, self.weight, self.bias, self.eps,
-                                                     self.xhat_bits)
+                                                     self.xhat_bits, queue)
             queue.add(self, mean, invstd)
             return out
         mean, var, batch_mean, batch_invstd = self._running_statistics(x, queue)
         return _LeanAffine.apply(x, self.weight, self.bias, mean, var, self.eps,
-                                 self.xhat_bits, batch_mean, batch_invstd)
+                                 self.xhat_bits, batch_mean, batch_invstd, queue)
 
     @torch.no_grad()
     def _running_statistics(self, x: torch.Tensor, queue: StatisticsQueue):

@@ -17,7 +17,9 @@ ends (a forward hook on the model), in about 30 operators whatever the number of
     ``_foreach_lerp_`` of the running means and variances, the batch's non-finite values
     zeroed first so that a rate of 0 leaves the running value exactly as it was.
 
-The queue also runs when a norm is about to run a second time in one forward, when a deep norm
+The queue also computes the norms' backward constants that wait (NOTE [Deferred backward
+constants] in backward_constants.py). It runs when a norm is about to run a second time in one
+forward, when a deep norm
 asks the shift gate for its rate (the shallow norms' KLs are the gate's input), and before a
 norm's state is saved, loaded, or used in evaluation. A norm in no model's queue runs its own
 at once.
@@ -28,6 +30,8 @@ from typing import Dict, List, Optional, Tuple
 
 import torch
 from torch import nn
+
+from .backward_constants import BackwardConstants, compute_all
 
 KL_EPS = 1e-3   # added to both variances in the KL, as MECTA does
 
@@ -100,6 +104,7 @@ class StatisticsQueue:
         self._means: List[torch.Tensor] = []
         self._invstds: List[torch.Tensor] = []
         self._given: List[Optional[torch.Tensor]] = []
+        self._constants: List[BackwardConstants] = []
 
     def __call__(self, module, inputs, output) -> None:
         self.flush()
@@ -127,13 +132,19 @@ class StatisticsQueue:
         self._invstds.append(invstd)
         self._given.append(rate)
 
+    def defer(self, constants: BackwardConstants) -> BackwardConstants:
+        """Compute ``constants`` with the others at the next flush."""
+        self._constants.append(constants)
+        return constants
+
     def flush(self) -> None:
-        if not self._norms:
-            return
         norms, means, invstds, given = self._norms, self._means, self._invstds, self._given
+        constants = self._constants
         self._clear()
         with torch.no_grad(), no_torch_function():
-            _update(norms, means, invstds, given, self._layout(norms, means[0]))
+            compute_all(constants)   # first: some read running statistics the update moves
+            if norms:
+                _update(norms, means, invstds, given, self._layout(norms, means[0]))
 
     def _layout(self, norms: List[nn.Module], like: torch.Tensor) -> _Layout:
         # what a layout depends on may be set after conversion (roles, momentum)

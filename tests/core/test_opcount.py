@@ -24,16 +24,18 @@ def test_the_counter_sees_forward_and_backward_and_leaves_views_out():
 
 
 def test_surgeons_operator_count_is_held(resnet20_weights):
-    """Measured at batch 8 with every Adam on its foreach path (CUDA's default, so the count
-    is a GPU's): full backprop 311, surgeon 926 (3.0x), the daemon's recipe 1,324 (4.3x) on
-    torch 2.14; 3.0x and 4.2x on torch 2.0.1. Before the norms' running statistics updated
-    together (NOTE [Batched statistics updates]) it was 4.8x and 6.3x (BENCHMARKS.md). The
-    issue's aim is 2x; this holds the line where the last round left it."""
+    """Measured at batch 8 with every Adam on its foreach path and pruned tensors in the GPU's
+    sync-free form (CUDA's defaults, so the count is a GPU's): full backprop 311, surgeon 927
+    (3.0x), the daemon's recipe 1,177 (3.8x) on torch 2.14. The sync-free form counted 1,240
+    (4.0x) before its packing was cut (NOTE [Sync-free packing]); the daemon counted 1,324
+    (4.3x) before the norms' backward constants were computed together (NOTE [Deferred
+    backward constants]); both were 4.8x and 6.3x before the running statistics were
+    (BENCHMARKS.md). The issue's aim is 2x; this holds the line where this round left it."""
     model = cifar_resnet_by_name("resnet20", resnet20_weights)
     results = {r.config: r for r in run_memory_benchmark(model, torch.rand(8, 3, 32, 32), 1)}
     assert 250 < results["full"].ops < 450
-    assert results["surgeon"].ops_ratio < 3.3, results["surgeon"].ops
-    assert results["daemon"].ops_ratio < 4.6, results["daemon"].ops
+    assert results["surgeon"].ops_ratio < 3.1, results["surgeon"].ops
+    assert results["daemon"].ops_ratio < 3.9, results["daemon"].ops
 
 
 @pytest.mark.parametrize("statistics,bits", [("batch", 1), ("running", 1), ("batch", 0),
