@@ -44,6 +44,7 @@ from torch import nn
 from torch.nn import functional as F
 from torch.overrides import TorchFunctionMode
 
+from .frozen_conv import frozen_weight_call
 from .pool_indices import pool_geometry
 
 __all__ = ["Role", "Decision", "OpTracker", "classify_op", "classify_module", "storage_key"]
@@ -112,10 +113,12 @@ class OpTracker(TorchFunctionMode):
         if inner is not None:
             with self:
                 return inner(*args, **kwargs)
+        # NOTE [Frozen-weight convolutions] in frozen_conv.py
+        call = frozen_weight_call(func, args, kwargs) or (lambda: func(*args, **kwargs))
         previous = self.current
         self.current = Call(getattr(func, "__name__", ""), args, kwargs)
         try:
-            return func(*args, **kwargs)
+            return call()
         finally:
             self.current = previous
 
