@@ -151,8 +151,12 @@ def _bit_table(device: torch.device, dtype: torch.dtype = torch.float32) -> torc
     return ((torch.arange(256, device=device).unsqueeze(1) >> shifts) & 1).to(dtype)
 
 
-def pack_bits(mask: torch.Tensor) -> torch.Tensor:
-    """Pack a bool tensor into uint8, 8 elements per byte (element i -> bit i % 8)."""
+def pack_bits(mask: torch.Tensor, consume: bool = False) -> torch.Tensor:
+    """Pack a bool tensor into uint8, 8 elements per byte (element i -> bit i % 8).
+
+    ``consume``: ``mask`` is the caller's own temporary, and the products are formed in its
+    memory (no second mask-sized buffer at the step's peak); its values are lost.
+    """
     flat = mask.reshape(-1)
     pad = (-flat.numel()) % 8
     if pad:
@@ -160,7 +164,8 @@ def pack_bits(mask: torch.Tensor) -> torch.Tensor:
     words = flat.contiguous().view(torch.uint8).view(torch.int64)
     # the gathered bits are each product's top byte; copied out, they are the packed mask
     # (little-endian: byte 7; checked at import)
-    return (words * _GATHER_BITS).view(torch.uint8).view(-1, 8)[:, _TOP_BYTE].contiguous()
+    products = words.mul_(_GATHER_BITS) if consume else words * _GATHER_BITS
+    return products.view(torch.uint8).view(-1, 8)[:, _TOP_BYTE].contiguous()
 
 
 def unpack_bits_as(bits: torch.Tensor, numel: int, table: torch.Tensor) -> torch.Tensor:
@@ -189,11 +194,11 @@ def quantize_standard(x: torch.Tensor, bits: int, mean: Optional[torch.Tensor] =
         raise ValueError("bits must be 1 or 2, got %r" % (bits,))
     with torch.no_grad():
         centre = 0.0 if mean is None else mean
-        sign = pack_bits(x > centre)
+        sign = pack_bits(x > centre, consume=True)
         if bits == 1:
             return sign, None
         split = STANDARD_SPLIT if invstd is None else STANDARD_SPLIT / invstd
-        return sign, pack_bits((x - centre).abs() > split)
+        return sign, pack_bits((x - centre).abs() > split, consume=True)
 
 
 @functools.lru_cache(maxsize=32)
@@ -252,7 +257,7 @@ class BitMask(Packed):
             inside = tensor > lo
             if not math.isinf(hi):
                 inside &= tensor < hi
-            self.bits = pack_bits(inside)
+            self.bits = pack_bits(inside, consume=True)
         self.device = tensor.device
         self.inside = 1.0 if math.isinf(hi) else (lo + hi) / 2.0
         self.outside = lo
@@ -386,7 +391,7 @@ class PrunedFixed(Packed):
         if value_dtype == torch.float16 and flat.dtype != torch.float16:
             slots.clamp_(-_FP16_MAX, _FP16_MAX)
         self.values = slots.to(value_dtype)     # slot 0 included: unpacking reads its zero
-        self.bits = pack_bits(mask)
+        self.bits = pack_bits(mask, consume=True)   # our own: the capacity-cut copy
         self._kept_t = number[-1].clamp(max=capacity)
 
     @property

@@ -195,3 +195,15 @@ def test_the_sync_free_form_packs_and_unpacks_in_few_operators(value_dtype):
     assert packing.kernels <= 10 + 2 * fp16, packing.by_name    # a clamp and a cast for fp16
     assert unpacking.kernels <= 5 + fp16, unpacking.by_name
     assert torch.equal(restored, Pruned(t, mask, value_dtype).unpack())
+
+
+@pytest.mark.parametrize("n", [64, 1003])
+def test_packing_a_consumed_mask_forms_the_products_in_its_memory(n):
+    """A mask the caller made for packing alone is multiplied in place: one mask-sized buffer
+    less at the moment the step peaks (issue 15); the bits are the same."""
+    mask = torch.rand(n) > 0.5
+    expected = pack_bits(mask)
+    with OpCounter() as ops:
+        bits = pack_bits(mask.clone(), consume=True)
+    assert torch.equal(bits, expected)
+    assert ops.by_name["mul_"] == 1 and "mul" not in ops.by_name
