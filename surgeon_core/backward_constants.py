@@ -14,7 +14,8 @@ channels, in every forward: ResNet-20 in the daemon's recipe launched about 140 
 (issue 15). Nothing reads them before backward, so each norm's forward leaves its inputs here
 and the model's statistics queue (NOTE [Batched statistics updates]) computes them for every
 norm together when the forward ends: at most nine multi-tensor operators. A backward that
-runs before that (a norm outside any model) computes its own.
+runs before that (a norm outside any model) computes its own, and a forward without autograd
+(serving) computes none: it computed three operators a norm before, for nothing.
 """
 
 from typing import List, Optional, Sequence

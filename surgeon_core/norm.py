@@ -393,19 +393,22 @@ class RunningStatNorm2d(nn.BatchNorm2d):
     def _forward(self, x: torch.Tensor, queue: StatisticsQueue) -> torch.Tensor:
         if queue.holds(self):   # run again before the forward ended: its update first
             queue.flush()
+        # backward constants wait for the queue only where a backward may run; without one
+        # nothing ever asks for them (serving: NOTE [Deferred backward constants])
+        later = queue if torch.is_grad_enabled() else None
         if not (self.training and x.numel() > x.shape[1]):
             return _LeanAffine.apply(x, self.weight, self.bias, self.running_mean,
-                                     self.running_var, self.eps, 0, None, None, queue)
+                                     self.running_var, self.eps, 0, None, None, later)
         if self.statistics == "batch":
             if self.shift_gate is not None and self._clears_gate:
                 self.shift_gate.clear()
             out, mean, invstd = _LeanBatchNorm.apply(x, self.weight, self.bias, self.eps,
-                                                     self.xhat_bits, queue)
+                                                     self.xhat_bits, later)
             queue.add(self, mean, invstd)
             return out
         mean, var, batch_mean, batch_invstd = self._running_statistics(x, queue)
         return _LeanAffine.apply(x, self.weight, self.bias, mean, var, self.eps,
-                                 self.xhat_bits, batch_mean, batch_invstd, queue)
+                                 self.xhat_bits, batch_mean, batch_invstd, later)
 
     @torch.no_grad()
     def _running_statistics(self, x: torch.Tensor, queue: StatisticsQueue):

@@ -96,3 +96,16 @@ def test_a_function_outside_any_queue_computes_its_own_in_backward():
     _LeanAffine.apply(x, weight, torch.zeros(4), mean, var, 1e-5, 0).sum().backward()
     expected = (x / torch.sqrt(torch.tensor(4.0 + 1e-5))).sum((0, 2, 3))
     torch.testing.assert_close(weight.grad, expected)
+
+
+def test_a_forward_without_autograd_computes_no_backward_constants():
+    """Serving: no backward will ask, so nothing is computed (three operators a norm before)."""
+    model = _daemon_like().eval()
+    x = torch.randn(2, 4, 6, 6)
+    with torch.no_grad():
+        model(x)
+        with OpCounter() as ops:
+            model(x)
+    assert ops.by_name["native_batch_norm"] == 6
+    assert not any(name.startswith("_foreach") or name in ("rsqrt", "mul")
+                   for name in ops.by_name), ops.by_name
