@@ -391,8 +391,8 @@ class PrunedFixed(Packed):
         if value_dtype == torch.float16 and flat.dtype != torch.float16:
             slots.clamp_(-_FP16_MAX, _FP16_MAX)
         self.values = slots.to(value_dtype)     # slot 0 included: unpacking reads its zero
+        self._kept_t = mask.sum()
         self.bits = pack_bits(mask, consume=True)   # our own: the capacity-cut copy
-        self._kept_t = number[-1].clamp(max=capacity)
 
     @property
     def kept(self) -> int:
