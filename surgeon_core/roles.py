@@ -113,12 +113,11 @@ class OpTracker(TorchFunctionMode):
         if inner is not None:
             with self:
                 return inner(*args, **kwargs)
-        # NOTE [Frozen-weight convolutions] in frozen_conv.py
-        call = frozen_weight_call(func, args, kwargs) or (lambda: func(*args, **kwargs))
+        frozen = frozen_weight_call(func, args, kwargs)   # NOTE [Frozen-weight convolutions]
         previous = self.current
         self.current = Call(getattr(func, "__name__", ""), args, kwargs)
         try:
-            return call()
+            return frozen() if frozen is not None else func(*args, **kwargs)
         finally:
             self.current = previous
 
