@@ -192,8 +192,8 @@ def run_memory_benchmark(model: nn.Module, x: torch.Tensor, steps: int = 5,
         for runner in runners:
             runner.step(x)
     for runner in runners:
-        runner.peak = _peak_step_bytes(runner, x)
         runner.ops = _ops_per_step(runner, x)
+        runner.peak = _peak_step_bytes(runner, x)   # last: the table's figures are its step's
     return _results(runners)
 
 
@@ -206,13 +206,10 @@ def _peak_step_bytes(runner: _Runner, x: torch.Tensor) -> Optional[int]:
 
 
 def _ops_per_step(runner: _Runner, x: torch.Tensor) -> int:
-    """One more, untimed step under the OpCounter. It takes the GPU's paths (``gpu_path``), so
-    the table's other figures stay the peak step's."""
-    figures = (runner.cache, runner.paper, runner.kinds, runner.mean_keep, runner.chunks)
+    """One more, untimed step under the OpCounter (on the GPU's paths: ``gpu_path``)."""
     with OpCounter() as ops:
         runner.step(x)
     runner.times.pop()
-    runner.cache, runner.paper, runner.kinds, runner.mean_keep, runner.chunks = figures
     return ops.kernels
 
 
