@@ -18,11 +18,20 @@ runs before that (a norm outside any model) computes its own, and a forward with
 (serving) computes none: it computed three operators a norm before, for nothing.
 """
 
-from typing import List, Optional, Sequence
+from typing import List, NamedTuple, Optional, Sequence
 
 import torch
 
 __all__ = ["BackwardConstants", "compute_all"]
+
+
+class _Inputs(NamedTuple):
+    weight: torch.Tensor
+    invstd: Optional[torch.Tensor]      # None: rsqrt(var + eps)
+    mean: Optional[torch.Tensor]        # the statistics the forward normalised with
+    var: Optional[torch.Tensor]
+    eps: float
+    code_mean: Optional[torch.Tensor]   # given: the codes' mean (and ``invstd`` their scale)
 
 
 class BackwardConstants:
@@ -36,7 +45,8 @@ class BackwardConstants:
                  eps: float = 0.0, code_mean: Optional[torch.Tensor] = None):
         """``invstd`` None: it is ``rsqrt(var + eps)``. ``code_mean`` given (with ``invstd``
         the codes' inverse deviation): the kernel's mean and variance map the codes."""
-        self._inputs = (weight, invstd, mean, var, eps, code_mean)
+        self._inputs: Optional[_Inputs] = _Inputs(weight, invstd, mean, var, float(eps),
+                                                  code_mean)
         self._values: Optional[tuple] = None
 
     @property
@@ -54,27 +64,28 @@ def compute_all(constants: Sequence[BackwardConstants]) -> None:
     todo = [c for c in constants if c.pending]
     if not todo:
         return
+    inputs = [c._inputs for c in todo]
     with torch.no_grad():
-        invstds = _invstds([c._inputs for c in todo])
-        scales = torch._foreach_mul([c._inputs[0] for c in todo], invstds)
-        coded = [i for i, c in enumerate(todo) if c._inputs[5] is not None]
-        mapped = _mapped([todo[i]._inputs for i in coded], [invstds[i] for i in coded])
-        kernel = dict(zip(coded, zip(*mapped))) if coded else {}
-        for i, c in enumerate(todo):
-            c._values = (scales[i],) + kernel.get(i, (None, None))
+        invstds = _invstds(inputs)
+        scales = torch._foreach_mul([i.weight for i in inputs], invstds)
+        coded = [k for k, i in enumerate(inputs) if i.code_mean is not None]
+        mapped = dict(zip(coded, _mapped([inputs[k] for k in coded],
+                                         [invstds[k] for k in coded])))
+        for k, c in enumerate(todo):
+            c._values = (scales[k],) + mapped.get(k, (None, None))
             c._inputs = None
 
 
-def _invstds(inputs: List[tuple]) -> List[torch.Tensor]:
+def _invstds(inputs: List[_Inputs]) -> List[torch.Tensor]:
     """Each one's inverse deviation: given, or rsqrt(var + eps) for all that lack it at once."""
-    missing = [i for i, (_, invstd, *_rest) in enumerate(inputs) if invstd is None]
-    found = [invstd for _, invstd, *_rest in inputs]
+    found = [i.invstd for i in inputs]
+    missing = [k for k, invstd in enumerate(found) if invstd is None]
     if missing:
-        computed = torch._foreach_add([inputs[i][3] for i in missing],
-                                      [float(inputs[i][4]) for i in missing])
+        computed = torch._foreach_add([inputs[k].var for k in missing],
+                                      [inputs[k].eps for k in missing])
         _foreach_rsqrt_(computed)
-        for i, value in zip(missing, computed):
-            found[i] = value
+        for k, value in zip(missing, computed):
+            found[k] = value
     return found
 
 
@@ -86,13 +97,13 @@ def _foreach_rsqrt_(tensors: List[torch.Tensor]) -> None:
         torch._foreach_reciprocal_(tensors)
 
 
-def _mapped(inputs: List[tuple], invstds: List[torch.Tensor]):
-    """(mu - m) * c and (sigma^2 + eps) * c * c for coded norms."""
+def _mapped(inputs: List[_Inputs], invstds: List[torch.Tensor]):
+    """Coded norms' ((mu - m) * c, (sigma^2 + eps) * c * c) pairs."""
     if not inputs:
-        return [], []
-    means = torch._foreach_sub([i[2] for i in inputs], [i[5] for i in inputs])
+        return []
+    means = torch._foreach_sub([i.mean for i in inputs], [i.code_mean for i in inputs])
     torch._foreach_mul_(means, invstds)
-    variances = torch._foreach_add([i[3] for i in inputs], [float(i[4]) for i in inputs])
+    variances = torch._foreach_add([i.var for i in inputs], [i.eps for i in inputs])
     torch._foreach_mul_(variances, invstds)
     torch._foreach_mul_(variances, invstds)
-    return means, variances
+    return list(zip(means, variances))

@@ -19,10 +19,9 @@ ends (a forward hook on the model), in about 30 operators whatever the number of
 
 The queue also computes the norms' backward constants that wait (NOTE [Deferred backward
 constants] in backward_constants.py). It runs when a norm is about to run a second time in one
-forward, when a deep norm
-asks the shift gate for its rate (the shallow norms' KLs are the gate's input), and before a
-norm's state is saved, loaded, or used in evaluation. A norm in no model's queue runs its own
-at once.
+forward, when a deep norm asks the shift gate for its rate (the shallow norms' KLs are the
+gate's input), and before a norm's state is saved, loaded, or used in evaluation. A norm in no
+model's queue runs its own at once.
 """
 
 import contextlib
