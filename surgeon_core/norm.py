@@ -305,8 +305,10 @@ def _grads_without_x_hat(ctx, grad: torch.Tensor, scale: torch.Tensor):
     grad_x = None
     if ctx.needs_input_grad[0]:
         shape = (1, -1) + (1,) * (grad.dim() - 2)
-        g = grad - grad.mean(dims, keepdim=True) if ctx.center else grad
-        grad_x = g * scale.view(shape)
+        if ctx.center:   # the centred copy is ours: scaled in place, no second temporary
+            grad_x = (grad - grad.mean(dims, keepdim=True)).mul_(scale.view(shape))
+        else:
+            grad_x = grad * scale.view(shape)
     return grad_x, None, grad_b
 
 

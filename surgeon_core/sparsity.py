@@ -333,11 +333,9 @@ class Pruned(Packed):
 
     def __init__(self, tensor: torch.Tensor, mask: torch.Tensor, value_dtype: torch.dtype):
         flat = tensor.detach().reshape(-1)
-        values = flat[mask]
+        values = _kept_values(flat, mask, value_dtype)
         super().__init__(tensor.shape, tensor.dtype, values.numel())
         self.device = tensor.device
-        if value_dtype != tensor.dtype and not _overflows(values, value_dtype):
-            values = values.to(value_dtype)
         self.values = values
         self.bits: Optional[torch.Tensor] = None
         self.indices: Optional[torch.Tensor] = None
@@ -420,6 +418,31 @@ def capacity_for(numel: int, keep: float, selection: str) -> int:
 def sampling_margin(keep: float) -> float:
     """Five standard errors of a quantile estimated from QUANTILE_SAMPLE samples, plus slack."""
     return 5.0 * math.sqrt(keep * (1.0 - keep) / QUANTILE_SAMPLE) + 1e-4
+
+
+# Elements gathered at a time: boolean indexing first lists the kept positions (int64, 8 bytes
+# each) and masked_select counts them in int64, so a whole tensor at once would add up to twice
+# its own size to the step's peak (issue 15); a chunk's list is at most 2 MiB.
+_GATHER_CHUNK = 1 << 18
+
+
+def _kept_values(flat: torch.Tensor, mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``flat[mask]`` in ``dtype`` (in ``flat``'s dtype where fp16 would overflow), gathered a
+    chunk at a time straight into the stored buffer."""
+    if flat.numel() <= _GATHER_CHUNK:
+        values = flat[mask]
+        return values.to(dtype) if not _overflows(values, dtype) else values
+    pieces = list(zip(flat.split(_GATHER_CHUNK), mask.split(_GATHER_CHUNK)))
+    counts = torch.stack([m.count_nonzero() for _, m in pieces]).tolist()
+    values = flat.new_empty(sum(counts), dtype=dtype)
+    start = 0
+    for (chunk, chunk_mask), count in zip(pieces, counts):
+        kept = chunk[chunk_mask]
+        if dtype != flat.dtype and _overflows(kept, dtype):
+            return flat[mask]   # rare: a value fp16 cannot hold; fp32 as it is
+        values[start:start + count] = kept
+        start += count
+    return values
 
 
 def _overflows(values: torch.Tensor, dtype: torch.dtype) -> bool:

@@ -5,7 +5,7 @@ names match their state dicts. Every activation is an ``nn.ReLU`` module (never 
 the capture layer knows which tensors are ReLU outputs. Input normalisation lives in the model.
 """
 
-from typing import Callable, List, Optional, Sequence
+from typing import Callable, Iterator, List, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -60,9 +60,22 @@ class BasicBlock(nn.Module):
         self.shortcut = ShortcutA(planes // 4) if needs_projection else nn.Identity()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """NOTE [Stage inputs die early]
+        Where a tensor is freed sets what a step holds at its peak (issue 15), and a sparse
+        cache no longer hides a dense tensor kept too long. Python keeps a call's arguments
+        until the call returns, so each call here is a statement of its own: in
+        ``bn2(conv2(out))`` the ReLU's output would live through the norm, and in
+        ``layer2(layer1(x))`` the stem's output through every stage (the model calls its blocks
+        one by one for the same reason: a Sequential's call holds the stage's input). The
+        shortcut comes first: autograd runs later nodes first, so its backward (a full-size
+        zero gradient at a stride-2 block) now waits until the branch's convolutions are done
+        instead of sitting beside their temporaries (figures: BENCHMARKS.md, issue 15).
+        """
+        shortcut = self.shortcut(x)
         out = self.relu1(self.bn1(self.conv1(x)))
-        out = self.bn2(self.conv2(out))
-        return self.relu2(out + self.shortcut(x))
+        out = self.conv2(out)
+        out = self.bn2(out)
+        return self.relu2(out + shortcut)
 
 
 class CifarResNet(nn.Module):
@@ -98,8 +111,15 @@ class CifarResNet(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.relu(self.bn1(self.conv1(self.normalize(x))))
-        x = self.layer3(self.layer2(self.layer1(x)))
+        for block in self._blocks():
+            x = block(x)
         return self.linear(torch.flatten(self.avgpool(x), 1))
+
+    def _blocks(self) -> Iterator[nn.Module]:
+        # not through the stages' Sequential, whose call holds the stage's input to its end
+        # (NOTE [Stage inputs die early])
+        for stage in (self.layer1, self.layer2, self.layer3):
+            yield from stage
 
 
 def _resnet(depth: int, **kwargs) -> CifarResNet:

@@ -13,6 +13,7 @@ from surgeon_core.sparsity import select_topk
 
 from surgeon_core.models import resnet20
 
+from .allocations import peak_allocated_bytes, tensor_bytes
 from .models_zoo import MODELS
 
 
@@ -104,6 +105,31 @@ def test_lean_norm_gradients_match_their_reference(statistics):
     expected = torch.autograd.grad(ref, (ref_x, norm.weight, norm.bias), grad)
     for g, e in zip(got, expected):
         torch.testing.assert_close(g, e)
+
+
+@pytest.mark.parametrize("statistics", ["batch", "running"])
+def test_a_frozen_lean_norms_input_gradient_needs_one_input_sized_buffer(statistics):
+    """Its backward (no x_hat cached) centred the gradient into one buffer and scaled it into a
+    second; the centred copy is its own and is now scaled in place."""
+    norm = RunningStatNorm2d(16, statistics=statistics).train().requires_grad_(False)
+    with torch.no_grad():
+        norm.weight.uniform_(0.5, 1.5)
+    x = torch.randn(64, 16, 32, 32, requires_grad=True)
+    var = norm.running_var.clone()
+    out = norm(x)
+    grad = torch.randn_like(out)
+    peak = peak_allocated_bytes(lambda: torch.autograd.grad(out, x, grad, retain_graph=True))
+    assert peak <= 1.2 * tensor_bytes(x), peak / tensor_bytes(x)
+    # NOTE [Lean normalisation]: statistics are constants, but for batch statistics' centring
+    dims = (0, 2, 3)
+    centred = grad
+    if statistics == "batch":
+        invstd = (x.detach().var(dims, unbiased=False) + norm.eps).rsqrt()
+        centred = grad - grad.mean(dims, keepdim=True)
+    else:
+        invstd = (var + norm.eps).rsqrt()
+    expected = centred * (norm.weight * invstd).view(1, -1, 1, 1)
+    torch.testing.assert_close(torch.autograd.grad(out, x, grad)[0], expected)
 
 
 def test_lean_norm_at_keep_one_equals_train_mode_batchnorm_on_a_whole_model():

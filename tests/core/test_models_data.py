@@ -1,4 +1,5 @@
 import pickle
+import weakref
 
 import pytest
 import torch
@@ -71,3 +72,18 @@ def test_unknown_arch_lists_the_known_ones():
 
 def test_resnet56_builds_with_published_parameter_count():
     assert sum(p.numel() for p in resnet56().parameters()) == CIFAR_WEIGHTS["resnet56"].num_params
+
+
+def test_resnet_frees_a_tensor_once_its_last_reader_ran():
+    """NOTE [Stage inputs die early]: nested calls kept the stem's output through every stage
+    and a block's first ReLU output through its second norm."""
+    model = resnet56().eval()
+    refs, alive = {}, {}
+    block = model.layer2[1]
+    model.relu.register_forward_hook(lambda m, i, out: refs.update(stem=weakref.ref(out)))
+    block.relu1.register_forward_hook(lambda m, i, out: refs.update(relu1=weakref.ref(out)))
+    block.bn2.register_forward_pre_hook(
+        lambda m, i: alive.update({name: ref() is not None for name, ref in refs.items()}))
+    with torch.no_grad():
+        model(torch.rand(2, 3, 32, 32))
+    assert alive == {"stem": False, "relu1": False}
