@@ -384,7 +384,9 @@ class PrunedFixed(Packed):
         self.device = tensor.device
         number = torch.cumsum(mask, 0)          # int64: scatter's index type
         mask = mask & (number <= capacity)
-        slots = flat.new_zeros(capacity + 1).scatter_(0, number * mask, flat)
+        # in place: a second int64 copy of the whole tensor's size would set a GPU's peak
+        slots = flat.new_zeros(capacity + 1).scatter_(0, number.mul_(mask), flat)
+        del number
         slots[0] = 0
         if value_dtype == torch.float16 and flat.dtype != torch.float16:
             slots.clamp_(-_FP16_MAX, _FP16_MAX)
