@@ -27,7 +27,7 @@ import torch
 
 from .allocator import returns_memory
 
-__all__ = ["PeakMeter", "resident_bytes"]
+__all__ = ["PeakMeter", "resident_bytes", "anonymous_bytes"]
 
 _STATUS = "/proc/self/status"
 _CLEAR_REFS = "/proc/self/clear_refs"
@@ -47,6 +47,13 @@ def _status_kib(field: str) -> Optional[int]:
 def resident_bytes() -> Optional[int]:
     """The process's resident set (VmRSS) now."""
     return _status_kib("VmRSS:")
+
+
+def anonymous_bytes() -> Optional[int]:
+    """The anonymous part of the resident set (RssAnon): the process's own memory, without
+    the file-backed pages of the libraries' code it has run (shared, and reclaimed by the
+    kernel as page cache: MemAvailable counts them as available)."""
+    return _status_kib("RssAnon:")
 
 
 def _reset_high_water() -> bool:

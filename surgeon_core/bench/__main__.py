@@ -418,23 +418,35 @@ def _footprint(args) -> int:
             print(out.stderr, file=sys.stderr)
             return out.returncode
         rows.append(json.loads(out.stdout))
+    _footprint_ratios(rows)
+    if args.json:
+        print(json.dumps({"command": "surgeon-bench " + " ".join(sys.argv[1:]), "results": rows},
+                         indent=2))
+    else:
+        _print_footprint(rows)
+    return 0
+
+
+def _footprint_ratios(rows) -> None:
     full = next((r for r in rows if r["config"] == "full"), None)
     for row in rows:
         if full and full["rss_growth_bytes"]:
             row["growth_ratio"] = round(row["rss_growth_bytes"] / full["rss_growth_bytes"], 3)
             row["time_ratio"] = round(row["step_seconds"] / full["step_seconds"], 2)
-    if args.json:
-        print(json.dumps({"command": "surgeon-bench " + " ".join(sys.argv[1:]), "results": rows},
-                         indent=2))
-        return 0
-    print("| config | allocator | RSS growth MiB (highest) | x full | after the run MiB "
-          "| step s | x full |\n|---|---|---:|---:|---:|---:|---:|")
+        if full and full["anon_growth_bytes"]:
+            row["anon_ratio"] = round(row["anon_growth_bytes"] / full["anon_growth_bytes"], 3)
+
+
+def _print_footprint(rows) -> None:
+    print("| config | allocator | RSS growth MiB (highest) | x full | anonymous MiB | x full "
+          "| after the run MiB | step s | x full |\n|---|---|---:|---:|---:|---:|---:|---:|---:|")
     for r in rows:
-        print("| %s | %s | %.0f | %s | %.0f | %.3f | %s |" % (
+        print("| %s | %s | %.0f | %s | %.0f | %s | %.0f | %.3f | %s |" % (
             r["config"], r["allocator"], r["rss_growth_bytes"] / 2**20,
-            r.get("growth_ratio", "-"), r["rss_after_bytes"] / 2**20, r["step_seconds"],
-            r.get("time_ratio", "-")))
-    return 0
+            r.get("growth_ratio", "-"), r["anon_growth_bytes"] / 2**20, r.get("anon_ratio", "-"),
+            r["rss_after_bytes"] / 2**20, r["step_seconds"], r.get("time_ratio", "-")))
+    print("\nanonymous: the resident set's RssAnon, the process's own memory; the rest of the "
+          "growth is file-backed library code run for the first time (shared, reclaimable)")
 
 
 def _footprint_one(args) -> int:

@@ -15,7 +15,7 @@ from typing import Callable
 import torch
 
 from ..allocator import allocator_name
-from ..peak import resident_bytes
+from ..peak import anonymous_bytes, resident_bytes
 
 __all__ = ["Footprint", "measure_footprint", "FOOTPRINT_CONFIGS"]
 
@@ -30,6 +30,7 @@ class Footprint:
     steps: int
     rss_start_bytes: int
     rss_growth_bytes: int       # highest resident set during the steps, above the start
+    anon_growth_bytes: int      # the same of its anonymous part (RssAnon): no library code
     rss_after_bytes: int        # above the start, after the last step
     step_seconds: float         # median after the first two
 
@@ -39,12 +40,14 @@ class _HighWater:
 
     def __init__(self):
         self.high = resident_bytes() or 0
+        self.anon_high = anonymous_bytes() or 0
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._poll, daemon=True)
 
     def _poll(self) -> None:
         while not self._stop.is_set():
             self.high = max(self.high, resident_bytes() or 0)
+            self.anon_high = max(self.anon_high, anonymous_bytes() or 0)
             time.sleep(POLL_S)
 
     def __enter__(self) -> "_HighWater":
@@ -81,7 +84,7 @@ def measure_footprint(config: str, model: torch.nn.Module, x: torch.Tensor,
     if config not in FOOTPRINT_CONFIGS:
         raise ValueError("config must be one of %s, got %r" % (FOOTPRINT_CONFIGS, config))
     step = _stepper(config, model)
-    start = resident_bytes() or 0
+    start, anon_start = resident_bytes() or 0, anonymous_bytes() or 0
     times = []
     with _HighWater() as meter:
         for _ in range(steps):
@@ -89,5 +92,6 @@ def measure_footprint(config: str, model: torch.nn.Module, x: torch.Tensor,
             step(x)
             times.append(time.perf_counter() - began)
     return Footprint(config, allocator_name(), steps, start, meter.high - start,
+                     meter.anon_high - anon_start,
                      (resident_bytes() or 0) - start, statistics.median(times[2:] or times))
 
