@@ -21,39 +21,44 @@ None, never a guess.
 """
 
 import time
-from typing import Optional
+from typing import Dict, List, Optional, Tuple
 
 import torch
 
 from .allocator import returns_memory
 
-__all__ = ["PeakMeter", "resident_bytes", "anonymous_bytes"]
+__all__ = ["PeakMeter", "resident_bytes", "resident_split"]
 
 _STATUS = "/proc/self/status"
 _CLEAR_REFS = "/proc/self/clear_refs"
 
 
-def _status_kib(field: str) -> Optional[int]:
+def _status_kib(*fields: str) -> List[Optional[int]]:
+    """Each field's value in bytes (None where absent or unreadable), from one read."""
+    found: Dict[str, int] = {}
     try:
         with open(_STATUS) as status:
             for line in status:
-                if line.startswith(field):
-                    return int(line.split()[1]) * 1024
+                name = line.split(":", 1)[0] + ":"
+                if name in fields:
+                    found[name] = int(line.split()[1]) * 1024
     except (OSError, ValueError, IndexError):
-        return None
-    return None
+        found = {}
+    return [found.get(field) for field in fields]
 
 
 def resident_bytes() -> Optional[int]:
     """The process's resident set (VmRSS) now."""
-    return _status_kib("VmRSS:")
+    return _status_kib("VmRSS:")[0]
 
 
-def anonymous_bytes() -> Optional[int]:
-    """The anonymous part of the resident set (RssAnon): the process's own memory, without
-    the file-backed pages of the libraries' code it has run (shared, and reclaimed by the
-    kernel as page cache: MemAvailable counts them as available)."""
-    return _status_kib("RssAnon:")
+def resident_split() -> Tuple[Optional[int], Optional[int]]:
+    """The resident set (VmRSS) and its anonymous part (RssAnon), read together. The anonymous
+    part is the process's own memory, without the file-backed pages of the libraries' code it
+    has run (shared, and reclaimed by the kernel as page cache: MemAvailable counts them as
+    available)."""
+    rss, anonymous = _status_kib("VmRSS:", "RssAnon:")
+    return rss, anonymous
 
 
 def _reset_high_water() -> bool:
@@ -96,7 +101,7 @@ class PeakMeter:
             self.peak_bytes = torch.cuda.max_memory_allocated(self.device) - self._start
             self.reserved_bytes = torch.cuda.max_memory_reserved(self.device)
         else:
-            high = _status_kib("VmHWM:")
+            high = _status_kib("VmHWM:")[0]
             if high is not None:
                 self.resident_bytes = high
                 self.peak_bytes = max(0, high - self._start)

@@ -15,7 +15,7 @@ from typing import Callable
 import torch
 
 from ..allocator import allocator_name
-from ..peak import anonymous_bytes, resident_bytes
+from ..peak import resident_bytes, resident_split
 
 __all__ = ["Footprint", "measure_footprint", "FOOTPRINT_CONFIGS"]
 
@@ -35,19 +35,23 @@ class Footprint:
     step_seconds: float         # median after the first two
 
 
+def _split_now():
+    rss, anonymous = resident_split()
+    return rss or 0, anonymous or 0
+
+
 class _HighWater:
     """Polls VmRSS from a thread: the kernel's VmHWM is reset by each step's PeakMeter."""
 
     def __init__(self):
-        self.high = resident_bytes() or 0
-        self.anon_high = anonymous_bytes() or 0
+        self.high, self.anon_high = _split_now()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._poll, daemon=True)
 
     def _poll(self) -> None:
         while not self._stop.is_set():
-            self.high = max(self.high, resident_bytes() or 0)
-            self.anon_high = max(self.anon_high, anonymous_bytes() or 0)
+            rss, anonymous = _split_now()
+            self.high, self.anon_high = max(self.high, rss), max(self.anon_high, anonymous)
             time.sleep(POLL_S)
 
     def __enter__(self) -> "_HighWater":
@@ -84,7 +88,7 @@ def measure_footprint(config: str, model: torch.nn.Module, x: torch.Tensor,
     if config not in FOOTPRINT_CONFIGS:
         raise ValueError("config must be one of %s, got %r" % (FOOTPRINT_CONFIGS, config))
     step = _stepper(config, model)
-    start, anon_start = resident_bytes() or 0, anonymous_bytes() or 0
+    start, anon_start = _split_now()
     times = []
     with _HighWater() as meter:
         for _ in range(steps):
