@@ -433,14 +433,14 @@ def _kept_values(flat: torch.Tensor, mask: torch.Tensor, dtype: torch.dtype) -> 
     chunk at a time straight into the stored buffer."""
     if flat.numel() <= _GATHER_CHUNK:
         values = flat[mask]
-        return values.to(dtype) if not _overflows(values, dtype) else values
+        return values if _overflows(values, dtype) else values.to(dtype)
     pieces = list(zip(flat.split(_GATHER_CHUNK), mask.split(_GATHER_CHUNK)))
     counts = torch.stack([m.count_nonzero() for _, m in pieces]).tolist()
     values = flat.new_empty(sum(counts), dtype=dtype)
     start = 0
     for (chunk, chunk_mask), count in zip(pieces, counts):
         kept = chunk[chunk_mask]
-        if dtype != flat.dtype and _overflows(kept, dtype):
+        if _overflows(kept, dtype):
             return flat[mask]   # rare: a value fp16 cannot hold; fp32 as it is
         values[start:start + count] = kept
         start += count
