@@ -163,11 +163,28 @@ def _config(args) -> int:
     return 0
 
 
+_LEARNING_COMMANDS = ("run", "demo", "bench", "bench-control")
+
+
+def _preload_allocator(args) -> None:
+    """Run again under the configured allocator (NOTE [Preloaded allocator]); a config that
+    does not load is left for the command itself to report."""
+    from surgeon_core.allocator import exec_with_allocator
+
+    try:
+        config = load_config(getattr(args, "config", None), args.set)
+    except ConfigError:
+        return
+    exec_with_allocator(config.memory.allocator)
+
+
 def main(argv: Optional[List[str]] = None) -> int:
     from .sources.opencv import import_opencv_first
 
     import_opencv_first()   # before anything imports torch: static TLS on Jetson
     args = _parser().parse_args(argv)
+    if argv is None and args.command in _LEARNING_COMMANDS:   # not when called in-process
+        _preload_allocator(args)
     import os
 
     from surgeon_core.allocator import cuda_alloc_conf

@@ -171,6 +171,10 @@ class MemoryConfig(_Section):
                         "(free pages handed back before each step), return (every large block "
                         "returned at free: footprint follows live tensors, steps slower), "
                         "default (glibc untouched); NOTE [Giving memory back]")
+    allocator: str = Field("auto", pattern="^(auto|tcmalloc|jemalloc|glibc)$",
+                           description="malloc to run under: auto (tcmalloc where installed, "
+                           "else glibc), tcmalloc, jemalloc, glibc; the daemon executes itself "
+                           "again with it preloaded (NOTE [Preloaded allocator])")
 
 
 class TelemetryConfig(_Section):

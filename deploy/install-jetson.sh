@@ -61,6 +61,9 @@ check_host() {
     if ! "$PYTHON" -c 'import cv2, re, sys; sys.exit(0 if re.search(r"GStreamer:\s+YES", cv2.getBuildInformation()) else 1)' 2>/dev/null; then
         say "warning: the system OpenCV is missing or has no GStreamer; csi:// and rtsp:// need it (NVIDIA's: apt install nvidia-opencv; or Ubuntu's: apt install python3-opencv)"
     fi
+    if ! ldconfig -p 2>/dev/null | grep -q libtcmalloc_minimal.so.4; then
+        say "warning: tcmalloc is not installed; the daemon falls back to glibc's malloc, whose footprint is about 3x larger (sudo apt install libtcmalloc-minimal4)"
+    fi
 }
 
 make_user() {

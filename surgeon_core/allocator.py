@@ -17,12 +17,19 @@ Three modes (``memory.malloc`` in the daemon, SURGEON_MALLOC for the benchmarks)
   fault per first touch of every fresh block (measured: steps about 2x slower on a 2-core x86).
 - ``default``: glibc untouched.
 
-A preloaded tcmalloc or jemalloc (LD_PRELOAD) replaces all three: glibc's settings are then
-skipped, and since such an allocator keeps what it frees for reuse, the resident set says
-nothing of one step's peak, so none is claimed on the CPU (CUDA's is unaffected). Measured
-with ``surgeon-bench footprint`` (BENCHMARKS.md): tcmalloc's size classes keep the process
-near the tensors alive at once without returning pages, the footprint of ``return`` at less
-than the step time of ``trim``.
+NOTE [Preloaded allocator]
+glibc's best fit spreads a step's big blocks over every hole its heap has (measured: a daemon
+step of 76 MiB alive at once laid its blocks over 449 MiB of distinct pages), and ``trim``
+hands all of them back before the next step, so each step faults them in again: the footprint
+of full backprop at a fraction of its memory. tcmalloc's spans are reused compactly: the
+daemon and the benchmarks preload it where it is installed (``memory.allocator`` /
+SURGEON_ALLOCATOR: ``auto``, the default, takes tcmalloc, else glibc) by executing themselves
+again with LD_PRELOAD set, before anything else runs (``exec_with_allocator``). Under a
+preloaded tcmalloc or jemalloc, ``trim`` and ``return`` both release its free pages before
+every step (MallocExtension_ReleaseFreeMemory; jemalloc's purge of every arena): the
+resident set then grows in a step by the pages that step touches, which is its peak as the
+box sees it (NOTE [Step peak]); ``default`` leaves the allocator alone and claims no peak.
+Measured with ``surgeon-bench footprint`` (BENCHMARKS.md).
 
 Operators' MALLOC_* environment variables win over the settings here. CUDA's caching
 allocator is configured through PYTORCH_CUDA_ALLOC_CONF before CUDA starts
@@ -34,10 +41,12 @@ import ctypes.util
 import functools
 import logging
 import os
-from typing import Dict, Optional
+import sys
+from typing import Dict, List, Optional, Tuple
 
 __all__ = ["tune_malloc", "before_step", "returns_memory", "trim", "cuda_alloc_conf", "MODES",
-           "allocator_name", "preloaded_allocator"]
+           "allocator_name", "preloaded_allocator", "ALLOCATORS", "allocator_library",
+           "preload_command", "exec_with_allocator"]
 
 log = logging.getLogger("surgeon.allocator")
 
@@ -57,7 +66,10 @@ def tune_malloc(mode: Optional[str] = None) -> Optional[Dict[str, int]]:
     if mode not in MODES:
         raise ValueError("malloc mode %r: choose %s" % (mode, ", ".join(MODES)))
     libc = _glibc()
-    _state["mode"] = mode if libc is not None and not preloaded_allocator() else "default"
+    if preloaded_allocator():
+        _state["mode"] = mode if _preloaded_release() is not None else "default"
+        return {}
+    _state["mode"] = mode if libc is not None else "default"
     if _state["mode"] == "default":
         return None if libc is None else {}
     wanted = dict(_ARENAS, **(_RETURN if mode == "return" else {}))
@@ -87,8 +99,8 @@ def preloaded_allocator() -> Optional[str]:
 
 
 def allocator_name() -> str:
-    """What serves the process's malloc, for reports: a preloaded allocator, or glibc's mode."""
-    return preloaded_allocator() or "glibc, %s" % _state["mode"]
+    """What serves the process's malloc and in which mode, for reports."""
+    return "%s, %s" % (preloaded_allocator() or "glibc", _state["mode"])
 
 
 def returns_memory() -> bool:
@@ -97,9 +109,11 @@ def returns_memory() -> bool:
 
 
 def before_step() -> None:
-    """Called before each adaptation step: in 'trim' mode the heaps' free pages go back."""
-    if _state["mode"] == "trim":
+    """Called before each adaptation step: free pages go back (NOTE [Giving memory back])."""
+    if _state["mode"] == "trim" and not preloaded_allocator():
         trim()
+    elif _state["mode"] != "default" and preloaded_allocator():
+        _preloaded_release()()
 
 
 def trim() -> bool:
@@ -107,6 +121,95 @@ def trim() -> bool:
     does not exist."""
     libc = _glibc()
     return bool(libc is not None and libc.malloc_trim(0))
+
+
+@functools.lru_cache(maxsize=1)
+def _preloaded_release():
+    """A call that hands the preloaded allocator's free pages back, or None."""
+    name, process = preloaded_allocator(), ctypes.CDLL(None)
+    try:
+        if name == "tcmalloc":
+            release = process.MallocExtension_ReleaseFreeMemory
+            release.restype = None
+            return release
+        if name == "jemalloc":
+            mallctl = process.mallctl
+            mallctl.argtypes = [ctypes.c_char_p] + [ctypes.c_void_p] * 3 + [ctypes.c_size_t]
+            return lambda: mallctl(b"arena.4096.purge", None, None, None, 0)  # every arena
+    except AttributeError:   # a build without the extension interface
+        log.warning("%s is preloaded but offers no way to release memory", name)
+    return None
+
+
+ALLOCATORS = ("auto", "tcmalloc", "jemalloc", "glibc")
+_LIBRARIES = {"tcmalloc": ("libtcmalloc_minimal.so.4", "libtcmalloc.so.4"),
+              "jemalloc": ("libjemalloc.so.2",)}
+_LIBRARY_DIRS = ("/usr/lib/aarch64-linux-gnu", "/usr/lib/x86_64-linux-gnu", "/usr/lib64",
+                 "/usr/lib", "/usr/local/lib")
+_PRELOAD_MARK = "SURGEON_ALLOCATOR_PRELOADED"   # set on the second run: never a third
+
+
+def allocator_library(choice: str, dirs: Tuple[str, ...] = _LIBRARY_DIRS) -> Optional[str]:
+    """The path of the library ``choice`` preloads (``auto``: tcmalloc), or None where it is
+    not installed or the choice is glibc."""
+    if choice not in ALLOCATORS:
+        raise ValueError("allocator %r: choose %s" % (choice, ", ".join(ALLOCATORS)))
+    for name in _LIBRARIES.get("tcmalloc" if choice == "auto" else choice, ()):
+        for folder in dirs:
+            path = os.path.join(folder, name)
+            if os.path.isfile(path):
+                return path
+    return None
+
+
+def preload_command(choice: Optional[str] = None) -> Optional[Tuple[List[str], Dict[str, str]]]:
+    """(argv, environment) that run this command again with ``choice`` (default:
+    $SURGEON_ALLOCATOR, else ``auto``) preloaded; None where nothing is to be done: glibc
+    chosen, an allocator already preloaded, a second run, no library, or a command line that
+    cannot be rebuilt (``python -c`` before Python 3.10)."""
+    choice = choice or os.environ.get("SURGEON_ALLOCATOR") or "auto"
+    path = allocator_library(choice)
+    if choice == "glibc" or preloaded_allocator() or os.environ.get(_PRELOAD_MARK):
+        return None
+    if path is None:
+        if choice != "auto":
+            log.warning("%s is not installed: glibc's malloc serves (NOTE [Giving memory "
+                        "back])", choice)
+        return None
+    argv = _own_command()
+    if argv is None:
+        return None
+    env = dict(os.environ, **{_PRELOAD_MARK: path})
+    env["LD_PRELOAD"] = " ".join([path] + env.get("LD_PRELOAD", "").split())
+    env.setdefault("TCMALLOC_LARGE_ALLOC_REPORT_THRESHOLD", str(1 << 40))   # no stderr notes
+    return argv, env
+
+
+def _own_command() -> Optional[List[str]]:
+    """This process's command line, to execute again."""
+    original = getattr(sys, "orig_argv", None)   # Python 3.10+: flags and -c code included
+    if original:
+        return [sys.executable] + list(original[1:])
+    if sys.argv[0] in ("-c", ""):
+        return None
+    spec = getattr(sys.modules.get("__main__"), "__spec__", None)
+    if spec is not None:   # python -m package: run the module again, not its file
+        name = spec.name[:-len(".__main__")] if spec.name.endswith(".__main__") else spec.name
+        return [sys.executable, "-m", name] + sys.argv[1:]
+    return [sys.executable] + sys.argv
+
+
+def exec_with_allocator(choice: Optional[str] = None) -> None:
+    """Execute this command again with the chosen allocator preloaded (NOTE [Preloaded
+    allocator]); returns where that is not to be done. Call it first thing in a command's
+    main, before threads, sockets or files are opened."""
+    command = preload_command(choice)
+    if command is None:
+        return
+    argv, env = command
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os.execve(sys.executable, argv, env)
 
 
 def _glibc():

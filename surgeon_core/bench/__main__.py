@@ -479,8 +479,10 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Optional[List[str]] = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     args = build_parser().parse_args(argv)
-    from ..allocator import tune_malloc
+    from ..allocator import exec_with_allocator, tune_malloc
 
+    if argv is None:   # the daemon's allocator (NOTE [Preloaded allocator]); not in-process
+        exec_with_allocator()
     tune_malloc()      # as the daemon does: step peaks and footprints are then what a box sees
     try:
         return args.func(args)

@@ -9,7 +9,7 @@ import sys
 import pytest
 import torch
 
-from surgeon_core.allocator import before_step, tune_malloc
+from surgeon_core.allocator import allocator_library, before_step, tune_malloc
 from surgeon_core.methods import args_for, get_method
 from surgeon_core.models import cifar_resnet_by_name
 from surgeon_core.peak import PeakMeter, resident_bytes, resident_split
@@ -38,19 +38,22 @@ def test_the_meter_sees_a_transient_and_not_what_was_held_before():
 
 @linux
 def test_glibc_is_told_to_return_freed_memory():
-    """In a fresh process: tensors of mixed sizes (about 200 MiB) allocated and freed, three
-    times over. With the settings the resident set goes back to where it was; with glibc's
-    adaptive defaults it keeps many times more (most of them with torch 2.0 and 2.14; with
-    torch 2.5, whose allocations reach glibc in another pattern, 15.4 to 23 MiB across runs,
-    against 1.5 to 1.8 MiB tuned)."""
+    """In a fresh process: tensors of mixed sizes over 256 KiB (about 200 MiB) allocated, then
+    a small one that stays (as a step leaves its cached activations), then the big ones freed,
+    three times over. With the settings each big one was its own mapping and went back at
+    free; with glibc's adaptive defaults, once the first round's frees raised the mmap
+    threshold, the later rounds' blocks lie in the heap below the one that stays, where no
+    trim reaches (a bare alloc-and-free loop without it kept 12 to 23 MiB, too close to the
+    tuned run's 1.5 to 1.9 MiB to tell apart on every torch)."""
     script = ("import random, sys, torch\n"
-              "from surgeon_core.allocator import before_step, tune_malloc\n"
+              "from surgeon_core.allocator import tune_malloc\n"
               "from surgeon_core.peak import resident_bytes\n"
               "if sys.argv[1] == 'tuned': assert tune_malloc('return')['mmap_threshold'] > 0\n"
               "random.seed(0)\n"
-              "start = resident_bytes()\n"
+              "start, stays = resident_bytes(), []\n"
               "for _ in range(3):\n"
-              "    blocks = [torch.ones(random.randint(50000, 1000000)) for _ in range(100)]\n"
+              "    blocks = [torch.ones(random.randint(80000, 1000000)) for _ in range(100)]\n"
+              "    stays.append(torch.ones(1000))\n"
               "    del blocks\n"
               "print(resident_bytes() - start)\n")
     kept = {}
@@ -58,7 +61,7 @@ def test_glibc_is_told_to_return_freed_memory():
         out = subprocess.run([sys.executable, "-c", script, mode], capture_output=True,
                              text=True, check=True)
         kept[mode] = int(out.stdout.strip().splitlines()[-1])
-    assert kept["tuned"] < 10 * MB and kept["default"] > max(8 * MB, 8 * kept["tuned"]), kept
+    assert kept["tuned"] < 10 * MB and kept["default"] > max(64 * MB, 8 * kept["tuned"]), kept
 
 
 @linux
@@ -118,22 +121,72 @@ def test_no_peak_is_claimed_where_the_allocator_keeps_what_it_frees():
 TCMALLOC = "/usr/lib/%s-linux-gnu/libtcmalloc_minimal.so.4" % os.uname().machine
 
 
+needs_tcmalloc = pytest.mark.skipif(not os.path.exists(TCMALLOC), reason="libtcmalloc-minimal4 "
+                                    "not installed (.ci/run installs it)")
+
+
 @linux
-@pytest.mark.skipif(not os.path.exists(TCMALLOC), reason="libtcmalloc-minimal4 not installed "
-                    "(.ci/run installs it)")
-def test_a_preloaded_allocator_is_named_and_no_peak_is_claimed_under_it():
-    """tcmalloc keeps what it frees for reuse: glibc's settings do not apply and the resident
-    set says nothing of one step's peak (NOTE [Giving memory back])."""
-    script = ("import torch\n"
-              "from surgeon_core.allocator import allocator_name, tune_malloc\n"
+@needs_tcmalloc
+def test_under_a_preloaded_tcmalloc_every_step_sees_its_own_peak():
+    """tcmalloc keeps what it frees for reuse; its free pages go back before each step, so
+    the second step's 16 MiB transient is counted again, not served from the first one's
+    pages (NOTE [Preloaded allocator]). In ``default`` mode no peak is claimed."""
+    script = ("import sys, torch\n"
+              "from surgeon_core.allocator import allocator_name, before_step, tune_malloc\n"
               "from surgeon_core.peak import PeakMeter\n"
-              "assert tune_malloc('trim') == {}\n"
-              "with PeakMeter(torch.device('cpu')) as meter:\n"
-              "    torch.ones(1 << 22).sum()\n"
-              "print(allocator_name(), meter.peak_bytes)\n")
-    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
-                         check=True, env=dict(os.environ, LD_PRELOAD=TCMALLOC))
-    assert out.stdout.split() == ["tcmalloc", "None"], out.stdout
+              "assert tune_malloc(sys.argv[1]) == {}\n"
+              "peaks = []\n"
+              "for _ in range(2):\n"
+              "    before_step()\n"
+              "    with PeakMeter(torch.device('cpu')) as meter:\n"
+              "        torch.ones(1 << 22).sum()\n"
+              "    peaks.append(meter.peak_bytes)\n"
+              "print(allocator_name().replace(' ', ''), *peaks)\n")
+    seen = {}
+    for mode in ("trim", "default"):
+        out = subprocess.run([sys.executable, "-c", script, mode], capture_output=True,
+                             text=True, check=True, env=dict(os.environ, LD_PRELOAD=TCMALLOC))
+        seen[mode] = out.stdout.split()
+    assert seen["default"] == ["tcmalloc,default", "None", "None"], seen
+    name, first, second = seen["trim"]
+    assert name == "tcmalloc,trim" and 16 * MB <= int(second) <= 24 * MB, seen
+
+
+_SHOW_ALLOCATOR = ("import os, sys\n"
+                   "from surgeon_core.allocator import exec_with_allocator, allocator_name\n"
+                   "exec_with_allocator(sys.argv[1])\n"
+                   "print(allocator_name(), sys.argv[1:], "
+                   "os.environ.get('LD_PRELOAD', '').count('malloc'))\n")
+
+
+@linux
+@needs_tcmalloc
+def test_a_command_runs_itself_again_under_the_chosen_allocator(tmp_path):
+    """Once, with its arguments, and only where glibc was not chosen."""
+    script = tmp_path / "show.py"
+    script.write_text(_SHOW_ALLOCATOR)
+    env = {k: v for k, v in os.environ.items() if k not in ("LD_PRELOAD", "SURGEON_ALLOCATOR")}
+    shown = {}
+    for choice in ("auto", "tcmalloc", "glibc"):
+        out = subprocess.run([sys.executable, str(script), choice, "x y"], capture_output=True,
+                             text=True, check=True, env=env)
+        shown[choice] = out.stdout.strip()
+    assert shown["tcmalloc"] == "tcmalloc, default ['tcmalloc', 'x y'] 1", shown
+    assert shown["auto"] == "tcmalloc, default ['auto', 'x y'] 1", shown
+    assert shown["glibc"] == "glibc, default ['glibc', 'x y'] 0", shown
+
+
+def test_a_missing_allocator_library_leaves_glibc_in_place(tmp_path):
+    from surgeon_core.allocator import allocator_library, preload_command
+
+    assert allocator_library("tcmalloc", dirs=(str(tmp_path),)) is None
+    assert allocator_library("glibc") is None
+    with pytest.raises(ValueError, match="allocator 'mimalloc'"):
+        allocator_library("mimalloc")
+    library = tmp_path / "libjemalloc.so.2"
+    library.write_bytes(b"")
+    assert allocator_library("jemalloc", dirs=(str(tmp_path),)) == str(library)
+    assert preload_command("glibc") is None
 
 
 @linux
@@ -145,7 +198,8 @@ def test_the_footprint_bench_compares_the_daemons_learner_with_full_backprop():
                          capture_output=True, text=True, check=True)
     rows = {row["config"]: row for row in json.loads(out.stdout)["results"]}
     assert set(rows) == {"full", "daemon"}
-    assert rows["full"]["allocator"] == "glibc, trim" and rows["full"]["growth_ratio"] == 1.0
+    picked = "tcmalloc" if allocator_library("auto") else "glibc"   # NOTE [Preloaded allocator]
+    assert rows["full"]["allocator"] == picked + ", trim" and rows["full"]["growth_ratio"] == 1.0
     assert rows["daemon"]["rss_growth_bytes"] > 0 and rows["daemon"]["step_seconds"] > 0
     # the anonymous part is the process's own: never more than the whole, and it grows too
     for row in rows.values():
