@@ -62,7 +62,7 @@ check_host() {
         say "warning: the system OpenCV is missing or has no GStreamer; csi:// and rtsp:// need it (NVIDIA's: apt install nvidia-opencv; or Ubuntu's: apt install python3-opencv)"
     fi
     if ! ldconfig -p 2>/dev/null | grep -q libtcmalloc_minimal.so.4; then
-        say "warning: tcmalloc is not installed; the daemon falls back to glibc's malloc, whose footprint is about 3x larger (sudo apt install libtcmalloc-minimal4)"
+        say "warning: tcmalloc is not installed; the daemon falls back to glibc's malloc, whose footprint is about 4x larger (sudo apt install libtcmalloc-minimal4)"
     fi
 }
 

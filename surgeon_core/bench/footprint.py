@@ -87,7 +87,10 @@ def measure_footprint(config: str, model: torch.nn.Module, x: torch.Tensor,
     ``x`` in this process and report its resident set."""
     if config not in FOOTPRINT_CONFIGS:
         raise ValueError("config must be one of %s, got %r" % (FOOTPRINT_CONFIGS, config))
+    from ..allocator import before_step
+
     step = _stepper(config, model)
+    before_step()   # the start without what loading left free: the first step hands it back
     start, anon_start = _split_now()
     times = []
     with _HighWater() as meter:

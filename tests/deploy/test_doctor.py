@@ -71,14 +71,24 @@ def _doctor(*args):
 def test_doctor_names_every_area_and_fails_on_a_model_that_cannot_load():
     code, findings = _doctor()
     checks = {f["check"] for f in findings}
-    assert {"platform", "torch", "opencv", "zmq", "meminfo", "jtop", "nvml", "runtime dir",
-            "checkpoint dir", "devices", "model", "source", "video outputs", "daemon"} <= checks
+    assert {"platform", "torch", "opencv", "zmq", "meminfo", "allocator", "jtop", "nvml",
+            "runtime dir", "checkpoint dir", "devices", "model", "source", "video outputs",
+            "daemon"} <= checks
     video = [f for f in findings if f["check"] == "video outputs"][0]
     assert video["status"] == "ok" and "file://" in video["detail"]
     assert code == (1 if any(f["status"] == FAIL for f in findings) else 0)
     code, findings = _doctor("--set", "model.weights=/nonexistent/r20.th")
     model = [f for f in findings if f["check"] == "model"][0]
     assert code == 1 and model["status"] == FAIL and "/nonexistent" in model["detail"]
+
+
+def test_doctor_says_how_to_install_a_missing_allocator(tmp_path):
+    from daemon.doctor import WARN, check_allocator
+
+    missing = check_allocator("auto", dirs=(str(tmp_path),))
+    assert missing.status == WARN and "libtcmalloc-minimal4" in missing.fix
+    assert "libjemalloc2" in check_allocator("jemalloc", dirs=(str(tmp_path),)).fix
+    assert check_allocator("glibc").status == "ok"
 
 
 @pytest.mark.parametrize("path, origin", [
