@@ -44,9 +44,9 @@ import os
 import sys
 from typing import Dict, List, Optional, Tuple
 
-__all__ = ["tune_malloc", "before_step", "returns_memory", "trim", "cuda_alloc_conf", "MODES",
-           "allocator_name", "preloaded_allocator", "ALLOCATORS", "allocator_library",
-           "preload_command", "exec_with_allocator"]
+__all__ = ["tune_malloc", "before_step", "after_step", "returns_memory", "trim",
+           "cuda_alloc_conf", "MODES", "allocator_name", "preloaded_allocator", "ALLOCATORS",
+           "allocator_library", "preload_command", "exec_with_allocator"]
 
 log = logging.getLogger("surgeon.allocator")
 
@@ -109,7 +109,18 @@ def returns_memory() -> bool:
 
 
 def before_step() -> None:
-    """Called before each adaptation step: free pages go back (NOTE [Giving memory back])."""
+    """Called before each adaptation step: free pages go back (NOTE [Giving memory back]), so
+    the step's resident peak is its own."""
+    _hand_back()
+
+
+def after_step() -> None:
+    """Called after each adaptation step: the pages it touched go back, so a learner that
+    pauses (budget, no frames, a command) leaves the box what it does not hold."""
+    _hand_back()
+
+
+def _hand_back() -> None:
     if _state["mode"] == "trim" and not preloaded_allocator():
         trim()
     elif _state["mode"] != "default" and preloaded_allocator():

@@ -439,12 +439,14 @@ def _footprint_ratios(rows) -> None:
 
 def _print_footprint(rows) -> None:
     print("| config | allocator | RSS growth MiB (highest) | x full | anonymous MiB | x full "
-          "| after the run MiB | step s | x full |\n|---|---|---:|---:|---:|---:|---:|---:|---:|")
+          "| after the run MiB (anonymous) | step s | x full |\n"
+          "|---|---|---:|---:|---:|---:|---:|---:|---:|")
     for r in rows:
-        print("| %s | %s | %.0f | %s | %.0f | %s | %.0f | %.3f | %s |" % (
+        print("| %s | %s | %.0f | %s | %.0f | %s | %.0f (%.0f) | %.3f | %s |" % (
             r["config"], r["allocator"], r["rss_growth_bytes"] / 2**20,
             r.get("growth_ratio", "-"), r["anon_growth_bytes"] / 2**20, r.get("anon_ratio", "-"),
-            r["rss_after_bytes"] / 2**20, r["step_seconds"], r.get("time_ratio", "-")))
+            r["rss_after_bytes"] / 2**20, r["anon_after_bytes"] / 2**20, r["step_seconds"],
+            r.get("time_ratio", "-")))
     print("\nanonymous: the resident set's RssAnon, the process's own memory; the rest of the "
           "growth is file-backed library code run for the first time (shared, reclaimable)")
 

@@ -15,7 +15,7 @@ from typing import Callable
 import torch
 
 from ..allocator import allocator_name
-from ..peak import resident_bytes, resident_split
+from ..peak import resident_split
 
 __all__ = ["Footprint", "measure_footprint", "FOOTPRINT_CONFIGS"]
 
@@ -32,6 +32,7 @@ class Footprint:
     rss_growth_bytes: int       # highest resident set during the steps, above the start
     anon_growth_bytes: int      # the same of its anonymous part (RssAnon): no library code
     rss_after_bytes: int        # above the start, after the last step
+    anon_after_bytes: int       # the same of its anonymous part
     step_seconds: float         # median after the first two
 
 
@@ -64,7 +65,7 @@ class _HighWater:
 
 
 def _stepper(config: str, model: torch.nn.Module) -> Callable[[torch.Tensor], None]:
-    from ..allocator import before_step
+    from ..allocator import after_step, before_step
     from ..engine import entropy
     from ..methods.surgeon import Surgeon, SurgeonArgs
 
@@ -78,6 +79,7 @@ def _stepper(config: str, model: torch.nn.Module) -> Callable[[torch.Tensor], No
         entropy(model(x)).mean().backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
+        after_step()   # as Method.step does
     return full_step
 
 
@@ -98,7 +100,8 @@ def measure_footprint(config: str, model: torch.nn.Module, x: torch.Tensor,
             began = time.perf_counter()
             step(x)
             times.append(time.perf_counter() - began)
+    after, anon_after = _split_now()
     return Footprint(config, allocator_name(), steps, start, meter.high - start,
-                     meter.anon_high - anon_start,
-                     (resident_bytes() or 0) - start, statistics.median(times[2:] or times))
+                     meter.anon_high - anon_start, after - start, anon_after - anon_start,
+                     statistics.median(times[2:] or times))
 

@@ -18,7 +18,7 @@ from torch import nn
 
 from ..capture import ActivationCapture, CapturePolicy, paper_bytes
 from ..engine import entropy
-from ..allocator import before_step
+from ..allocator import after_step, before_step
 from ..peak import PeakMeter
 
 __all__ = ["StepResult", "Method", "bn_modules", "norm_modules", "use_batch_statistics",
@@ -145,6 +145,7 @@ class Method:
         result.seconds = time.perf_counter() - start
         result.peak_bytes, result.reserved_bytes = meter.peak_bytes, meter.reserved_bytes
         result.resident_bytes = meter.resident_bytes
+        after_step()
         return result
 
     def _adapt(self, x: torch.Tensor) -> StepResult:
