@@ -9,8 +9,8 @@ largest step ever seen, plus up to 8 x cores arenas of 64 MiB for the threads th
 Three modes (``memory.malloc`` in the daemon, SURGEON_MALLOC for the benchmarks):
 
 - ``trim`` (default): glibc's fast adaptive thresholds, two arenas, and the heaps' free pages
-  handed back (malloc_trim) before every step. Between steps the resident set is what the
-  process holds; during a step it rises by every page the step touches, which with heap
+  handed back (malloc_trim) before and after every step. Between steps the resident set is
+  what the process holds; during a step it rises by every page the step touches, which with heap
   reuse is more than the tensors alive at once.
 - ``return``: fixed thresholds, so every block over 256 KiB is its own mapping, returned at
   free: the resident set follows the tensors alive at each moment, at the price of a page
@@ -26,7 +26,7 @@ daemon and the benchmarks preload it where it is installed (``memory.allocator``
 SURGEON_ALLOCATOR: ``auto``, the default, takes tcmalloc, else glibc) by executing themselves
 again with LD_PRELOAD set, before anything else runs (``exec_with_allocator``). Under a
 preloaded tcmalloc or jemalloc, ``trim`` and ``return`` both release its free pages before
-every step (MallocExtension_ReleaseFreeMemory; jemalloc's purge of every arena): the
+and after every step (MallocExtension_ReleaseFreeMemory; jemalloc's purge of every arena): the
 resident set then grows in a step by the pages that step touches, which is its peak as the
 box sees it (NOTE [Step peak]); ``default`` leaves the allocator alone and claims no peak.
 Measured with ``surgeon-bench footprint`` (BENCHMARKS.md).
