@@ -14,6 +14,7 @@ from daemon.control.client import ControlClient
 from daemon.learner import COLLAPSE_STEPS, RECOVER_STEPS
 from daemon.memory import MB
 from daemon.service import Daemon
+from surgeon_core.allocator import allocator_library
 from surgeon_core.methods.base import StepResult
 
 from .running import REPLAY, Running as _Running, small_config, wait_for as _wait
@@ -42,11 +43,15 @@ def test_surgeond_serves_then_stops_cleanly_on_sigterm(tmp_path, uri):
               timeout=90)
         client = ControlClient("ipc://%s/control.sock" % os.environ["RUNTIME_DIRECTORY"])
         _wait(lambda: client.call("status")["learner"]["steps"] >= 1)
+        status = client.call("status")
     finally:
         stop_at = time.monotonic()
         proc.send_signal(signal.SIGTERM)
         out, err = proc.communicate(timeout=60)
     assert proc.returncode == 0, err
+    # run again under tcmalloc where installed, in the same process (systemd watches its pid)
+    picked = "tcmalloc" if allocator_library("auto") else "glibc"
+    assert status["allocator"] == picked + ", trim" and status["pid"] == proc.pid, status
     assert time.monotonic() - stop_at < 45   # the unit's TimeoutStopSec
     assert "frames" in out and "infer" in out
     lines = predictions.read_text().splitlines()
