@@ -16,6 +16,9 @@ from surgeon_core.peak import PeakMeter, resident_bytes, resident_split
 
 MB = 2 ** 20
 linux = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="procfs")
+TCMALLOC = "/usr/lib/%s-linux-gnu/libtcmalloc_minimal.so.4" % os.uname().machine
+needs_tcmalloc = pytest.mark.skipif(not os.path.exists(TCMALLOC), reason="libtcmalloc-minimal4 "
+                                    "not installed (.ci/run installs it)")
 
 
 @linux
@@ -77,16 +80,21 @@ def test_every_step_reports_its_peak(resnet20_weights):
 
 
 @linux
-def test_with_memory_returned_surgeons_step_peak_is_a_fraction_of_full_backprops():
-    """In its own process (the mode is process-wide): ResNet-20, batch 64."""
+@pytest.mark.parametrize("allocator, most", [
+    ("glibc", 0.4), pytest.param("tcmalloc", 0.5, marks=needs_tcmalloc)])
+def test_with_memory_returned_surgeons_step_peak_is_a_fraction_of_full_backprops(allocator,
+                                                                                   most):
+    """In its own process (the mode is process-wide): ResNet-20, batch 64. Under tcmalloc
+    the pages a step touches include its spans' slack: one step's ratio read 0.26 to 0.40
+    across runs, against glibc's mappings of live blocks alone."""
     out = subprocess.run([sys.executable, "-m", "surgeon_core.bench", "memory", "--batch-size",
                           "64", "--steps", "1", "--threads", "1", "--peak-budget-mb", "16",
                           "--json"],
                          capture_output=True, text=True, check=True,
-                         env=dict(os.environ, SURGEON_MALLOC="return"))
+                         env=dict(os.environ, SURGEON_MALLOC="return", SURGEON_ALLOCATOR=allocator))
     rows = {row["config"]: row for row in json.loads(out.stdout)["results"]}
     assert rows["full"]["peak_step_bytes"] > 50 * MB
-    assert rows["surgeon"]["peak_ratio"] < 0.4, rows["surgeon"]
+    assert rows["surgeon"]["peak_ratio"] < most, rows["surgeon"]
     # NOTE [Peak budget]: under a budget below its free-running peak, micro-batches keep it
     bounded = rows["daemon+peak"]
     assert rows["daemon"]["peak_step_bytes"] > 16 * MB
@@ -116,13 +124,6 @@ def test_no_peak_is_claimed_where_the_allocator_keeps_what_it_frees():
         assert meter.peak_bytes is None
     finally:
         tune_malloc("trim")
-
-
-TCMALLOC = "/usr/lib/%s-linux-gnu/libtcmalloc_minimal.so.4" % os.uname().machine
-
-
-needs_tcmalloc = pytest.mark.skipif(not os.path.exists(TCMALLOC), reason="libtcmalloc-minimal4 "
-                                    "not installed (.ci/run installs it)")
 
 
 @linux
