@@ -21,6 +21,12 @@ needs_tcmalloc = pytest.mark.skipif(not os.path.exists(TCMALLOC), reason="libtcm
                                     "not installed (.ci/run installs it)")
 
 
+def _outputs(command, choices, *more, env=None):
+    """{choice: what ``command choice *more`` printed}, each in a fresh process."""
+    return {choice: subprocess.run(command + [choice, *more], capture_output=True, text=True,
+                                   check=True, env=env).stdout.strip() for choice in choices}
+
+
 @linux
 def test_the_meter_sees_a_transient_and_not_what_was_held_before():
     tune_malloc("trim")
@@ -59,11 +65,8 @@ def test_glibc_is_told_to_return_freed_memory():
               "    stays.append(torch.ones(1000))\n"
               "    del blocks\n"
               "print(resident_bytes() - start)\n")
-    kept = {}
-    for mode in ("tuned", "default"):
-        out = subprocess.run([sys.executable, "-c", script, mode], capture_output=True,
-                             text=True, check=True)
-        kept[mode] = int(out.stdout.strip().splitlines()[-1])
+    outputs = _outputs([sys.executable, "-c", script], ("tuned", "default"))
+    kept = {mode: int(text.splitlines()[-1]) for mode, text in outputs.items()}
     assert kept["tuned"] < 10 * MB and kept["default"] > max(64 * MB, 8 * kept["tuned"]), kept
 
 
@@ -143,11 +146,9 @@ def test_under_a_preloaded_tcmalloc_every_step_sees_its_own_peak():
               "        torch.ones(1 << 22).sum()\n"
               "    peaks.append(meter.peak_bytes)\n"
               "print(allocator_name().replace(' ', ''), *peaks)\n")
-    seen = {}
-    for mode in ("trim", "default"):
-        out = subprocess.run([sys.executable, "-c", script, mode], capture_output=True,
-                             text=True, check=True, env=dict(os.environ, LD_PRELOAD=TCMALLOC))
-        seen[mode] = out.stdout.split()
+    outputs = _outputs([sys.executable, "-c", script], ("trim", "default"),
+                       env=dict(os.environ, LD_PRELOAD=TCMALLOC))
+    seen = {mode: text.split() for mode, text in outputs.items()}
     assert seen["default"] == ["tcmalloc,default", "None", "None"], seen
     name, first, second = seen["trim"]
     assert name == "tcmalloc,trim" and 16 * MB <= int(second) <= 24 * MB, seen
@@ -167,11 +168,8 @@ def test_a_command_runs_itself_again_under_the_chosen_allocator(tmp_path):
     script = tmp_path / "show.py"
     script.write_text(_SHOW_ALLOCATOR)
     env = {k: v for k, v in os.environ.items() if k not in ("LD_PRELOAD", "SURGEON_ALLOCATOR")}
-    shown = {}
-    for choice in ("auto", "tcmalloc", "glibc"):
-        out = subprocess.run([sys.executable, str(script), choice, "x y"], capture_output=True,
-                             text=True, check=True, env=env)
-        shown[choice] = out.stdout.strip()
+    shown = _outputs([sys.executable, str(script)], ("auto", "tcmalloc", "glibc"), "x y",
+                     env=env)
     assert shown["tcmalloc"] == "tcmalloc, default ['tcmalloc', 'x y'] 1", shown
     assert shown["auto"] == "tcmalloc, default ['auto', 'x y'] 1", shown
     assert shown["glibc"] == "glibc, default ['glibc', 'x y'] 0", shown
