@@ -178,18 +178,17 @@ def _nvml_probe() -> Finding:
 
 def check_allocator(choice: str, dirs: Optional[tuple] = None) -> Finding:
     """Whether the allocator ``memory.allocator`` asks for is there to preload."""
-    from surgeon_core.allocator import allocator_library
+    from surgeon_core.allocator import PACKAGES, allocator_library, preloadable
 
-    if choice == "glibc":
+    name = preloadable(choice)
+    if name is None:
         return Finding("allocator", OK, "glibc's malloc (memory.allocator: glibc)")
-    library = allocator_library(choice, *([dirs] if dirs else []))
+    library = allocator_library(choice, dirs)
     if library is not None:
         return Finding("allocator", OK, "%s: the daemon preloads it" % library)
-    name = "jemalloc" if choice == "jemalloc" else "tcmalloc"
-    package = "libjemalloc2" if name == "jemalloc" else "libtcmalloc-minimal4"
     return Finding("allocator", WARN, "%s is not installed: glibc's malloc serves, whose heap "
                    "grows about 4x as much in a CPU step" % name,
-                   "sudo apt-get install %s (NOTE [Preloaded allocator])" % package)
+                   "sudo apt-get install %s (NOTE [Preloaded allocator])" % PACKAGES[name])
 
 
 def check_directory(name: str, path: Path, max_mode: int) -> Finding:

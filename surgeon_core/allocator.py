@@ -46,7 +46,8 @@ from typing import Dict, List, Optional, Tuple
 
 __all__ = ["tune_malloc", "before_step", "after_step", "returns_memory", "trim",
            "cuda_alloc_conf", "MODES", "allocator_name", "preloaded_allocator", "ALLOCATORS",
-           "allocator_library", "preload_command", "exec_with_allocator"]
+           "PACKAGES", "preloadable", "allocator_library", "preload_command",
+           "exec_with_allocator"]
 
 log = logging.getLogger("surgeon.allocator")
 
@@ -121,10 +122,11 @@ def after_step() -> None:
 
 
 def _hand_back() -> None:
-    if _state["mode"] == "trim" and not preloaded_allocator():
+    if preloaded_allocator():
+        if _state["mode"] != "default":   # set only where a release call exists
+            _preloaded_release()()
+    elif _state["mode"] == "trim":
         trim()
-    elif _state["mode"] != "default" and preloaded_allocator():
-        _preloaded_release()()
 
 
 def trim() -> bool:
@@ -155,18 +157,24 @@ def _preloaded_release():
 ALLOCATORS = ("auto", "tcmalloc", "jemalloc", "glibc")
 _LIBRARIES = {"tcmalloc": ("libtcmalloc_minimal.so.4", "libtcmalloc.so.4"),
               "jemalloc": ("libjemalloc.so.2",)}
+PACKAGES = {"tcmalloc": "libtcmalloc-minimal4", "jemalloc": "libjemalloc2"}   # Debian/Ubuntu
 _LIBRARY_DIRS = ("/usr/lib/aarch64-linux-gnu", "/usr/lib/x86_64-linux-gnu", "/usr/lib64",
                  "/usr/lib", "/usr/local/lib")
 _PRELOAD_MARK = "SURGEON_ALLOCATOR_PRELOADED"   # set on the second run: never a third
 
 
-def allocator_library(choice: str, dirs: Tuple[str, ...] = _LIBRARY_DIRS) -> Optional[str]:
-    """The path of the library ``choice`` preloads (``auto``: tcmalloc), or None where it is
-    not installed or the choice is glibc."""
+def preloadable(choice: str) -> Optional[str]:
+    """The allocator ``choice`` preloads (``auto``: tcmalloc), None for glibc."""
     if choice not in ALLOCATORS:
         raise ValueError("allocator %r: choose %s" % (choice, ", ".join(ALLOCATORS)))
-    for name in _LIBRARIES.get("tcmalloc" if choice == "auto" else choice, ()):
-        for folder in dirs:
+    return None if choice == "glibc" else "tcmalloc" if choice == "auto" else choice
+
+
+def allocator_library(choice: str, dirs: Optional[Tuple[str, ...]] = None) -> Optional[str]:
+    """The path of the library ``choice`` preloads, or None where it is not installed or the
+    choice is glibc."""
+    for name in _LIBRARIES.get(preloadable(choice), ()):
+        for folder in dirs or _LIBRARY_DIRS:
             path = os.path.join(folder, name)
             if os.path.isfile(path):
                 return path
@@ -179,9 +187,9 @@ def preload_command(choice: Optional[str] = None) -> Optional[Tuple[List[str], D
     chosen, an allocator already preloaded, a second run, no library, or a command line that
     cannot be rebuilt (``python -c`` before Python 3.10)."""
     choice = choice or os.environ.get("SURGEON_ALLOCATOR") or "auto"
-    path = allocator_library(choice)
-    if choice == "glibc" or preloaded_allocator() or os.environ.get(_PRELOAD_MARK):
+    if not preloadable(choice) or preloaded_allocator() or os.environ.get(_PRELOAD_MARK):
         return None
+    path = allocator_library(choice)
     if path is None:
         if choice != "auto":
             log.warning("%s is not installed: glibc's malloc serves (NOTE [Giving memory "

@@ -14,7 +14,7 @@ from typing import Callable
 
 import torch
 
-from ..allocator import allocator_name
+from ..allocator import after_step, allocator_name, before_step
 from ..peak import resident_split
 
 __all__ = ["Footprint", "measure_footprint", "FOOTPRINT_CONFIGS"]
@@ -65,7 +65,6 @@ class _HighWater:
 
 
 def _stepper(config: str, model: torch.nn.Module) -> Callable[[torch.Tensor], None]:
-    from ..allocator import after_step, before_step
     from ..engine import entropy
     from ..methods.surgeon import Surgeon, SurgeonArgs
 
@@ -89,8 +88,6 @@ def measure_footprint(config: str, model: torch.nn.Module, x: torch.Tensor,
     ``x`` in this process and report its resident set."""
     if config not in FOOTPRINT_CONFIGS:
         raise ValueError("config must be one of %s, got %r" % (FOOTPRINT_CONFIGS, config))
-    from ..allocator import before_step
-
     step = _stepper(config, model)
     before_step()   # the start without what loading left free: the first step hands it back
     start, anon_start = _split_now()
