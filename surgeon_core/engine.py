@@ -17,18 +17,30 @@ temporaries and the consistency loss's augmentation add to the cache while they 
 at batch 200: cache 18 MiB, peak 82 MiB). With ``peak_budget_bytes`` each step's peak is
 measured (NOTE [Step peak]) and what it needed above its cache is remembered per micro-batch
 size: the largest of the last ``TRANSIENT_STEPS`` at that size, never from the engine's first
-step, whose peak holds one-off allocations such as the CPU's convolution primitives. A size not
-measured yet is estimated never below what the measured ones imply: what the next larger size
-needed, in proportion from a smaller one while only one is known, linearly from the two
-nearest below once two are. Planning gives the cache what the peak budget leaves after the
-transients and fits it in this order: keep ratios shrink (the solver), then the batch runs as
-2, 4, 8 ... micro-batches of at least ``min_chunk`` samples. Micro-batches keep the images per
-update (their gradients add up) and cost only smaller kernels, so they come before a smaller
-batch, which is the caller's to choose when even they do not fit (``BudgetExceeded``). Each
-micro-batch normalises with its own statistics, as a batch of its size would. Until something
-is measured, steps run in the smallest chunks, and a part grows at most to twice the largest
-size measured: the CPU meter is not linear in the part's size (blocks under glibc's mmap
-threshold reuse resident pages), so a long extrapolation could guess low.
+step. Planning gives the cache what the peak budget leaves after the transients and fits it in
+this order: keep ratios shrink (the solver), then the batch runs as 2, 4, 8 ... micro-batches
+of at least ``min_chunk`` samples. Micro-batches keep the images per update (their gradients
+add up) and cost only smaller kernels, so they come before a smaller batch, which is the
+caller's to choose when even they do not fit (``BudgetExceeded``). Each micro-batch normalises
+with its own statistics, as a batch of its size would.
+
+Estimates err high, because a step over the budget cannot be taken back:
+- A size not measured yet needs what the next larger size needed or, above every measured
+  size, its share in proportion to the size that needed the most per sample. Not a line
+  through the two largest: one low reading at the larger size flattened it, and under
+  tcmalloc a part of 32 planned at 4.3 MiB peaked at 22 MiB against a 16 MiB budget.
+- The margin on a transient is the widest swing seen between readings at one size, 10 % at
+  least and twice at most. Under glibc's ``return`` mode readings agree within a few per cent;
+  under tcmalloc its spans' slack swings them up to 1.7x (14.3 and 20.3 MiB in consecutive
+  steps at 32 samples).
+- Until something is measured, steps run in the smallest chunks, and a part grows at most to
+  twice the largest size measured in two steps (so that its swing is known).
+- The importance probe runs before the step's forward and its graph is gone before that
+  starts, so it must fit the budget alone: it takes as many samples (up to ``probe_samples``)
+  as its measured cost per sample leaves room for, 2 until that is measured.
+- The libraries' one-time allocations (the CPU's convolution primitives and scratch: 12 MiB
+  for ResNet-20) are made before the first step's meter starts (``Method.step`` primes the
+  model): they stay in the process, which the footprint counts, and are no step's transient.
 """
 
 import collections
@@ -53,8 +65,9 @@ __all__ = ["EngineConfig", "StepReport", "SparseBackprop", "entropy", "budget_or
            "BudgetExceeded"]
 
 SKIP_BELOW = 1e-3  # keep ratios below this train nothing; see NOTE [Empty layers]
-TRANSIENT_STEPS = 4   # steps at one micro-batch size whose largest transient the plan takes
+TRANSIENT_STEPS = 16  # steps at one micro-batch size whose largest transient the plan takes
 PEAK_MARGIN = 1.1     # transients vary a little from step to step (augmentation draws)
+MOST_MARGIN = 2.0     # the widest swing between readings the margin follows
 MB = 2 ** 20
 
 ForwardLoss = Callable[[nn.Module, torch.Tensor], Tuple[torch.Tensor, torch.Tensor]]
@@ -170,6 +183,7 @@ class SparseBackprop:
         self.budget_bytes = self.config.budget_bytes
         self.peak_budget_bytes = self.config.peak_budget_bytes
         self._transients: Dict[int, Deque[int]] = {}   # micro-batch size -> bytes above cache
+        self._probe_peaks: Deque[float] = collections.deque(maxlen=TRANSIENT_STEPS)  # per sample
         self._peak_measurable = True   # until a step's meter says otherwise
         self._numel: Dict[str, float] = {}   # per-sample activation size of every prunable layer
         self._grad_imp: Dict[str, float] = {}
@@ -180,6 +194,7 @@ class SparseBackprop:
         """Drop learnt importance and sizes (after a model reset); the next step probes again."""
         self._numel, self._grad_imp, self._fixed = {}, {}, None
         self._transients.clear()
+        self._probe_peaks.clear()
         self.steps = 0
 
     def set_budget(self, budget_bytes: Optional[int]) -> None:
@@ -219,14 +234,9 @@ class SparseBackprop:
         if size in seen:
             return float(seen[size])
         above = [n for n in seen if n > size]
-        below = sorted(n for n in seen if n < size)
         if above:
             return float(seen[min(above)])   # a smaller part never needs more
-        if len(below) == 1:
-            return seen[below[0]] * size / below[0]
-        small, large = below[-2], below[-1]
-        slope = max(0.0, (seen[large] - seen[small]) / (large - small))
-        return seen[large] + slope * (size - large)
+        return size * max(bytes_ / n for n, bytes_ in seen.items())
 
     def plan(self, x: torch.Tensor, forward_loss: ForwardLoss) -> Tuple[BudgetPlan, int]:
         """Ratios and the number of micro-batches for a step on ``x`` (NOTE [Peak budget]).
@@ -244,8 +254,8 @@ class SparseBackprop:
         profile = CacheProfile(self._fixed[1], dict(self._numel), self._value_bytes(),
                                policy.sync_free_on(x.device), policy.selection)
         counts = chunk_counts(batch, self.config.min_chunk)
-        if self.peak_bounded:   # parts at most twice the largest measured: short extrapolations
-            largest = max(self._transients, default=0)
+        if self.peak_bounded:   # parts at most twice the largest measured twice (its swing known)
+            largest = max((n for n, seen in self._transients.items() if len(seen) > 1), default=0)
             counts = [n for n in counts if -(-batch // n) <= 2 * largest] or counts[-1:]
         trains = any(keep >= SKIP_BELOW for keep in base.values())
         failure = None
@@ -262,13 +272,22 @@ class SparseBackprop:
         raise BudgetExceeded(self.peak_budget_bytes or self.budget_bytes or 0,
                              int(getattr(failure, "floor_bytes", 0)), self._no_fit(batch))
 
+    def margin(self) -> float:
+        """What a measured transient is multiplied by: ``PEAK_MARGIN``, or the widest swing
+        seen between readings at one size where that is larger (up to ``MOST_MARGIN``)."""
+        readings = [values for values in self._transients.values() if len(values) > 1]
+        if len(self._probe_peaks) > 1:
+            readings.append(self._probe_peaks)
+        swings = [max(values) / min(values) for values in readings if min(values) > 0]
+        return min(MOST_MARGIN, max([PEAK_MARGIN] + swings))
+
     def _cache_budget(self, size: int) -> int:
         """What the cache may take in a chunk of ``size``: the cache budget and the peak budget
         less the chunk's measured transients, whichever is smaller (<= 0: nothing fits)."""
         budgets = [] if self.budget_bytes is None else [self.budget_bytes]
         if self.peak_bounded:
             transient = self.transient_for(size) or 0.0
-            budgets.append(int(self.peak_budget_bytes - PEAK_MARGIN * transient))
+            budgets.append(int(self.peak_budget_bytes - self.margin() * transient))
         return min(budgets)
 
     def _no_fit(self, batch: int) -> str:
@@ -292,7 +311,7 @@ class SparseBackprop:
         start = time.perf_counter()
         probed = self._wants_probe()
         if probed:
-            self.probe(x)
+            self._metered_probe(x)
         elif not self._numel and self.steps == 0:   # static ratios still need the layer list
             self._learn_sizes_from(x)
         plan, chunks = self.plan(x, forward_loss)
@@ -399,16 +418,18 @@ class SparseBackprop:
             for weight in frozen:
                 weight.requires_grad_(True)
 
-    def probe(self, x: torch.Tensor) -> None:
-        """Dense entropy backward on a few samples to refresh gradient importance.
+    def probe(self, x: torch.Tensor, count: Optional[int] = None) -> None:
+        """Dense entropy backward on ``count`` random samples (default ``probe_samples``) to
+        refresh gradient importance.
 
         Gradients are zeroed before and after (the published code lets the previous step's
         gradient leak into the probe) and norm statistics are restored afterwards, so the probe
         changes nothing but the importance scores.
         """
-        samples = x[torch.randperm(x.shape[0], device=x.device)[: self.config.probe_samples]]
+        count = count or self.config.probe_samples
+        samples = x[torch.randperm(x.shape[0], device=x.device)[:count]]
         self.model.zero_grad(set_to_none=True)
-        with _statistics_kept(self.model):
+        with statistics_kept(self.model):
             with self.capture.record({}, passthrough=True) as rec:
                 loss = entropy(self.model(samples)).mean()
             self._learn_sizes(rec.layers(), samples.shape[0])
@@ -417,8 +438,39 @@ class SparseBackprop:
                 self._grad_imp = gradient_importance(self.capture.weight_of, self._numel)
             self.model.zero_grad(set_to_none=True)
 
+    def probe_count(self, batch: int) -> int:
+        """Samples the next probe takes: under a peak budget, as many as its measured cost per
+        sample leaves room for, and 2 until that is measured (NOTE [Peak budget]).
+
+        Raises:
+            BudgetExceeded: even one sample's probe does not fit the peak budget.
+        """
+        count = min(self.config.probe_samples, batch)
+        if not self.peak_bounded:
+            return count
+        if not self._probe_peaks:
+            return min(count, 2)
+        per_sample = self.margin() * max(self._probe_peaks)
+        if per_sample > self.peak_budget_bytes:
+            raise BudgetExceeded(self.peak_budget_bytes, int(per_sample), (
+                "the importance probe needs about %.2f MB on one sample but the peak budget is "
+                "%.2f MB: raise the budget" % (per_sample / MB, self.peak_budget_bytes / MB)))
+        return min(count, int(self.peak_budget_bytes // per_sample))
+
+    def _metered_probe(self, x: torch.Tensor) -> None:
+        """The probe, sized and metered under a peak budget: its graph is gone before the
+        step's forward starts, so it must fit the budget on its own."""
+        count = self.probe_count(x.shape[0])
+        if self.peak_budget_bytes is None:
+            self.probe(x, count)
+            return
+        with PeakMeter(x.device) as meter:
+            self.probe(x, count)
+        if meter.peak_bytes is not None:
+            self._probe_peaks.append(meter.peak_bytes / count)
+
     def _learn_sizes_from(self, x: torch.Tensor) -> None:
-        with _statistics_kept(self.model):
+        with statistics_kept(self.model):
             with self.capture.record({}, passthrough=True) as rec:
                 out = self.model(x[: min(2, x.shape[0])])   # held: its graph is what is measured
                 self._learn_sizes(rec.layers(), min(2, x.shape[0]))
@@ -426,7 +478,7 @@ class SparseBackprop:
 
     def _profile_on(self, x: torch.Tensor, forward_loss: ForwardLoss, batch: int) -> None:
         """Measure the fixed (non-prunable) cache per sample on a slice, without side effects."""
-        with _statistics_kept(self.model):
+        with statistics_kept(self.model):
             with self.capture.record({}) as rec:
                 held = forward_loss(self.model, x)   # the graph lives only while its outputs do
                 layers, cache = rec.layers(), rec.cache_bytes()
@@ -448,7 +500,7 @@ class SparseBackprop:
 
 
 @contextlib.contextmanager
-def _statistics_kept(model: nn.Module):
+def statistics_kept(model: nn.Module):
     """Forwards inside leave no trace: buffers (running statistics) and shift gates restored."""
     buffers = {k: v.clone() for k, v in model.named_buffers()}
     gates = {id(g): (g, g.state()) for g in shift_gates(model)}

@@ -16,6 +16,10 @@ resident set. ``PeakMeter`` measures both around one step:
   moment ('return'). The mark is per process: another thread allocating meanwhile (the
   daemon's serving) counts too, which is what the box sees.
 
+Both marks are reset when a meter starts, so a meter opened inside another (the engine's
+inside ``Method.step``) first hands the mark reached so far to the ones around it: the outer
+step's peak is the larger of what came before the inner meter and what came after its reset.
+
 Elsewhere (no procfs, clear_refs not writable, glibc left to keep what it frees) the peak is
 None, never a guess.
 """
@@ -28,6 +32,8 @@ import torch
 from .allocator import returns_memory
 
 __all__ = ["PeakMeter", "resident_bytes", "resident_split"]
+
+_OPEN: List["PeakMeter"] = []   # meters inside one another, outermost first (the learner's thread)
 
 _STATUS = "/proc/self/status"
 _CLEAR_REFS = "/proc/self/clear_refs"
@@ -85,24 +91,48 @@ class PeakMeter:
 
     def __enter__(self) -> "PeakMeter":
         self._t0 = time.perf_counter()
+        self._carried: Tuple[int, ...] = ()   # marks the meters inside this one reset
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
+            self._hand_marks_out()
             self._start = torch.cuda.memory_allocated(self.device)
             torch.cuda.reset_peak_memory_stats(self.device)
-        elif returns_memory() and _reset_high_water():
-            self._start = resident_bytes()
+        elif returns_memory():
+            self._hand_marks_out()
+            if _reset_high_water():
+                self._start = resident_bytes()
+        _OPEN.append(self)
         return self
 
     def __exit__(self, *exc) -> None:
+        if self in _OPEN:
+            _OPEN.remove(self)
         if self._start is None:
             return
+        marks = self._marks()
+        if marks is not None and self._carried:
+            marks = tuple(max(now, before) for now, before in zip(marks, self._carried))
+        if self.device.type == "cuda":
+            self.peak_bytes = marks[0] - self._start
+            self.reserved_bytes = marks[1]
+        elif marks is not None:
+            self.resident_bytes = marks[0]
+            self.peak_bytes = max(0, marks[0] - self._start)
+        self.seconds = time.perf_counter() - self._t0
+
+    def _marks(self) -> Optional[Tuple[int, ...]]:
+        """The high-water marks now: CUDA (allocated, reserved), CPU (VmHWM,)."""
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
-            self.peak_bytes = torch.cuda.max_memory_allocated(self.device) - self._start
-            self.reserved_bytes = torch.cuda.max_memory_reserved(self.device)
-        else:
-            high = _status_kib("VmHWM:")[0]
-            if high is not None:
-                self.resident_bytes = high
-                self.peak_bytes = max(0, high - self._start)
-        self.seconds = time.perf_counter() - self._t0
+            return (torch.cuda.max_memory_allocated(self.device),
+                    torch.cuda.max_memory_reserved(self.device))
+        high = _status_kib("VmHWM:")[0]
+        return None if high is None else (high,)
+
+    def _hand_marks_out(self) -> None:
+        """Before this meter resets the marks, the open meters on its device keep them."""
+        outer = [m for m in _OPEN if m.device == self.device and m._start is not None]
+        marks = self._marks() if outer else None
+        for meter in outer if marks is not None else ():
+            meter._carried = (tuple(max(a, b) for a, b in zip(marks, meter._carried))
+                              if meter._carried else marks)

@@ -109,7 +109,7 @@ def _table(meta, results) -> str:
         peak_ratio = "-" if r.peak_ratio is None else "%.3f" % r.peak_ratio
         ops = "- | -" if r.ops is None else "%d | %.2f" % (r.ops, r.ops_ratio or 0)
         lines.append("| %s | %.1f | %.3f | %.1f | %s | %s | %.3f | %.2f | %s | %s | %s |" % (
-            r.config + (" (%d micro-batches)" % r.chunks if r.chunks > 1 else ""),
+            r.config + _parts(r),
             r.cache_bytes / 2**20, r.cache_ratio, r.paper_bytes / 2**20, peak,
             peak_ratio, r.step_seconds, r.time_ratio, ops, keep, _largest(r.kinds)))
     lines += ["", "step peak: what one step added at its worst above what the process held "
@@ -119,6 +119,15 @@ def _table(meta, results) -> str:
               "ops/step: ATen operators one step dispatches, views left out (each is at least "
               "one kernel launch on a GPU); surgeon_core/opcount.py"]
     return "\n".join(lines)
+
+
+def _parts(result) -> str:
+    """Under a peak budget: the micro-batches, and the highest peak of any step run (the
+    budget holds for every one, NOTE [Peak budget])."""
+    notes = ["%d micro-batches" % result.chunks] if result.chunks > 1 else []
+    if result.budget_bytes is not None and result.highest_peak_bytes is not None:
+        notes.append("highest step %.1f" % (result.highest_peak_bytes / 2**20))
+    return " (%s)" % "; ".join(notes) if notes else ""
 
 
 def _largest(kinds, count: int = 4) -> str:

@@ -51,6 +51,7 @@ class ConfigResult:
     ops_ratio: Optional[float] = None
     kinds: Dict[str, int] = dataclasses.field(default_factory=dict)  # "kind/role" -> bytes
     chunks: int = 1                       # micro-batches of the last step (NOTE [Peak budget])
+    highest_peak_bytes: Optional[int] = None   # the largest peak of every step run, warm-up too
 
 
 def _entropy_loss(model: nn.Module, x: torch.Tensor):
@@ -76,6 +77,7 @@ class _Runner:
         self.mean_keep: Optional[float] = None
         self.peak: Optional[int] = None
         self.last_peak: Optional[int] = None   # the latest step's
+        self.highest_peak: Optional[int] = None   # of every step, the warm-up's too
         self.ops: Optional[int] = None
         self.chunks = 1
 
@@ -106,6 +108,8 @@ class _Runner:
             self.last_peak = meter.peak_bytes
         _sync(x)
         self.times.append(time.perf_counter() - start)
+        if self.last_peak is not None:
+            self.highest_peak = max(self.highest_peak or 0, self.last_peak)
 
     def _update(self, x: torch.Tensor) -> None:
         if self.engine is None:
@@ -216,7 +220,8 @@ def _ops_per_step(runner: _Runner, x: torch.Tensor) -> int:
 def _results(runners: List[_Runner]) -> List[ConfigResult]:
     out = [ConfigResult(r.name, r.description, r.cache, r.paper, statistics.median(r.times),
                         mean_keep=r.mean_keep, budget_bytes=r.budget, peak_step_bytes=r.peak,
-                        ops=r.ops, kinds=r.kinds, chunks=r.chunks)
+                        ops=r.ops, kinds=r.kinds, chunks=r.chunks,
+                        highest_peak_bytes=r.highest_peak)
            for r in runners]
     full = out[0]
     for res in out:

@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from ..capture import ActivationCapture, CapturePolicy, paper_bytes
-from ..engine import entropy
+from ..engine import entropy, statistics_kept
 from ..allocator import after_step, before_step
 from ..peak import PeakMeter
 
@@ -112,6 +112,7 @@ class Method:
         self.optimizer = optimizer
         self._source = self._snapshot()
         self._meter: Optional[ActivationCapture] = None
+        self._primed = False
 
     def _snapshot(self) -> Dict[str, Any]:
         state = {"model": copy.deepcopy(self.model.state_dict())}
@@ -138,6 +139,8 @@ class Method:
             self.optimizer.load_state_dict(state["optimizer"])
 
     def step(self, x: torch.Tensor) -> StepResult:
+        if not self._primed:
+            self._prime(x)
         before_step()      # NOTE [Giving memory back]
         start = time.perf_counter()
         with PeakMeter(x.device) as meter:
@@ -150,6 +153,24 @@ class Method:
 
     def _adapt(self, x: torch.Tensor) -> StepResult:
         raise NotImplementedError
+
+    def _prime(self, x: torch.Tensor) -> None:
+        """A forward and backward on two samples before the first step's meter: the libraries'
+        one-time allocations happen here and not in a step's peak (NOTE [Peak budget]). It
+        leaves no trace: statistics, random state and which weights train (a layer may switch
+        its own, as MECTA's stop criterion does) are restored, and gradients cleared."""
+        self._primed = True
+        trains = [(p, p.requires_grad) for p in self.model.parameters()]
+        self.model.zero_grad(set_to_none=True)
+        devices = [x.device] if x.device.type == "cuda" else []
+        with statistics_kept(self.model), torch.random.fork_rng(devices):
+            out = self.model(x[:2])
+            if isinstance(out, torch.Tensor) and out.requires_grad:
+                out.float().sum().backward()
+            del out
+        for param, trained in trains:
+            param.requires_grad_(trained)
+        self.model.zero_grad(set_to_none=True)
 
     def apply_update(self) -> bool:
         """Optimizer step only if every gradient is finite: no NaN ever reaches the weights."""

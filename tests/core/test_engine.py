@@ -64,8 +64,8 @@ def test_the_dense_probe_runs_only_while_some_trained_layer_prunes(monkeypatch):
                 m.requires_grad_(True)
         engine = SparseBackprop(model, EngineConfig(probe_every=2))
         calls = []
-        monkeypatch.setattr(engine, "probe", lambda x, real=engine.probe: (calls.append(1),
-                                                                          real(x)))
+        monkeypatch.setattr(engine, "probe", lambda x, count=None, real=engine.probe: (
+            calls.append(1), real(x, count)))
         for _ in range(4):
             engine.step(torch.rand(8, 3, 32, 32), _entropy_loss)
             model.zero_grad()

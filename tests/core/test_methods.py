@@ -67,6 +67,23 @@ def test_runs_end_to_end_and_reset_restores_the_source_exactly(name, base, noisy
         assert method.engine.steps == 0  # importance learnt on the old weights is dropped
 
 
+@pytest.mark.parametrize("name", list_methods())
+def test_priming_before_the_first_step_leaves_no_trace(name, base, noisy):
+    """The forward and backward that pays the libraries' one-time allocations before the first
+    step's meter (NOTE [Peak budget]) changes no weight, statistic or prediction."""
+    primed, bare = _build(name, base), _build(name, base)
+    getattr(bare, "inner", bare)._primed = True     # rdumb steps its inner method
+    torch.manual_seed(1)
+    first = primed.step(noisy[0][:32])
+    torch.manual_seed(1)
+    second = bare.step(noisy[0][:32])
+    assert getattr(primed, "inner", primed)._primed
+    assert torch.equal(first.logits, second.logits)
+    for (key, mine), theirs in zip(primed.model.state_dict().items(),
+                                   bare.model.state_dict().values()):
+        assert torch.equal(mine, theirs), key
+
+
 def test_bn_and_tent_beat_source_on_noise(base, noisy):
     errors = {n: _stream_error(_build(n, base), *noisy) for n in ("source", "bn", "tent")}
     assert errors["bn"] < errors["source"] - 15

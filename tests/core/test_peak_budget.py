@@ -11,7 +11,8 @@ import torch
 from torch import nn
 
 from surgeon_core.allocator import tune_malloc
-from surgeon_core.engine import EngineConfig, SparseBackprop, chunk_counts, entropy
+from surgeon_core.engine import (MOST_MARGIN, PEAK_MARGIN, EngineConfig, SparseBackprop,
+                                 chunk_counts, entropy)
 from surgeon_core.errors import BudgetExceeded
 from surgeon_core.importance import BudgetPlan
 from surgeon_core.methods.surgeon import Surgeon, SurgeonArgs
@@ -45,9 +46,35 @@ def test_transients_of_unmeasured_sizes_are_never_guessed_low():
     assert engine.transient_for(25) == 12 * MB              # the largest recent one
     assert engine.transient_for(10) == 12 * MB              # a smaller part never needs more
     assert engine.transient_for(50) == 24 * MB              # one size known: in proportion
-    engine._transients[50] = collections.deque([16 * MB])   # per-step constants show
-    assert engine.transient_for(100) == 24 * MB             # linear from the two below
+    engine._transients[50] = collections.deque([16 * MB])   # a low reading at the larger size
+    assert engine.transient_for(100) == 48 * MB             # does not flatten the estimate
     assert engine.transient_for(40) == 16 * MB
+
+
+def test_the_margin_follows_the_widest_swing_between_readings_at_one_size():
+    engine = SparseBackprop(_small_net())
+    assert engine.margin() == PEAK_MARGIN
+    engine._transients = {8: collections.deque([3 * MB]), 16: collections.deque([6 * MB, 9 * MB])}
+    assert engine.margin() == pytest.approx(1.5)     # tcmalloc's slack swings like this
+    engine._transients[32] = collections.deque([MB, 10 * MB])
+    assert engine.margin() == MOST_MARGIN
+
+
+def test_the_probe_takes_the_samples_the_peak_budget_leaves_room_for():
+    engine = SparseBackprop(_small_net(), EngineConfig(probe_samples=10))
+    assert engine.probe_count(64) == 10                # no peak budget: all of them
+    engine.set_peak_budget(16 * MB)
+    assert engine.probe_count(64) == 2                 # not measured yet: the smallest
+    engine._probe_peaks.extend([MB, 1.1 * MB])         # per sample, x 1.1: room for 13
+    assert engine.probe_count(64) == 10
+    engine.set_peak_budget(8 * MB)
+    assert engine.probe_count(64) == 6                 # 8 MiB // 1.21 MiB
+    engine.set_peak_budget(16 * MB)
+    engine._probe_peaks.extend([3 * MB])               # swing 3x: margin at its most, 2
+    assert engine.probe_count(64) == 2                 # 16 MiB // 6 MiB
+    engine._probe_peaks.append(9 * MB)
+    with pytest.raises(BudgetExceeded, match="probe needs about 18.00 MB on one sample"):
+        engine.probe_count(64)
 
 
 def _in_chunks(engine, chunks, monkeypatch):
