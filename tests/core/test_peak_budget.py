@@ -11,7 +11,8 @@ import torch
 from torch import nn
 
 from surgeon_core.allocator import tune_malloc
-from surgeon_core.engine import (MOST_MARGIN, PEAK_MARGIN, EngineConfig, SparseBackprop,
+from surgeon_core.engine import (MOST_MARGIN, PEAK_MARGIN, PRIOR_FACTOR, EngineConfig,
+                                 SparseBackprop,
                                  chunk_counts, entropy)
 from surgeon_core.errors import BudgetExceeded
 from surgeon_core.importance import BudgetPlan
@@ -75,6 +76,22 @@ def test_the_probe_takes_the_samples_the_peak_budget_leaves_room_for():
     engine._probe_peaks.append(9 * MB)
     with pytest.raises(BudgetExceeded, match="probe needs about 18.00 MB on one sample"):
         engine.probe_count(64)
+
+
+@linux
+def test_with_memory_to_spare_the_first_step_runs_whole():
+    """The bound that needs no step measured (NOTE [Peak budget]): twice what every module's
+    output took. Where it fits, the first step runs the whole batch; where it does not, the
+    smallest parts run until their transients are measured."""
+    tune_malloc("trim")
+    x = torch.rand(32, 3, 16, 16)
+    roomy = SparseBackprop(_small_net(), EngineConfig(peak_budget_bytes=1 << 30))
+    assert roomy.bound_for(32) is None                       # nothing profiled yet
+    assert roomy.step(x, _entropy_loss).chunks == 1
+    per_sample = 2 * 8 * 16 * 16 * 4 + 2 * 8 * 4 + 10 * 4    # conv, ReLU; pool, flatten; linear
+    assert roomy.bound_for(32) == PRIOR_FACTOR * per_sample * 32
+    tight = SparseBackprop(_small_net(), EngineConfig(peak_budget_bytes=512 * 1024))
+    assert tight.step(x, _entropy_loss).chunks == 4          # 8 samples each
 
 
 def _in_chunks(engine, chunks, monkeypatch):
