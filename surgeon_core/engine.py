@@ -43,7 +43,8 @@ Estimates err high, because a step over the budget cannot be taken back:
   89.5 %.
 - The importance probe runs before the step's forward and its graph is gone before that
   starts, so it must fit the budget alone: it takes as many samples (up to ``probe_samples``)
-  as its measured cost per sample leaves room for, 2 until that is measured.
+  as its measured cost per sample leaves room for; until that is measured, all of them where
+  the bound above fits, else 2.
 - The libraries' one-time allocations (the CPU's convolution primitives and scratch: 12 MiB
   for ResNet-20) are made before the first step's meter starts (``Method.step`` primes the
   model): they stay in the process, which the footprint counts, and are no step's transient.
@@ -465,7 +466,8 @@ class SparseBackprop:
 
     def probe_count(self, batch: int) -> int:
         """Samples the next probe takes: under a peak budget, as many as its measured cost per
-        sample leaves room for, and 2 until that is measured (NOTE [Peak budget]).
+        sample leaves room for; until that is measured, all of them where the bound that needs
+        no measurement fits, else 2 (NOTE [Peak budget]).
 
         Raises:
             BudgetExceeded: even one sample's probe does not fit the peak budget.
@@ -474,7 +476,7 @@ class SparseBackprop:
         if not self.peak_bounded:
             return count
         if not self._probe_peaks:
-            return min(count, 2)
+            return count if self._bound_fits(count) else min(count, 2)
         per_sample = self.margin() * max(self._probe_peaks)
         if per_sample > self.peak_budget_bytes:
             raise BudgetExceeded(self.peak_budget_bytes, int(per_sample), (

@@ -66,6 +66,9 @@ def test_the_probe_takes_the_samples_the_peak_budget_leaves_room_for():
     assert engine.probe_count(64) == 10                # no peak budget: all of them
     engine.set_peak_budget(16 * MB)
     assert engine.probe_count(64) == 2                 # not measured yet: the smallest
+    engine._outputs_per_sample = 0.5 * MB              # unless the bound (2 x 0.5 x 10) fits
+    assert engine.probe_count(64) == 10
+    engine._outputs_per_sample = None
     engine._probe_peaks.extend([MB, 1.1 * MB])         # per sample, x 1.1: room for 13
     assert engine.probe_count(64) == 10
     engine.set_peak_budget(8 * MB)
