@@ -266,7 +266,7 @@ class SparseBackprop:
         if self.peak_bounded:   # parts at most twice the largest measured twice (its swing known)
             largest = max((n for n, seen in self._transients.items() if len(seen) > 1), default=0)
             counts = [n for n in counts if -(-batch // n) <= 2 * largest
-                      or self._bound_fits(-(-batch // n))] or counts[-1:]
+                      or self._fitting_bound(-(-batch // n)) is not None] or counts[-1:]
         trains = any(keep >= SKIP_BELOW for keep in base.values())
         failure = None
         for chunks in counts:
@@ -300,8 +300,7 @@ class SparseBackprop:
             if transient is not None:
                 budgets.append(int(self.peak_budget_bytes - self.margin() * transient))
             else:   # nothing measured: the bound where it fits (else the smallest parts run)
-                bound = self.bound_for(size) if self._bound_fits(size) else None
-                budgets.append(int(self.peak_budget_bytes - (bound or 0.0)))
+                budgets.append(int(self.peak_budget_bytes - (self._fitting_bound(size) or 0.0)))
         return min(budgets)
 
     def bound_for(self, size: int) -> Optional[float]:
@@ -312,9 +311,10 @@ class SparseBackprop:
             return None
         return PRIOR_FACTOR * self._outputs_per_sample * size
 
-    def _bound_fits(self, size: int) -> bool:
+    def _fitting_bound(self, size: int) -> Optional[float]:
+        """``bound_for(size)`` where it fits the peak budget, else None."""
         bound = self.bound_for(size)
-        return bound is not None and bound <= self.peak_budget_bytes
+        return bound if bound is not None and bound <= self.peak_budget_bytes else None
 
     def _no_fit(self, batch: int) -> str:
         chunk = min(batch, self.config.min_chunk)
@@ -476,7 +476,7 @@ class SparseBackprop:
         if not self.peak_bounded:
             return count
         if not self._probe_peaks:
-            return count if self._bound_fits(count) else min(count, 2)
+            return count if self._fitting_bound(count) is not None else min(count, 2)
         per_sample = self.margin() * max(self._probe_peaks)
         if per_sample > self.peak_budget_bytes:
             raise BudgetExceeded(self.peak_budget_bytes, int(per_sample), (

@@ -91,7 +91,7 @@ class PeakMeter:
 
     def __enter__(self) -> "PeakMeter":
         self._t0 = time.perf_counter()
-        self._carried: Tuple[int, ...] = ()   # marks the meters inside this one reset
+        self._carried: Optional[Tuple[int, ...]] = None   # marks the meters inside reset
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
             self._hand_marks_out()
@@ -109,9 +109,7 @@ class PeakMeter:
             _OPEN.remove(self)
         if self._start is None:
             return
-        marks = self._marks()
-        if marks is not None and self._carried:
-            marks = tuple(max(now, before) for now, before in zip(marks, self._carried))
+        marks = _higher(self._marks(), self._carried)
         if self.device.type == "cuda":
             self.peak_bytes = marks[0] - self._start
             self.reserved_bytes = marks[1]
@@ -133,6 +131,16 @@ class PeakMeter:
         """Before this meter resets the marks, the open meters on its device keep them."""
         outer = [m for m in _OPEN if m.device == self.device and m._start is not None]
         marks = self._marks() if outer else None
-        for meter in outer if marks is not None else ():
-            meter._carried = (tuple(max(a, b) for a, b in zip(marks, meter._carried))
-                              if meter._carried else marks)
+        if marks is None:
+            return
+        for meter in outer:
+            meter._carried = _higher(marks, meter._carried)
+
+
+def _higher(marks: Optional[Tuple[int, ...]],
+            carried: Optional[Tuple[int, ...]]) -> Optional[Tuple[int, ...]]:
+    """``marks`` raised, mark by mark, to what was ``carried`` (None: nothing to raise or
+    nothing read)."""
+    if marks is None or carried is None:
+        return marks
+    return tuple(map(max, marks, carried))
