@@ -12,8 +12,7 @@ from torch import nn
 
 from surgeon_core.allocator import tune_malloc
 from surgeon_core.engine import (MOST_MARGIN, PEAK_MARGIN, PRIOR_FACTOR, EngineConfig,
-                                 SparseBackprop,
-                                 chunk_counts, entropy)
+                                 SparseBackprop, chunk_counts, entropy)
 from surgeon_core.errors import BudgetExceeded
 from surgeon_core.importance import BudgetPlan
 from surgeon_core.methods.surgeon import Surgeon, SurgeonArgs
