@@ -35,18 +35,23 @@ def gpu_path() -> bool:
 
 
 class OpCounter(TorchDispatchMode):
-    """``with OpCounter() as ops: step()``; then ``ops.total`` and ``ops.by_name``."""
+    """``with OpCounter() as ops: step()``; then ``ops.total`` and ``ops.by_name``.
 
-    def __init__(self):
+    ``gpu_paths=False`` counts the paths the code takes on this device (a CPU's own fast paths),
+    as a counter of one's own would.
+    """
+
+    def __init__(self, gpu_paths: bool = True):
         super().__init__()
         self.by_name: Counter[str] = collections.Counter()
+        self._switch = 1 if gpu_paths else 0
 
     def __enter__(self):
-        _counting[0] += 1
+        _counting[0] += self._switch
         return super().__enter__()
 
     def __exit__(self, *exc):
-        _counting[0] -= 1
+        _counting[0] -= self._switch
         return super().__exit__(*exc)
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):

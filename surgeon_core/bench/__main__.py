@@ -100,25 +100,30 @@ def _table(meta, results) -> str:
     lines = ["%(model)s at %(input_size)d px, batch %(batch_size)d, %(device)s, torch %(torch)s, "
              "%(threads)d threads; weights %(weights)s" % meta, "",
              "| config | measured cache MiB | x full | paper-convention MiB | step peak MiB "
-             "| x full | step s | x full | ops/step | x full | mean keep | largest parts of the "
-             "cache (kind/role MiB) |",
-             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
+             "| x full | step s | x full | ops/step | x full | CPU-path ops | x full | mean keep "
+             "| largest parts of the cache (kind/role MiB) |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
     for r in results:
         keep = "%.3f" % r.mean_keep if r.mean_keep is not None else "-"
         peak = "-" if r.peak_step_bytes is None else "%.1f" % (r.peak_step_bytes / 2**20)
         peak_ratio = "-" if r.peak_ratio is None else "%.3f" % r.peak_ratio
-        ops = "- | -" if r.ops is None else "%d | %.2f" % (r.ops, r.ops_ratio or 0)
-        lines.append("| %s | %.1f | %.3f | %.1f | %s | %s | %.3f | %.2f | %s | %s | %s |" % (
+        lines.append("| %s | %.1f | %.3f | %.1f | %s | %s | %.3f | %.2f | %s | %s | %s | %s |" % (
             r.config + _parts(r),
             r.cache_bytes / 2**20, r.cache_ratio, r.paper_bytes / 2**20, peak,
-            peak_ratio, r.step_seconds, r.time_ratio, ops, keep, _largest(r.kinds)))
+            peak_ratio, r.step_seconds, r.time_ratio, _ops(r.ops, r.ops_ratio),
+            _ops(r.cpu_ops, r.cpu_ops_ratio), keep, _largest(r.kinds)))
     lines += ["", "step peak: what one step added at its worst above what the process held "
               "when it began (CPU: the kernel's resident high-water mark, reset per step after "
               "the heaps' free pages were handed back; CUDA: max_memory_allocated); "
               "NOTE [Step peak]",
               "ops/step: ATen operators one step dispatches, views left out (each is at least "
-              "one kernel launch on a GPU); surgeon_core/opcount.py"]
+              "one kernel launch on a GPU), counted on the paths a GPU takes; CPU-path ops: "
+              "the same step on the CPU's own fast paths (CPU runs); surgeon_core/opcount.py"]
     return "\n".join(lines)
+
+
+def _ops(count, ratio) -> str:
+    return "- | -" if count is None else "%d | %.2f" % (count, ratio or 0)
 
 
 def _parts(result) -> str:

@@ -49,6 +49,8 @@ class ConfigResult:
     peak_ratio: Optional[float] = None
     ops: Optional[int] = None             # operators dispatched by one step (kernels, no views)
     ops_ratio: Optional[float] = None
+    cpu_ops: Optional[int] = None         # the same on the CPU's own paths (CPU runs only)
+    cpu_ops_ratio: Optional[float] = None
     kinds: Dict[str, int] = dataclasses.field(default_factory=dict)  # "kind/role" -> bytes
     chunks: int = 1                       # micro-batches of the last step (NOTE [Peak budget])
     highest_peak_bytes: Optional[int] = None   # the largest peak of every step run, warm-up too
@@ -79,6 +81,7 @@ class _Runner:
         self.last_peak: Optional[int] = None   # the latest step's
         self.highest_peak: Optional[int] = None   # of every step, the warm-up's too
         self.ops: Optional[int] = None
+        self.cpu_ops: Optional[int] = None
         self.chunks = 1
 
     def measure_cache(self, x: torch.Tensor) -> None:
@@ -197,6 +200,8 @@ def run_memory_benchmark(model: nn.Module, x: torch.Tensor, steps: int = 5,
             runner.step(x)
     for runner in runners:
         runner.ops = _ops_per_step(runner, x)
+        if x.device.type == "cpu":
+            runner.cpu_ops = _ops_per_step(runner, x, gpu_paths=False)
         runner.peak = _peak_step_bytes(runner, x)   # last: the table's figures are its step's
     return _results(runners)
 
@@ -209,9 +214,10 @@ def _peak_step_bytes(runner: _Runner, x: torch.Tensor) -> Optional[int]:
     return runner.last_peak
 
 
-def _ops_per_step(runner: _Runner, x: torch.Tensor) -> int:
-    """One more, untimed step under the OpCounter (on the GPU's paths: ``gpu_path``)."""
-    with OpCounter() as ops:
+def _ops_per_step(runner: _Runner, x: torch.Tensor, gpu_paths: bool = True) -> int:
+    """One more, untimed step under the OpCounter (on the GPU's paths: ``gpu_path``, unless
+    ``gpu_paths`` is False)."""
+    with OpCounter(gpu_paths) as ops:
         runner.step(x)
     runner.times.pop()
     return ops.kernels
@@ -220,7 +226,7 @@ def _ops_per_step(runner: _Runner, x: torch.Tensor) -> int:
 def _results(runners: List[_Runner]) -> List[ConfigResult]:
     out = [ConfigResult(r.name, r.description, r.cache, r.paper, statistics.median(r.times),
                         mean_keep=r.mean_keep, budget_bytes=r.budget, peak_step_bytes=r.peak,
-                        ops=r.ops, kinds=r.kinds, chunks=r.chunks,
+                        ops=r.ops, cpu_ops=r.cpu_ops, kinds=r.kinds, chunks=r.chunks,
                         highest_peak_bytes=r.highest_peak)
            for r in runners]
     full = out[0]
@@ -229,6 +235,8 @@ def _results(runners: List[_Runner]) -> List[ConfigResult]:
         res.time_ratio = res.step_seconds / full.step_seconds if full.step_seconds else 0.0
         if res.ops is not None and full.ops:
             res.ops_ratio = res.ops / full.ops
+        if res.cpu_ops is not None and full.cpu_ops:
+            res.cpu_ops_ratio = res.cpu_ops / full.cpu_ops
         if res.peak_step_bytes is not None and full.peak_step_bytes:
             res.peak_ratio = res.peak_step_bytes / full.peak_step_bytes
     return out

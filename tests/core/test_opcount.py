@@ -23,10 +23,24 @@ def test_the_counter_sees_forward_and_backward_and_leaves_views_out():
     assert backward.by_name["detach"] > 0 and backward.kernels < backward.total
 
 
+def test_a_counter_takes_the_gpus_paths_unless_told_to_count_this_devices():
+    from surgeon_core.opcount import gpu_path
+
+    with OpCounter():
+        assert gpu_path()
+        with OpCounter(gpu_paths=False):
+            assert gpu_path()      # an outer counter still wants the GPU's
+    with OpCounter(gpu_paths=False):
+        assert not gpu_path()
+    assert not gpu_path()
+
+
 def test_surgeons_operator_count_is_held(resnet20_weights):
     """Measured at batch 8 with every Adam on its foreach path and pruned tensors in the GPU's
-    sync-free form (CUDA's defaults, so the count is a GPU's): full backprop 311, surgeon 927
-    (3.0x), the daemon's recipe 1,177 (3.8x) on torch 2.14. The sync-free form counted 1,240
+    sync-free form (CUDA's defaults, so the count is a GPU's): full backprop 311, surgeon 901
+    (2.9x; 927 before its value buffer went uncleared), the daemon's recipe 1,177 (3.8x) on
+    torch 2.14. On the CPU's own paths surgeon's is 903 at this batch (its exact-count gather:
+    NOTE [Exact-count gather]). The sync-free form counted 1,240
     (4.0x) before its packing was cut (NOTE [Sync-free packing]); the daemon counted 1,324
     (4.3x) before the norms' backward constants were computed together (NOTE [Deferred
     backward constants]); both were 4.8x and 6.3x before the running statistics were
@@ -36,6 +50,7 @@ def test_surgeons_operator_count_is_held(resnet20_weights):
     assert 250 < results["full"].ops < 450
     assert results["surgeon"].ops_ratio < 3.1, results["surgeon"].ops
     assert results["daemon"].ops_ratio < 3.9, results["daemon"].ops
+    assert results["surgeon"].cpu_ops_ratio < 3.1, results["surgeon"].cpu_ops
 
 
 @pytest.mark.parametrize("statistics,bits", [("batch", 1), ("running", 1), ("batch", 0),
