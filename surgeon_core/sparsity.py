@@ -448,11 +448,9 @@ def _kept_values(flat: torch.Tensor, mask: torch.Tensor, dtype: torch.dtype) -> 
     """
     if _overflows(flat, dtype):
         dtype = flat.dtype   # rare: a value fp16 cannot hold; kept as it is
-    if flat.numel() <= _GATHER_CHUNK:
-        return flat[mask].to(dtype)
     pieces = [chunk[chunk_mask].to(dtype) for chunk, chunk_mask
               in zip(flat.split(_GATHER_CHUNK), mask.split(_GATHER_CHUNK))]
-    return torch.cat(pieces)
+    return pieces[0] if len(pieces) == 1 else torch.cat(pieces)
 
 
 def _overflows(flat: torch.Tensor, dtype: torch.dtype) -> bool:
