@@ -44,14 +44,14 @@ class OpCounter(TorchDispatchMode):
     def __init__(self, gpu_paths: bool = True):
         super().__init__()
         self.by_name: Counter[str] = collections.Counter()
-        self._switch = 1 if gpu_paths else 0
+        self.gpu_paths = gpu_paths
 
     def __enter__(self):
-        _counting[0] += self._switch
+        _counting[0] += int(self.gpu_paths)
         return super().__enter__()
 
     def __exit__(self, *exc):
-        _counting[0] -= self._switch
+        _counting[0] -= int(self.gpu_paths)
         return super().__exit__(*exc)
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):

@@ -233,13 +233,15 @@ def _results(runners: List[_Runner]) -> List[ConfigResult]:
     for res in out:
         res.cache_ratio = res.cache_bytes / full.cache_bytes if full.cache_bytes else 0.0
         res.time_ratio = res.step_seconds / full.step_seconds if full.step_seconds else 0.0
-        if res.ops is not None and full.ops:
-            res.ops_ratio = res.ops / full.ops
-        if res.cpu_ops is not None and full.cpu_ops:
-            res.cpu_ops_ratio = res.cpu_ops / full.cpu_ops
-        if res.peak_step_bytes is not None and full.peak_step_bytes:
-            res.peak_ratio = res.peak_step_bytes / full.peak_step_bytes
+        res.ops_ratio = _ratio(res.ops, full.ops)
+        res.cpu_ops_ratio = _ratio(res.cpu_ops, full.cpu_ops)
+        res.peak_ratio = _ratio(res.peak_step_bytes, full.peak_step_bytes)
     return out
+
+
+def _ratio(value: Optional[float], base: Optional[float]) -> Optional[float]:
+    """``value / base``, or None where either was not measured (or ``base`` is 0)."""
+    return value / base if value is not None and base else None
 
 
 def as_rows(results: List[ConfigResult]) -> List[Dict]:
