@@ -98,6 +98,11 @@ def test_every_step_reports_its_peak(resnet20_weights):
         assert result.peak_bytes > MB and result.resident_bytes > result.peak_bytes
 
 
+# Below the daemon's free-running peak at batch 64 (16-17 MiB since the exact-count gather)
+# with room to spare: at 16 MiB one CI lane read 15.9 and the precondition failed.
+PEAK_BUDGET_MB = 12
+
+
 @linux
 @pytest.mark.parametrize("allocator, most", [
     ("glibc", 0.4), pytest.param("tcmalloc", 0.5, marks=needs_tcmalloc)])
@@ -107,8 +112,8 @@ def test_with_memory_returned_surgeons_step_peak_is_a_fraction_of_full_backprops
     the pages a step touches include its spans' slack: one step's ratio read 0.26 to 0.40
     across runs, against glibc's mappings of live blocks alone."""
     out = subprocess.run([sys.executable, "-m", "surgeon_core.bench", "memory", "--batch-size",
-                          "64", "--steps", "1", "--threads", "1", "--peak-budget-mb", "16",
-                          "--json"],
+                          "64", "--steps", "1", "--threads", "1", "--peak-budget-mb",
+                          str(PEAK_BUDGET_MB), "--json"],
                          capture_output=True, text=True, check=True,
                          env=dict(os.environ, SURGEON_MALLOC="return", SURGEON_ALLOCATOR=allocator))
     rows = {row["config"]: row for row in json.loads(out.stdout)["results"]}
@@ -116,9 +121,9 @@ def test_with_memory_returned_surgeons_step_peak_is_a_fraction_of_full_backprops
     assert rows["surgeon"]["peak_ratio"] < most, rows["surgeon"]
     # NOTE [Peak budget]: under a budget below its free-running peak, micro-batches keep it
     bounded = rows["daemon+peak"]
-    assert rows["daemon"]["peak_step_bytes"] > 16 * MB
-    assert bounded["peak_step_bytes"] <= 16 * MB and bounded["chunks"] > 1, bounded
-    assert bounded["highest_peak_bytes"] <= 16 * MB, bounded   # the warm-up step's too
+    assert rows["daemon"]["peak_step_bytes"] > PEAK_BUDGET_MB * MB
+    assert bounded["peak_step_bytes"] <= PEAK_BUDGET_MB * MB and bounded["chunks"] > 1, bounded
+    assert bounded["highest_peak_bytes"] <= PEAK_BUDGET_MB * MB, bounded   # the warm-up step's
 
 
 @linux
