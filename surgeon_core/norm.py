@@ -74,7 +74,7 @@ from torch import nn
 
 from .backward_constants import BackwardConstants
 from .opcount import gpu_path
-from .sparsity import dequantize_standard, quantize_standard
+from .sparsity import dequantize_standard, memory_order, quantize_standard, shaped_from_memory
 from .statistics_queue import StatisticsQueue, install, no_torch_function, symmetric_kl_terms
 
 __all__ = ["RunningStatNorm2d", "ShiftGate", "convert_batchnorm", "forget_gate_rate",
@@ -222,8 +222,9 @@ class _LeanBatchNorm(torch.autograd.Function):
             out, mean, invstd = _train_forward(x, weight, bias, eps)
             saved = (None, None)
             if wanted:
-                ctx.codes = (x.shape, x.numel(), x.dtype)
-                saved = quantize_standard(x, bits, mean.view(shape), invstd.view(shape))
+                ctx.codes = (x.shape, x.numel(), x.dtype, memory_order(x))
+                saved = quantize_standard(x, bits, mean.view(shape), invstd.view(shape),
+                                          ctx.codes[3])
         ctx.save_for_backward(*saved)
         ctx.constants = _deferred(queue, BackwardConstants(weight, invstd.detach()))
         ctx.mark_non_differentiable(mean, invstd)
@@ -259,9 +260,9 @@ class _LeanAffine(torch.autograd.Function):
             return torch.addcmul(bias.view(_channel_shape(x)), x_hat,
                                  weight.view(_channel_shape(x)))
         shape = _channel_shape(x)
-        ctx.codes = (x.shape, x.numel(), x.dtype)
+        ctx.codes = (x.shape, x.numel(), x.dtype, memory_order(x))
         ctx.save_for_backward(*quantize_standard(x, bits, code_mean.view(shape),
-                                                 code_invstd.view(shape)))
+                                                 code_invstd.view(shape), ctx.codes[3]))
         # the kernel's statistics: the coded x_hat mapped onto the running standardisation
         ctx.constants = _deferred(queue, BackwardConstants(weight, code_invstd, mean, var, eps,
                                                            code_mean))
@@ -282,8 +283,8 @@ def _lean_backward(ctx, grad):
     x_hat, big = ctx.saved_tensors
     scale, run_mean, run_var = ctx.constants.values()
     if ctx.codes is not None:
-        shape, numel, dtype = ctx.codes
-        x_hat = dequantize_standard(x_hat, big, numel, dtype).view(shape)
+        shape, numel, dtype, order = ctx.codes
+        x_hat = shaped_from_memory(dequantize_standard(x_hat, big, numel, dtype), shape, order)
     wanted = ctx.needs_input_grad[:3]
     if x_hat is None:
         return _grads_without_x_hat(ctx, grad, scale)
