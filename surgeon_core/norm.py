@@ -67,7 +67,7 @@ overwrites fast is what works; the augmented views keep it short.
 """
 
 import functools
-from typing import List, Optional
+from typing import List, NamedTuple, Optional, Tuple
 
 import torch
 from torch import nn
@@ -222,9 +222,9 @@ class _LeanBatchNorm(torch.autograd.Function):
             out, mean, invstd = _train_forward(x, weight, bias, eps)
             saved = (None, None)
             if wanted:
-                ctx.codes = (x.shape, x.numel(), x.dtype, memory_order(x))
+                ctx.codes = _code_layout(x)
                 saved = quantize_standard(x, bits, mean.view(shape), invstd.view(shape),
-                                          ctx.codes[3])
+                                          ctx.codes.order)
         ctx.save_for_backward(*saved)
         ctx.constants = _deferred(queue, BackwardConstants(weight, invstd.detach()))
         ctx.mark_non_differentiable(mean, invstd)
@@ -260,9 +260,9 @@ class _LeanAffine(torch.autograd.Function):
             return torch.addcmul(bias.view(_channel_shape(x)), x_hat,
                                  weight.view(_channel_shape(x)))
         shape = _channel_shape(x)
-        ctx.codes = (x.shape, x.numel(), x.dtype, memory_order(x))
+        ctx.codes = _code_layout(x)
         ctx.save_for_backward(*quantize_standard(x, bits, code_mean.view(shape),
-                                                 code_invstd.view(shape), ctx.codes[3]))
+                                                 code_invstd.view(shape), ctx.codes.order))
         # the kernel's statistics: the coded x_hat mapped onto the running standardisation
         ctx.constants = _deferred(queue, BackwardConstants(weight, code_invstd, mean, var, eps,
                                                            code_mean))
@@ -271,6 +271,19 @@ class _LeanAffine(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad):
         return _lean_backward(ctx, grad) + (None,) * 7
+
+
+class _CodeLayout(NamedTuple):
+    """What dequantising a coded x_hat needs to rebuild it (NOTE [Memory order])."""
+
+    shape: torch.Size
+    numel: int
+    dtype: torch.dtype
+    order: Optional[Tuple[int, ...]]
+
+
+def _code_layout(x: torch.Tensor) -> _CodeLayout:
+    return _CodeLayout(x.shape, x.numel(), x.dtype, memory_order(x))
 
 
 def _deferred(queue: Optional[StatisticsQueue], constants: BackwardConstants):

@@ -99,6 +99,13 @@ def flat_in_memory(tensor: torch.Tensor, order: Optional[Tuple[int, ...]]) -> to
     return (tensor.permute(order) if order is not None else tensor).reshape(-1)
 
 
+def _flattened(tensor: torch.Tensor) -> Tuple[torch.Tensor, Optional[Tuple[int, ...]]]:
+    """(``tensor`` detached and flat in memory order, that order): how every pruned form, and
+    the mask it is given, read a tensor."""
+    order = memory_order(tensor)
+    return flat_in_memory(tensor.detach(), order), order
+
+
 def shaped_from_memory(flat: torch.Tensor, shape: Sequence[int],
                        order: Optional[Tuple[int, ...]]) -> torch.Tensor:
     """The inverse of ``flat_in_memory``: a view of ``flat`` with ``shape``."""
@@ -381,8 +388,7 @@ class Pruned(Packed):
     __slots__ = ("bits", "indices", "values", "device")
 
     def __init__(self, tensor: torch.Tensor, mask: torch.Tensor, value_dtype: torch.dtype):
-        order = memory_order(tensor)
-        flat = flat_in_memory(tensor.detach(), order)
+        flat, order = _flattened(tensor)
         values = _kept_values(flat, mask, value_dtype)
         super().__init__(tensor.shape, tensor.dtype, values.numel(), order)
         self.device = tensor.device
@@ -430,8 +436,8 @@ class PrunedFixed(Packed):
 
     def __init__(self, tensor: torch.Tensor, mask: torch.Tensor, capacity: int,
                  value_dtype: torch.dtype):
-        super().__init__(tensor.shape, tensor.dtype, 0, memory_order(tensor))
-        flat = flat_in_memory(tensor.detach(), self.order)
+        flat, order = _flattened(tensor)
+        super().__init__(tensor.shape, tensor.dtype, 0, order)
         self.device = tensor.device
         number = torch.cumsum(mask, 0)          # int64: scatter's index type
         # the last number counts them all: a scalar operator where summing the mask is a pass
@@ -531,8 +537,7 @@ def prune(tensor: torch.Tensor, keep: float, selection: str = "threshold",
     if keep == 0.0:
         return Dropped(tensor)
     with torch.no_grad():
-        # the mask in the order the packed forms read the tensor (NOTE [Memory order])
-        flat = flat_in_memory(tensor.detach(), memory_order(tensor))
+        flat, _ = _flattened(tensor)   # the mask in the packed forms' order (NOTE [Memory order])
         if keep >= 1.0:
             mask = (flat != 0) | torch.isnan(flat)
         elif selection == "topk":
