@@ -119,15 +119,28 @@ class ShiftGate:
         self.count: Optional[torch.Tensor] = None
 
     def state(self):
-        return self.count, self._rate, list(self._reports)
+        """A copy: ``count`` changes in place."""
+        count = None if self.count is None else self.count.clone()
+        return count, self._rate, list(self._reports)
 
     def load_state(self, state) -> None:
-        self.count, self._rate, self._reports = state[0], state[1], list(state[2])
+        count, self._rate, self._reports = state[0], state[1], list(state[2])
+        if count is None:
+            self._full_count()
+        elif self.count is not None and self.count.shape == count.shape:
+            self.count.copy_(count)   # the same storage: a captured step reads it there
+        else:
+            self.count = count.clone()
 
     def restart(self) -> None:
         """Back to the source statistics' full count (after a reset to the source)."""
         self.clear()
-        self.count = None
+        self._full_count()
+
+    def _full_count(self) -> None:
+        """No count yet means the full one; one that exists is filled where it lies."""
+        if self.count is not None:
+            self.count.fill_(self.max_count)
 
     def clear(self) -> None:
         """A new forward: forget the previous one's reports."""
@@ -150,9 +163,12 @@ class ShiftGate:
             skl = reports[0] if len(reports) == 1 else torch.cat(reports)
             skl = torch.nan_to_num(skl.mean(), nan=0.0, posinf=1e4)
             changed = -torch.expm1(-self.scale * skl)
-            # the source statistics start as a full count: a first batch does not replace them
-            count = torch.full_like(changed, self.max_count) if self.count is None else self.count
-            self.count = ((1.0 - changed) * count + 1.0).clamp(max=self.max_count)
+            if self.count is None:   # the source statistics start as a full count: a first
+                # batch does not replace them
+                self.count = torch.full_like(changed, self.max_count)
+            # in place, not rebound: a replayed CUDA graph (NOTE [Captured step]) reads and
+            # writes the count where it was captured
+            self.count.mul_(1.0 - changed).add_(1.0).clamp_(max=self.max_count)
             self._rate = 1.0 / self.count
         return self._rate
 

@@ -61,8 +61,26 @@ def test_the_gate_settles_within_a_domain_and_restarts_on_a_shift():
     assert rates[0] > 0.5             # the first batch differs from the source statistics
     assert rates[7] < 0.25 and rates[7] < rates[3] < rates[1]   # an average over the domain
     assert rates[8] > 0.9             # a shift restarts it
+    count = gate.count
     gate.restart()
-    assert gate.count is None
+    # the full count again, in the same storage: a captured CUDA graph reads it there
+    assert gate.count is count and float(count) == gate.max_count
+
+
+def test_the_gates_count_changes_in_place_and_its_saved_state_is_a_copy():
+    torch.manual_seed(0)
+    model = _stack().train()
+    gate = split_statistics(model, 2, scale=3.0)
+    with torch.no_grad():
+        model(torch.randn(64, 4, 6, 6))
+    gate.rate()
+    count, saved = gate.count, gate.state()
+    with torch.no_grad():
+        model(torch.randn(64, 4, 6, 6) * 3 + 2)
+    gate.rate()
+    assert gate.count is count and float(count) != float(saved[0])
+    gate.load_state(saved)
+    assert gate.count is count and float(count) == float(saved[0])
 
 
 def test_running_statistics_keep_a_one_bit_code_of_x_hat():
