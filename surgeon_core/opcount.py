@@ -15,7 +15,7 @@ from typing import Counter, Dict
 
 from torch.utils._python_dispatch import TorchDispatchMode
 
-__all__ = ["OpCounter", "VIEWS", "gpu_path"]
+__all__ = ["HOST_READS", "OpCounter", "VIEWS", "gpu_path"]
 
 # operators that run no kernel: metadata only (autograd's AccumulateGrad detaches, for one)
 VIEWS = frozenset(("detach", "view", "_unsafe_view", "alias", "as_strided", "expand", "t",
@@ -25,6 +25,12 @@ VIEWS = frozenset(("detach", "view", "_unsafe_view", "alias", "as_strided", "exp
                    # allocations: memory, but no kernel
                    "empty", "empty_like", "empty_strided", "new_empty", "new_empty_strided"))
 
+
+# operators that make the host wait for the device: a value read (``item``, ``float(t)``,
+# ``bool(t)``) or an output whose size depends on the values; none may run in a step a CUDA
+# graph captures (NOTE [Captured step] in capturable.py)
+HOST_READS = frozenset(("_local_scalar_dense", "nonzero", "masked_select", "_unique2", "unique_dim",
+                        "unique_consecutive", "repeat_interleave", "equal", "is_nonzero"))
 
 _counting = [0]   # counters active: a process-wide switch, for measurements only
 
@@ -66,6 +72,11 @@ class OpCounter(TorchDispatchMode):
     def kernels(self) -> int:
         """Operators that run a kernel (views and detaches left out)."""
         return sum(n for name, n in self.by_name.items() if name not in VIEWS)
+
+    @property
+    def host_reads(self) -> Dict[str, int]:
+        """Operators that made the host wait for the device (``HOST_READS``), by name."""
+        return {name: n for name, n in self.by_name.items() if name in HOST_READS}
 
     def most_common(self, count: int = 8) -> Dict[str, int]:
         return dict(self.by_name.most_common(count))

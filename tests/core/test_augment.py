@@ -17,7 +17,15 @@ MB = 2 ** 20
 def _torchvision_chain(x, rng):
     """The chain as first written: pad, affine, 5x5 gaussian_blur over the padded image, crop."""
     height, width = x.shape[-2:]
-    x = augment._jitter(x.clamp(0.0, 1.0), rng)
+    ops = [lambda t: TF.adjust_brightness(t, rng.uniform(0.6, 1.4)),
+           lambda t: TF.adjust_contrast(t, rng.uniform(0.7, 1.3)),
+           lambda t: TF.adjust_saturation(t, rng.uniform(0.5, 1.5)),
+           lambda t: TF.adjust_hue(t, rng.uniform(-0.06, 0.06)),
+           lambda t: t.clamp(1e-8, 1.0) ** rng.uniform(0.7, 1.3)]
+    rng.shuffle(ops)
+    x = x.clamp(0.0, 1.0)
+    for op in ops:
+        x = op(x)
     x = torch.nn.functional.pad(x, (width // 2,) * 2 + (height // 2,) * 2, mode="replicate")
     shift = width / 16.0
     x = TF.affine(x, angle=rng.uniform(-15, 15),
@@ -33,10 +41,8 @@ def _torchvision_chain(x, rng):
 def test_the_chain_gives_torchvisions_pixels(shape, monkeypatch):
     monkeypatch.setattr(augment, "NOISE_SIGMA", 0.0)   # the final noise aside
     x = torch.rand(*shape)
-    for seed in range(4):
-        with monkeypatch.context() as patch:
-            patch.setattr(augment, "_adjust_hue", TF.adjust_hue)
-            expected = _torchvision_chain(x, random.Random(seed)).clamp(0.0, 1.0)
+    for seed in range(6):
+        expected = _torchvision_chain(x, random.Random(seed)).clamp(0.0, 1.0)
         got = augment.cotta_augment(x, random.Random(seed))
         assert got.shape == x.shape
         assert torch.allclose(got, expected, atol=1e-5), seed
@@ -97,3 +103,49 @@ def test_the_augmentation_depends_on_its_rng_alone():
     torch.randn(100)
     assert torch.equal(augment.cotta_augment(x, random.Random(7)), first)
     assert not torch.equal(augment.cotta_augment(x, random.Random(8)), first)
+
+
+def _on_host(draw):
+    """A device draw's values as the floats a host draw holds."""
+    return augment.Draw(draw.order, tuple(float(f) for f in draw.factors), float(draw.angle),
+                        tuple(int(t) for t in draw.translate), float(draw.scale),
+                        float(draw.sigma), bool(draw.flip), 0)
+
+
+def test_a_device_draw_gives_the_pixels_of_the_same_values_drawn_on_the_host(monkeypatch):
+    monkeypatch.setattr(augment, "NOISE_SIGMA", 0.0)
+    x = torch.rand(6, 3, 32, 32)
+    generator = torch.Generator().manual_seed(3)
+    flips = 0
+    for _ in range(8):
+        draw = augment.device_draw(x, (4, 2, 0, 3, 1), generator)
+        flips += bool(draw.flip)
+        assert torch.allclose(augment.cotta_augment(x, draw=draw),
+                              augment.cotta_augment(x, draw=_on_host(draw)), atol=1e-5)
+    assert 0 < flips < 8
+
+
+def test_device_draws_cover_the_host_draws_ranges():
+    x = torch.rand(1, 3, 32, 32)
+    generator = torch.Generator().manual_seed(0)
+    draws = [augment.device_draw(x, range(5), generator) for _ in range(400)]
+    for index, (_, (low, high)) in enumerate(augment.JITTERS):
+        values = torch.stack([d.factors[index] for d in draws])
+        assert low <= values.min() < low + 0.1 * (high - low)
+        assert high - 0.1 * (high - low) < values.max() <= high
+    shifts = torch.stack([torch.stack(d.translate) for d in draws])
+    assert torch.equal(shifts, shifts.round())
+    assert set(shifts.unique().tolist()) == {-2, -1, 0, 1, 2}
+    assert 0.4 < torch.stack([d.flip for d in draws]).float().mean() < 0.6
+
+
+def test_augmenting_with_a_device_draw_never_reads_the_device_on_the_host():
+    from surgeon_core.opcount import OpCounter
+
+    x = torch.rand(8, 3, 32, 32)
+    with OpCounter() as ops:
+        augment.cotta_augment(x, draw=augment.device_draw(x, (0, 1, 2, 3, 4)))
+    assert ops.host_reads == {}
+    with OpCounter() as ops:   # the check sees one where there is one
+        bool(x.sum() > 0)
+    assert ops.host_reads == {"_local_scalar_dense": 1}
