@@ -97,6 +97,9 @@ class Learner:
         self._good_failed = False
         self._faults_in_row = 0
         self._pairs = serving.pairs_with(method.model)
+        self._captured = getattr(method, "captured", None)   # NOTE [Captured step]
+        if self._captured is not None:   # no frame's CUDA calls inside a capture
+            self._captured.guard = lambda: serving.lock
         self._stop = threading.Event()
         self._wake = threading.Event()
         self._exclusive = threading.RLock()   # a step, or an operator's change of state
@@ -390,6 +393,8 @@ class Learner:
                            gave_way_s=round(self.serving.turn.waited_s, 3),
                            resident_peak_mb=_mb(result.resident_bytes),
                            micro_batches=result.chunks)
+        if self._captured is not None:
+            self.telemetry.set(cuda_graph=self._captured.summary())
 
     def _healthy(self, result) -> bool:
         if not bool(torch.isfinite(result.logits).all()):

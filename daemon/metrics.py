@@ -186,6 +186,12 @@ class _TelemetryCollector:
             value = snap.get(key)
             if isinstance(value, (int, float)):
                 yield GaugeMetricFamily(name, text, value=value * scale)
+        graph = snap.get("cuda_graph")
+        if graph:   # NOTE [Captured step]
+            yield CounterMetricFamily("surgeon_cuda_graph_replays", "Learner steps replayed "
+                                      "from a captured CUDA graph.", value=graph["replays"])
+            yield CounterMetricFamily("surgeon_cuda_graph_captures", "Captures of the "
+                                      "learner's step.", value=graph["captures"])
         yield GaugeMetricFamily("surgeon_frames_per_second", "Serving rate over the last 5 s.",
                                 value=snap.get("fps", 0.0))
         yield GaugeMetricFamily("surgeon_learner_paused", "1 while the learner is paused.",

@@ -76,7 +76,7 @@ class Operations:
             "budget_mb": snap.get("budget_mb"), "cache_mb": snap.get("cache_mb"),
             "peak_mb": snap.get("peak_mb"), "resident_peak_mb": snap.get("resident_peak_mb"),
             "peak_budget_mb": snap.get("peak_budget_mb"), "peak_bounded": snap.get("peak_bounded"),
-            "micro_batches": snap.get("micro_batches"),
+            "micro_batches": snap.get("micro_batches"), "cuda_graph": snap.get("cuda_graph"),
             "reserved_mb": snap.get("reserved_mb"), "process_rss_mb": snap.get("process_rss_mb"),
             "source": snap.get("source"), "last_checkpoint": self.last_checkpoint,
             "resumed_from": self.resumed_from,

@@ -55,7 +55,7 @@ import contextlib
 import math
 import time
 from dataclasses import dataclass, field
-from typing import Callable, Deque, Dict, List, Optional, Tuple
+from typing import Callable, Deque, Dict, List, Optional, Tuple, Union
 
 import torch
 from torch import nn
@@ -158,7 +158,7 @@ class StepReport:
 class _Run:
     """What the micro-batches of one step gave."""
 
-    loss: float = 0.0
+    loss: Union[float, torch.Tensor] = 0.0   # a tensor until read (``_run_chunks(read=False)``)
     cache: int = 0
     layers: Optional[Dict[str, LayerCache]] = None
     kinds: Dict[Tuple[str, str], int] = field(default_factory=dict)
@@ -377,10 +377,33 @@ class SparseBackprop:
         every = self.config.probe_every
         return not self._grad_imp or (every > 0 and self.steps % every == 0)
 
-    def _run_chunks(self, parts, ratios: Dict[str, float], forward_loss: ForwardLoss) -> "_Run":
+    def static_ratios(self, x: torch.Tensor, forward_loss: ForwardLoss
+                      ) -> Optional[Dict[str, float]]:
+        """Keep ratios no later step changes, for a step captured once and replayed (NOTE
+        [Captured step] in capturable.py): one fixed ratio, or no pruned layer trains (the
+        daemon's 1-bit x_hat recipe). None where importance moves them, or where the budgets
+        split the step into parts (the plan is made anew before every step: a budget that
+        changes the ratios brings a new capture)."""
+        if self.steps == 0 or self._wants_probe():
+            return None
+        trains = any(weights_needing_grad(self.capture.weight_of, self._numel).values())
+        if trains and self.config.fixed_keep is None:
+            return None
+        plan, chunks = self.plan(x, forward_loss)
+        return plan.keep_ratios if chunks == 1 else None
+
+    def run_unread(self, x: torch.Tensor, forward_loss: ForwardLoss,
+                   ratios: Dict[str, float]) -> "_Run":
+        """Forward and backward at ``ratios`` with nothing read on the host (NOTE [Captured
+        step]): ``run.loss`` stays a tensor and a non-finite one is the caller's to catch."""
+        with self._skip_empty_layers(ratios):
+            return self._run_chunks([x], ratios, forward_loss, read=False)
+
+    def _run_chunks(self, parts, ratios: Dict[str, float], forward_loss: ForwardLoss,
+                    read: bool = True) -> "_Run":
         """Forward and backward each part in turn; the cache reported is the largest part's
         (one part's graph is alive at a time). A non-finite loss in any part discards the
-        gradients of all: no half-accumulated update.
+        gradients of all: no half-accumulated update. ``read=False`` leaves the loss a tensor.
 
         NOTE [One read a step]
         The loss is read on the host once, after every part's backward is queued: each read
@@ -407,12 +430,15 @@ class SparseBackprop:
             losses.append(loss.detach() * share if share < 1 else loss.detach())
             run.outputs.append(logits.detach())
             del loss, logits
-        run.loss = float(losses[0] if len(losses) == 1 else torch.stack(losses).sum())
+        run.loss = losses[0] if len(losses) == 1 else torch.stack(losses).sum()
+        run.logits = run.outputs[0] if len(run.outputs) == 1 else torch.cat(run.outputs)
+        run.outputs = []
+        if not read:
+            return run
+        run.loss = float(run.loss)
         run.skipped = not math.isfinite(run.loss)   # any part's NaN or inf reaches the sum
         if run.skipped:
             self.model.zero_grad(set_to_none=True)
-        run.logits = run.outputs[0] if len(run.outputs) == 1 else torch.cat(run.outputs)
-        run.outputs = []
         return run
 
     def overall_keep(self, ratios: Dict[str, float]) -> Optional[float]:

@@ -83,6 +83,7 @@ class _Runner:
         self.ops: Optional[int] = None
         self.cpu_ops: Optional[int] = None
         self.chunks = 1
+        self.warmups = 1   # untimed steps first
 
     def measure_cache(self, x: torch.Tensor) -> None:
         """Plain autograd's cache, read by the meter in passthrough mode (not timed)."""
@@ -175,6 +176,12 @@ def _runners(base: nn.Module, budget: Optional[int], engine_config: EngineConfig
     runners.append(_Runner("daemon", "the daemon's learner: SurgeonArgs() defaults (norm affine, "
                            "1-bit x_hat, split statistics, CSS + consistency loss, anchor)",
                            daemon.model, method=daemon))
+    if torch.cuda.is_available() and next(base.parameters()).is_cuda:
+        graphed = Surgeon(fresh(), SurgeonArgs(cuda_graph=True))
+        runners.append(_Runner("daemon+graph", "the daemon's learner, captured once and "
+                               "replayed as a CUDA graph (NOTE [Captured step]); its ops are "
+                               "what a replay dispatches", graphed.model, method=graphed))
+        runners[-1].warmups = 3   # eager (Adam's state), capture, a first replay
     if peak_budget is not None:
         bounded = Surgeon(fresh(), SurgeonArgs())
         bounded.engine.set_peak_budget(peak_budget)
@@ -193,7 +200,8 @@ def run_memory_benchmark(model: nn.Module, x: torch.Tensor, steps: int = 5,
     for runner in runners:
         if runner.engine is None and runner.method is None:
             runner.measure_cache(x)
-        runner.step(x)  # warm-up: allocator, kernels, first probe
+        for _ in range(runner.warmups):   # allocator, kernels, first probe (a capture)
+            runner.step(x)
         runner.times.clear()
     for _ in range(steps):
         for runner in runners:

@@ -146,7 +146,8 @@ class Method:
         with PeakMeter(x.device) as meter:
             result = self._adapt(x)
         result.seconds = time.perf_counter() - start
-        result.peak_bytes, result.reserved_bytes = meter.peak_bytes, meter.reserved_bytes
+        if result.peak_bytes is None:   # a replayed graph reports its pool (capturable.py)
+            result.peak_bytes, result.reserved_bytes = meter.peak_bytes, meter.reserved_bytes
         result.resident_bytes = meter.resident_bytes
         after_step()
         return result

@@ -9,16 +9,17 @@ Published-code reproduction: ``params="bn_gamma", variant="published", probe_eve
 import math
 import random
 from dataclasses import dataclass
-from typing import Optional
+from typing import Optional, Tuple
 
 import torch
 from torch import nn
 
+from ..capturable import CapturedStep
 from ..capture import INPUT_GRAD_POLICIES, CapturePolicy
 from ..engine import EngineConfig, SparseBackprop, budget_or_none
 from ..norm import (STATISTICS, XHAT_BITS, RunningStatNorm2d, convert_batchnorm, shift_gates,
                     split_statistics)
-from .augment import cotta_augment
+from .augment import cotta_augment, device_draw
 from .base import Method, StepResult, bn_modules, entropy, norm_modules
 from .registry import register
 
@@ -66,6 +67,10 @@ class SurgeonArgs:
             models, GELU/SiLU/hardswish inputs, attention): ``exact`` (default) or the lossy
             ``fp16``/``bf16`` casts, half the bytes (see CapturePolicy).
         budget_mb: cap on the measured activation cache.
+        cuda_graph: on a CUDA device, capture the step once and replay it as a CUDA graph
+            where it can be (NOTE [Captured step] in capturable.py: keep ratios that do not
+            change, as the 1-bit x_hat default's, and no peak budget); elsewhere, and where a
+            capture fails, steps run eagerly.
     """
 
     lr: Optional[float] = None
@@ -91,6 +96,7 @@ class SurgeonArgs:
     input_grad: str = "exact"
     budget_mb: Optional[float] = None
     seed: int = 0
+    cuda_graph: bool = False
 
     def __post_init__(self):
         if self.params not in PARAM_SETS:
@@ -188,10 +194,16 @@ class Surgeon(Method):
         self._rng = random.Random(args.seed)
         self._selected = 0
         self.updates = 0   # since the source weights: the anchor's ramp reads it
+        # the jitter order of augmentations drawn on the device, while a captured step runs
+        # (NOTE [Captured step]); None: drawn on the host from ``_rng``
+        self._device_draws: Optional[Tuple[int, ...]] = None
+        self.captured = CapturedStep(self) if args.cuda_graph else None
 
     def reset(self) -> None:
         super().reset()
         self.updates = 0
+        if self.captured is not None:
+            self.captured.drop()
         self.engine.forget()
         for gate in shift_gates(self.model):
             gate.restart()
@@ -208,23 +220,34 @@ class Surgeon(Method):
         super().load_state_dict(state)
         self.updates = int(state.get("updates", 0))
 
+    def consistency_weight(self, logits: torch.Tensor) -> float:
+        """CR's weight: as set, or the published 0.01 * classes."""
+        weight = self.args.consistency_weight
+        return 0.01 * logits.shape[1] if weight is None else weight
+
     def _forward_loss(self, model: nn.Module, x: torch.Tensor):
         logits = model(x)
         threshold = self.args.margin * math.log(logits.shape[1])
         selected = (entropy(logits.detach()) < threshold).sum()
         self._selected = self._selected + selected   # over the micro-batches; read after
-        weight = self.args.consistency_weight
-        weight = 0.01 * logits.shape[1] if weight is None else weight
+        weight = self.consistency_weight(logits)
+        order = self._device_draws
         # read only when it decides something: with the consistency loss every step has a
-        # backward, and a read here would stall a GPU between the two forwards
-        if weight <= 0 and int(selected) == 0:  # nothing to learn from: no backward at all
+        # backward, and a read here would stall a GPU between the two forwards. A captured
+        # step reads nothing: its backward of a zero loss changes nothing.
+        if weight <= 0 and order is None and int(selected) == 0:   # nothing to learn from
             return logits.new_zeros(()), logits
         loss = css_entropy(logits, self.args.margin)
         if weight > 0:
-            loss = loss + weight * consistency(logits, model(cotta_augment(x, self._rng)))
+            draw = None if order is None else device_draw(x, order)
+            loss = loss + weight * consistency(logits, model(cotta_augment(x, self._rng, draw)))
         return loss, logits
 
     def _adapt(self, x: torch.Tensor) -> StepResult:
+        if self.captured is not None:   # None where it cannot be captured: eager
+            result = self.captured.step(x)
+            if result is not None:
+                return result
         self._selected = 0
         report = self.engine.step(x, self._forward_loss)
         updated = not report.skipped and self.apply_update()

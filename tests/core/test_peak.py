@@ -104,16 +104,19 @@ PEAK_BUDGET_MB = 12
 
 
 @linux
-@pytest.mark.parametrize("allocator, most", [
-    ("glibc", 0.4), pytest.param("tcmalloc", 0.5, marks=needs_tcmalloc)])
+@pytest.mark.parametrize("allocator, most, budget_mb", [
+    ("glibc", 0.4, PEAK_BUDGET_MB), pytest.param("tcmalloc", 0.5, 16, marks=needs_tcmalloc)])
 def test_with_memory_returned_surgeons_step_peak_is_a_fraction_of_full_backprops(allocator,
-                                                                                   most):
+                                                                                   most,
+                                                                                   budget_mb):
     """In its own process (the mode is process-wide): ResNet-20, batch 64. Under tcmalloc
     the pages a step touches include its spans' slack: one step's ratio read 0.26 to 0.40
-    across runs, against glibc's mappings of live blocks alone."""
+    across runs, against glibc's mappings of live blocks alone. The slack swings the readings
+    up to 2x, which the plan's margin follows: a part of 8 read 6.05 MiB and, doubled, did
+    not fit 12 MiB (1 run in 8), so tcmalloc's budget is 16 (its free-running peak 23-28)."""
     out = subprocess.run([sys.executable, "-m", "surgeon_core.bench", "memory", "--batch-size",
                           "64", "--steps", "1", "--threads", "1", "--peak-budget-mb",
-                          str(PEAK_BUDGET_MB), "--json"],
+                          str(budget_mb), "--json"],
                          capture_output=True, text=True, check=True,
                          env=dict(os.environ, SURGEON_MALLOC="return", SURGEON_ALLOCATOR=allocator))
     rows = {row["config"]: row for row in json.loads(out.stdout)["results"]}
@@ -121,9 +124,9 @@ def test_with_memory_returned_surgeons_step_peak_is_a_fraction_of_full_backprops
     assert rows["surgeon"]["peak_ratio"] < most, rows["surgeon"]
     # NOTE [Peak budget]: under a budget below its free-running peak, micro-batches keep it
     bounded = rows["daemon+peak"]
-    assert rows["daemon"]["peak_step_bytes"] > PEAK_BUDGET_MB * MB
-    assert bounded["peak_step_bytes"] <= PEAK_BUDGET_MB * MB and bounded["chunks"] > 1, bounded
-    assert bounded["highest_peak_bytes"] <= PEAK_BUDGET_MB * MB, bounded   # the warm-up step's
+    assert rows["daemon"]["peak_step_bytes"] > budget_mb * MB
+    assert bounded["peak_step_bytes"] <= budget_mb * MB and bounded["chunks"] > 1, bounded
+    assert bounded["highest_peak_bytes"] <= budget_mb * MB, bounded   # the warm-up step's
 
 
 @linux

@@ -117,3 +117,16 @@ def test_board_fields_reach_telemetry_the_status_line_and_prometheus(monkeypatch
     assert rails == {"VDD_IN": 3.0, "VDD_IN#2": 0.1}
     assert samples["surgeon_board_temperature_celsius"][0].value in (41.5, 40.0)
     assert samples["surgeon_board_largest_free_block_bytes"][0].value == 4 * 2 ** 20
+
+
+def test_a_captured_step_off_the_gpu_runs_eagerly_and_says_why():
+    """``cuda_graph`` on a CPU (NOTE [Captured step]): accepted, steps run eagerly, and the
+    reason is in the telemetry; the counters are exported."""
+    with Running(small_config("metrics.enabled=true", "metrics.port=0",
+                              "learner.method_args.cuda_graph=true")) as daemon:
+        wait_for(lambda: daemon.learner.steps >= 3)
+        samples = _scrape(daemon.metrics.port)
+        graph = daemon.telemetry.gauges["cuda_graph"]
+    assert graph == {"captures": 0, "replays": 0, "eager_because": "not a CUDA device"}
+    assert samples["surgeon_cuda_graph_replays_total"][0].value == 0
+    assert samples["surgeon_cuda_graph_captures_total"][0].value == 0
