@@ -134,10 +134,8 @@ class CapturedStep:
             self._short_lived = self._short_lived + 1 if self._graph is not None and \
                 self.replays < SHORT_LIVED else 0
             if self._short_lived >= SHORT_LIVED_IN_ROW:   # each capture costs a step more
-                self.failed = "the step changed before %d replays %d times in a row" % (
-                    SHORT_LIVED, SHORT_LIVED_IN_ROW)
-                log.warning("captured step off, steps run eagerly: %s", self.failed)
-                self.drop()
+                self._turn_off("the step changed before %d replays %d times in a row"
+                               % (SHORT_LIVED, SHORT_LIVED_IN_ROW))
                 return None
             return self._capture(x, ratios)
         self._static.copy_(x)
@@ -194,15 +192,12 @@ class CapturedStep:
         return ratios
 
     def _prepare(self, x: torch.Tensor) -> None:
-        """Adam's step counts on the device (on CUDA ``capturable``, so an eager Adam step
-        reads them there too), the scalars written before each run, the anchor's sources."""
+        """Adam's step counts on the device, the scalars written before each run, the
+        anchor's sources. (The group stays not ``capturable``: a checkpoint saved with that
+        flag cannot step on a CPU. Its eager steps read device step counts one by one.)"""
         method = self.method
-        group = method.optimizer.param_groups[0]
-        params = group["params"]
-        for p in params:
-            state = method.optimizer.state[p]
-            state["step"] = state["step"].to(p.device, torch.float32)   # once: then a no-op
-        group["capturable"] = group.get("capturable", False) or x.device.type == "cuda"
+        params = method.optimizer.param_groups[0]["params"]
+        self._move_steps(x.device)
         if self._scalars is None:
             self._scalars = tuple(torch.zeros((), device=x.device, dtype=params[0].dtype)
                                   for _ in range(2))
@@ -210,6 +205,20 @@ class CapturedStep:
             source = method._source["model"]
             names = {p: n for n, p in method.model.named_parameters()}
             self._sources = [source[names[p]].to(p.device, p.dtype).clone() for p in params]
+
+    def _turn_off(self, why: str) -> None:
+        """No more captures: every later step runs eagerly, with Adam as it keeps itself."""
+        self.failed = why
+        log.warning("captured step off, steps run eagerly: %s", why)
+        self.drop()
+        self._move_steps(torch.device("cpu"))
+
+    def _move_steps(self, device: torch.device) -> None:
+        """Adam's step counts to ``device`` (a no-op where they are)."""
+        optimizer = self.method.optimizer
+        for p in optimizer.param_groups[0]["params"]:
+            state = optimizer.state[p]
+            state["step"] = state["step"].to(device, torch.float32)
 
     def _write_scalars(self) -> None:
         lr, updates = self._scalars
@@ -236,11 +245,9 @@ class CapturedStep:
             with self.guard(), torch.cuda.graph(graph, **_thread_local_capture()):
                 self._outputs = self._run(self._static, ratios, tuple(order), scalars=False)
         except Exception as exc:   # an operator this model runs cannot be captured
-            self.failed = "%s: %s" % (type(exc).__name__, exc)
-            log.warning("captured step off, steps run eagerly: %s", self.failed)
             self.method.model.zero_grad(set_to_none=True)
-            self.drop()
             torch.cuda.synchronize(x.device)
+            self._turn_off("%s: %s" % (type(exc).__name__, exc))
             return result
         self._graph, self._key = graph, self.key(x, ratios)
         self.pool_bytes = torch.cuda.memory_reserved(x.device) - reserved
