@@ -214,3 +214,75 @@ def test_captures_that_never_last_turn_capturing_off(base, frames, monkeypatch):
         assert captured.step(frames[:size]) == "captured"
     assert captured.failed is None and captured.captures == 3
     assert captured.step(frames[:12]) is None and "in a row" in captured.failed
+
+
+def _recorded_and_eager(base, frames, **overrides):
+    """Two methods after the same two eager steps: one step of the first recorded as a CUDA
+    graph would capture it (``Recording``), the second to run the same steps eagerly."""
+    from .replay import Recording
+
+    graphed, eager = _surgeon(base, **overrides), _surgeon(base, **overrides)
+    for method in (graphed, eager):
+        _warm(method, frames)
+    graphed_step, eager_step = CapturedStep(graphed, replay=False), \
+        CapturedStep(eager, replay=False)
+    static = frames[32:48].clone()
+    ratios = graphed_step._ratios(static)
+    for step in (graphed_step, eager_step):
+        step._prepare(static)
+    graphed_step._write_scalars()
+    torch.manual_seed(2)   # the same augmentation draws
+    with OpCounter(), Recording() as graph:   # the GPU's paths, as on a GPU
+        outputs = graphed_step._run(static, ratios, tuple(range(JITTERS)), scalars=False)
+    graphed_step._result(outputs, ratios)
+    torch.manual_seed(2)
+    with OpCounter():
+        eager_step._result(eager_step._run(static, ratios, tuple(range(JITTERS))), ratios)
+    return graph, static, outputs, graphed_step, eager_step, ratios
+
+
+def _replayed(graph, static, outputs, step, ratios, batch):
+    static.copy_(batch)
+    step._write_scalars()
+    graph.replay()
+    return step._result(outputs, ratios)
+
+
+@pytest.mark.parametrize("overrides", [{}, {"xhat_bits": 0, "fixed_keep": 0.2}])
+def test_replays_of_the_recorded_step_follow_its_eager_runs(base, frames, overrides):
+    """Replayed on new batches with no Python in between (a CUDA graph's rules, on a CPU):
+    every state the step updates is read back where it lies, and the augmentation redraws.
+    A shift gate that rebound its count instead of updating it in place diverged here."""
+    graph, static, outputs, graphed_step, eager_step, ratios = _recorded_and_eager(
+        base, frames, **overrides)
+    for i in range(3, 6):
+        batch = frames[i * 16:(i + 1) * 16]
+        torch.manual_seed(i)
+        got = _replayed(graph, static, outputs, graphed_step, ratios, batch)
+        torch.manual_seed(i)
+        with OpCounter():
+            expected = eager_step._result(
+                eager_step._run(batch, ratios, tuple(range(JITTERS))), ratios)
+        assert got.updated and expected.updated
+        assert got.loss == pytest.approx(expected.loss, rel=1e-5)
+        assert torch.allclose(got.logits, expected.logits, rtol=1e-4, atol=1e-4)
+    assert graphed_step.method.updates == eager_step.method.updates == 6
+    for (name, a), b in zip(eager_step.method.model.state_dict().items(),
+                            graphed_step.method.model.state_dict().values()):
+        assert torch.allclose(a.float(), b.float(), rtol=1e-4, atol=1e-5), name
+
+
+def test_a_replayed_non_finite_batch_changes_nothing_and_the_next_replay_learns(base, frames):
+    graph, static, outputs, graphed_step, _, ratios = _recorded_and_eager(base, frames)
+    method = graphed_step.method
+    weights, state = _trained(method), copy.deepcopy(method.optimizer.state_dict()["state"])
+    bad = frames[48:64].clone()
+    bad[3, 1, 4, 4] = float("inf")
+    result = _replayed(graph, static, outputs, graphed_step, ratios, bad)
+    assert not result.updated
+    assert all(torch.equal(a, b) for a, b in zip(weights, _trained(method)))
+    for index, fields in state.items():
+        for field, value in fields.items():
+            assert torch.equal(method.optimizer.state_dict()["state"][index][field], value)
+    assert _replayed(graph, static, outputs, graphed_step, ratios, frames[64:80]).updated
+    assert all(torch.isfinite(p).all() for p in method.model.parameters())
