@@ -47,7 +47,6 @@ log = logging.getLogger(__name__)
 RECAPTURE_EVERY = 200   # replays before the jitter order is redrawn by a new capture
 SHORT_LIVED = 4           # a capture replaced after fewer replays than this was wasted,
 SHORT_LIVED_IN_ROW = 3    # and this many in a row turn capturing off
-JITTERS = 5
 
 
 class _Outputs(NamedTuple):
@@ -129,15 +128,9 @@ class CapturedStep:
         self._prepare(x)
         if not self.replay:
             return self._result(self._run(x, ratios), ratios)
-        key = self.key(x, ratios)
-        if self._graph is None or key != self._key or self.replays >= RECAPTURE_EVERY:
-            self._short_lived = self._short_lived + 1 if self._graph is not None and \
-                self.replays < SHORT_LIVED else 0
-            if self._short_lived >= SHORT_LIVED_IN_ROW:   # each capture costs a step more
-                self._turn_off("the step changed before %d replays %d times in a row"
-                               % (SHORT_LIVED, SHORT_LIVED_IN_ROW))
-                return None
-            return self._capture(x, ratios)
+        if self._graph is None or self.key(x, ratios) != self._key \
+                or self.replays >= RECAPTURE_EVERY:
+            return None if self._captures_wasted() else self._capture(x, ratios)
         self._static.copy_(x)
         self._write_scalars()
         self._graph.replay()
@@ -147,6 +140,17 @@ class CapturedStep:
         # a replay allocates nothing: what it holds at its peak is the graph's pool, for good
         result.peak_bytes = result.reserved_bytes = self.pool_bytes
         return result
+
+    def _captures_wasted(self) -> bool:
+        """A new capture is due: count the one it replaces if that one barely replayed, and
+        turn capturing off after ``SHORT_LIVED_IN_ROW`` such in a row (each costs a step)."""
+        replaced_early = self._graph is not None and self.replays < SHORT_LIVED
+        self._short_lived = self._short_lived + 1 if replaced_early else 0
+        if self._short_lived < SHORT_LIVED_IN_ROW:
+            return False
+        self._turn_off("the step changed before %d replays %d times in a row"
+                       % (SHORT_LIVED, SHORT_LIVED_IN_ROW))
+        return True
 
     def why_not(self, x: torch.Tensor) -> Optional[str]:
         """Why a step on ``x`` cannot be captured; None where it can (the plan aside)."""
@@ -231,19 +235,18 @@ class CapturedStep:
         torch 2.0 cannot confine to its own thread."""
         self._graph = self._outputs = None
         self._static = x.clone()
-        order = list(range(JITTERS))
-        self._rng.shuffle(order)
+        order = _jitter_order(self._rng)
         current = torch.cuda.current_stream(x.device)
         side = torch.cuda.Stream(device=x.device, priority=current.priority)
         side.wait_stream(current)
         with torch.cuda.stream(side):
-            result = self._result(self._run(self._static, ratios, tuple(order)), ratios)
+            result = self._result(self._run(self._static, ratios, order), ratios)
         current.wait_stream(side)
         graph = torch.cuda.CUDAGraph()
         reserved = torch.cuda.memory_reserved(x.device)
         try:
             with self.guard(), torch.cuda.graph(graph, **_thread_local_capture()):
-                self._outputs = self._run(self._static, ratios, tuple(order), scalars=False)
+                self._outputs = self._run(self._static, ratios, order, scalars=False)
         except Exception as exc:   # an operator this model runs cannot be captured
             self.method.model.zero_grad(set_to_none=True)
             torch.cuda.synchronize(x.device)
@@ -266,7 +269,7 @@ class CapturedStep:
             self._write_scalars()
         method.model.zero_grad(set_to_none=True)
         method._selected = 0
-        method._device_draws = order or tuple(range(JITTERS))
+        method._device_draws = order or _jitter_order()
         try:
             run = method.engine.run_unread(x, method._forward_loss, ratios)
         finally:
@@ -313,6 +316,13 @@ class CapturedStep:
                           selected=int(selected),
                           mean_keep=sum(trained) / len(trained) if trained else None,
                           overall_keep=method.engine.overall_keep(ratios))
+
+
+def _jitter_order(rng: Optional[random.Random] = None) -> Tuple[int, ...]:
+    """``augment.jitter_order``, imported late: the methods import this module."""
+    from .methods.augment import jitter_order
+
+    return jitter_order(rng)
 
 
 def _thread_local_capture() -> dict:

@@ -13,7 +13,8 @@ from typing import NamedTuple, Optional, Sequence, Tuple, Union
 
 import torch
 
-__all__ = ["Draw", "affine", "blur_valid", "cotta_augment", "device_draw", "host_draw"]
+__all__ = ["Draw", "affine", "blur_valid", "cotta_augment", "device_draw", "host_draw",
+           "jitter_order"]
 
 Number = Union[float, torch.Tensor]   # a float drawn on the host, or a 0-dim tensor
 
@@ -93,17 +94,24 @@ class Draw(NamedTuple):
     noise: Union[int, torch.Generator, None]
 
 
+def jitter_order(rng: Optional[random.Random] = None) -> Tuple[int, ...]:
+    """The order the jitters run in: shuffled by ``rng``, else CoTTA's list order."""
+    order = list(range(len(JITTERS)))
+    if rng is not None:
+        rng.shuffle(order)
+    return tuple(order)
+
+
 def host_draw(rng: random.Random, width: int) -> Draw:
     """Python floats from ``rng``, in the order CoTTA's chain draws them."""
-    order = list(range(len(JITTERS)))
-    rng.shuffle(order)
+    order = jitter_order(rng)
     factors = [0.0] * len(JITTERS)
     for index in order:   # each jitter draws its factor when it runs
         factors[index] = rng.uniform(*JITTERS[index][1])
     shift = width / 16.0
     angle = rng.uniform(-ANGLE, ANGLE)
     translate = tuple(int(round(rng.uniform(-shift, shift))) for _ in range(2))
-    return Draw(tuple(order), tuple(factors), angle, translate, rng.uniform(*SCALE),
+    return Draw(order, tuple(factors), angle, translate, rng.uniform(*SCALE),
                 rng.uniform(*SIGMA), rng.random() < FLIP_P, rng.getrandbits(63))
 
 
@@ -119,24 +127,24 @@ def device_draw(x: torch.Tensor, order: Sequence[int],
     lows, spans, rounded = _draw_ranges(x.device, x.dtype, x.shape[-1])
     values = torch.rand(lows.shape, device=x.device, dtype=x.dtype, generator=generator) \
         .mul_(spans).add_(lows)
-    values = torch.where(rounded, values.round(), values)
-    fields = values.unbind()
-    count = len(JITTERS)
-    return Draw(tuple(order), fields[:count], fields[count], fields[count + 1:count + 3],
-                fields[count + 3], fields[count + 4], fields[count + 5] < FLIP_P, generator)
+    *factors, angle, shift_x, shift_y, scale, sigma, flip = \
+        torch.where(rounded, values.round(), values).unbind()
+    return Draw(tuple(order), tuple(factors), angle, (shift_x, shift_y), scale, sigma,
+                flip < FLIP_P, generator)
 
 
 @functools.lru_cache(maxsize=8)
 def _draw_ranges(device: torch.device, dtype: torch.dtype, width: int):
-    """(lows, spans, which to round) of the jitters, angle, translation, scale, sigma, flip."""
-    shift = width / 16.0
-    ranges = [r for _, r in JITTERS] + [(-ANGLE, ANGLE), (-shift, shift), (-shift, shift),
-                                        SCALE, SIGMA, (0.0, 1.0)]
-    lows = torch.tensor([lo for lo, _ in ranges], device=device, dtype=dtype)
-    spans = torch.tensor([hi - lo for lo, hi in ranges], device=device, dtype=dtype)
-    rounded = torch.zeros(len(ranges), dtype=torch.bool, device=device)
-    rounded[len(JITTERS) + 1:len(JITTERS) + 3] = True
-    return lows, spans, rounded
+    """(lows, spans, which to round) of the jitters, angle, translation, scale, sigma, flip:
+    ``device_draw``'s fields in its order. The translation is in whole pixels."""
+    shift = (-width / 16.0, width / 16.0, True)
+    ranges = [r + (False,) for _, r in JITTERS] + [
+        (-ANGLE, ANGLE, False), shift, shift, SCALE + (False,), SIGMA + (False,),
+        (0.0, 1.0, False)]
+    column = dict(device=device, dtype=dtype)
+    return (torch.tensor([lo for lo, _, _ in ranges], **column),
+            torch.tensor([hi - lo for lo, hi, _ in ranges], **column),
+            torch.tensor([whole for _, _, whole in ranges], device=device))
 
 
 def affine(x: torch.Tensor, angle: Number, translate: Tuple[Number, Number],

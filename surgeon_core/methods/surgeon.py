@@ -69,8 +69,8 @@ class SurgeonArgs:
         budget_mb: cap on the measured activation cache.
         cuda_graph: on a CUDA device, capture the step once and replay it as a CUDA graph
             where it can be (NOTE [Captured step] in capturable.py: keep ratios that do not
-            change, as the 1-bit x_hat default's, and no peak budget); elsewhere, and where a
-            capture fails, steps run eagerly.
+            change, as the 1-bit x_hat default's, and a step in one part); elsewhere, and where
+            a capture fails, steps run eagerly.
     """
 
     lr: Optional[float] = None

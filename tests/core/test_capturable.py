@@ -7,10 +7,11 @@ import copy
 import pytest
 import torch
 
-from surgeon_core.capturable import JITTERS, CapturedStep, masked_adam
+from surgeon_core.capturable import CapturedStep, masked_adam
 from surgeon_core.data import load_cifar10, to_tensor
 from surgeon_core.data.corruptions import corrupt
 from surgeon_core.methods import args_for, get_method
+from surgeon_core.methods.augment import jitter_order
 from surgeon_core.models import cifar_resnet_by_name
 from surgeon_core.opcount import OpCounter
 
@@ -80,7 +81,7 @@ def test_the_captured_step_updates_as_the_eager_step_does(base, frames, override
     for i in range(2, 6):
         batch = frames[i * 16:(i + 1) * 16]
         torch.manual_seed(i)
-        eager._device_draws = tuple(range(JITTERS))   # eager draws on the device too
+        eager._device_draws = jitter_order()   # eager draws on the device too
         expected = eager.step(batch)
         torch.manual_seed(i)
         got = captured.step(batch)   # draws in that order when not captured
@@ -233,11 +234,11 @@ def _recorded_and_eager(base, frames, **overrides):
     graphed_step._write_scalars()
     torch.manual_seed(2)   # the same augmentation draws
     with OpCounter(), Recording() as graph:   # the GPU's paths, as on a GPU
-        outputs = graphed_step._run(static, ratios, tuple(range(JITTERS)), scalars=False)
+        outputs = graphed_step._run(static, ratios, jitter_order(), scalars=False)
     graphed_step._result(outputs, ratios)
     torch.manual_seed(2)
     with OpCounter():
-        eager_step._result(eager_step._run(static, ratios, tuple(range(JITTERS))), ratios)
+        eager_step._result(eager_step._run(static, ratios, jitter_order()), ratios)
     return graph, static, outputs, graphed_step, eager_step, ratios
 
 
@@ -262,7 +263,7 @@ def test_replays_of_the_recorded_step_follow_its_eager_runs(base, frames, overri
         torch.manual_seed(i)
         with OpCounter():
             expected = eager_step._result(
-                eager_step._run(batch, ratios, tuple(range(JITTERS))), ratios)
+                eager_step._run(batch, ratios, jitter_order()), ratios)
         assert got.updated and expected.updated
         assert got.loss == pytest.approx(expected.loss, rel=1e-5)
         assert torch.allclose(got.logits, expected.logits, rtol=1e-4, atol=1e-4)
