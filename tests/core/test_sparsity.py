@@ -4,9 +4,9 @@ import pytest
 import torch
 
 from surgeon_core.opcount import OpCounter
-from surgeon_core.sparsity import (QUANTILE_SAMPLE, BitMask, Dropped, Pruned, PrunedFixed,
-                                   ShapeOnly, capacity_for, pack_bits, prune, select_threshold,
-                                   select_topk, unpack_bits)
+from surgeon_core.sparsity import (EXACT_COUNT_SAMPLE, QUANTILE_SAMPLE, BitMask, Dropped, Pruned,
+                                   PrunedFixed, ShapeOnly, capacity_for, pack_bits, prune,
+                                   sampling_margin, select_threshold, select_topk, unpack_bits)
 
 from .allocations import peak_allocated_bytes, tensor_bytes
 
@@ -41,6 +41,19 @@ def test_threshold_keep_ratio_within_one_percent(keep):
     t = torch.randn(200, 32, 16, 16)
     actual = float(select_threshold(t.reshape(-1), keep).float().mean())
     assert abs(actual - keep) <= 0.01
+
+
+@pytest.mark.parametrize("sync_free", [False, True])
+@pytest.mark.parametrize("keep", [0.02, 0.1, 0.5])
+def test_each_form_samples_its_own_size_and_keeps_within_its_margin(keep, sync_free):
+    """NOTE [Sample size]: the exact-count form selects from 8,192 values, the sync-free form
+    from 32,768; either keeps ``keep`` of the elements to five standard errors of its sample."""
+    t = torch.randn(64, 32, 32, 32)
+    size = QUANTILE_SAMPLE if sync_free else EXACT_COUNT_SAMPLE
+    packed = prune(t, keep, sync_free=sync_free)
+    kept = packed.unpack() != 0
+    assert torch.equal(kept.view(-1), select_threshold(t.view(-1), keep, size))
+    assert abs(float(kept.float().mean()) - keep) <= sampling_margin(keep, size)
 
 
 def test_topk_keeps_the_largest_magnitudes():
@@ -214,7 +227,7 @@ def test_packing_a_consumed_mask_forms_the_products_in_its_memory(n):
 @pytest.mark.parametrize("n", [100, (1 << 18) + 5, 3 * (1 << 18) - 1])
 def test_kept_values_gathered_in_chunks_equal_boolean_indexing(n):
     t = torch.randn(n)
-    mask = select_threshold(t, 0.4)
+    mask = select_threshold(t, 0.4, EXACT_COUNT_SAMPLE)
     packed = prune(t, 0.4)
     assert isinstance(packed, Pruned) and packed.values.dtype == torch.float16
     assert torch.equal(packed.values, t[mask].half())
