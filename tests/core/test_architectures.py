@@ -8,7 +8,9 @@ from torch.nn import functional as F
 
 from surgeon_core.capture import ActivationCapture, CapturePolicy
 from surgeon_core.norm import convert_batchnorm
-from surgeon_core.pool_indices import PoolIndices
+from surgeon_core import pool_indices
+from surgeon_core.pool_indices import PoolIndices, pack_pool_indices, pool_geometry
+from .allocations import peak_allocated_bytes, tensor_bytes
 
 torchvision = pytest.importorskip("torchvision")
 from torchvision.models import get_model, list_models  # noqa: E402
@@ -97,6 +99,26 @@ def test_max_pool_indices_pack_to_a_byte_and_backward_is_exact(kernel, stride, p
     assert len(packed) == 1 and packed[0].codes.dtype == torch.uint8
     got = torch.autograd.grad(out.square().sum(), model[0].weight)[0]
     torch.testing.assert_close(got, expected, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_pool_indices_pack_and_unpack_a_few_samples_at_a_time(monkeypatch, channels_last):
+    """NOTE [Pool indices]: written as whole-tensor expressions, packing and its round-trip
+    check held up to nine int64 buffers of the indices' size at once, the peak of a max-pooled
+    stem's step. In parts of one sample: the codes plus two buffers of one sample's size."""
+    monkeypatch.setattr(pool_indices, "_CHUNK", 1 << 14)   # one sample a part here
+    x = torch.randn(8, 16, 56, 56)
+    if channels_last:
+        x = x.to(memory_format=torch.channels_last)
+    _, indices = F.max_pool2d(x, 3, 2, 1, return_indices=True)
+    geometry = pool_geometry((x, 3, 2, 1), {})
+    packed = pack_pool_indices(indices, geometry)   # warm: index helpers built once
+    assert isinstance(packed, PoolIndices)
+    restored = packed.unpack()
+    assert torch.equal(restored, indices) and restored.stride() == indices.stride()
+    size = tensor_bytes(indices)
+    assert peak_allocated_bytes(lambda: pack_pool_indices(indices, geometry)) <= 0.5 * size
+    assert peak_allocated_bytes(packed.unpack) <= 1.3 * size
 
 
 def test_functional_linear_on_a_parameter_is_pruned_under_its_parameter_name():
