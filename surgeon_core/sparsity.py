@@ -252,7 +252,8 @@ def quantize_standard(x: torch.Tensor, bits: int, mean: Optional[torch.Tensor] =
         if bits == 1:
             return sign, None
         split = STANDARD_SPLIT if invstd is None else STANDARD_SPLIT / invstd
-        return sign, pack_bits((x - centre).abs() > split, consume=True, order=order)
+        # one float temporary, not two (the difference, then its magnitude in place)
+        return sign, pack_bits(torch.sub(x, centre).abs_() > split, consume=True, order=order)
 
 
 @functools.lru_cache(maxsize=32)

@@ -7,6 +7,8 @@ from surgeon_core.models import cifar_resnet_by_name
 from surgeon_core.norm import RunningStatNorm2d
 from surgeon_core.sparsity import dequantize_standard, quantize_standard
 
+from .allocations import peak_allocated_bytes, tensor_bytes
+
 
 def test_standard_codes_are_packed_bits_with_lloyd_max_levels():
     x = torch.randn(1000)
@@ -51,6 +53,15 @@ def test_quantised_x_hat_costs_its_bits_and_keeps_gradients_close(bits, min_cos,
     assert cache < exact_cache / 8 and code_bytes <= cache <= code_bytes + 256
     assert _cosine(grad_w, exact_w) > min_cos
     assert _cosine(grad_x, exact_x) > 0.95
+
+
+def test_two_bit_codes_hold_one_float_temporary():
+    """The magnitude bit was the difference's magnitude, a second float copy of the input."""
+    x = torch.randn(8, 16, 32, 32)
+    mean, invstd = torch.zeros(1, 16, 1, 1), torch.ones(1, 16, 1, 1)
+    quantize_standard(x, 2, mean, invstd)
+    peak = peak_allocated_bytes(lambda: quantize_standard(x, 2, mean, invstd))
+    assert peak <= 1.5 * tensor_bytes(x), peak / tensor_bytes(x)
 
 
 def test_a_frozen_gamma_still_gets_the_x_hat_correction():
