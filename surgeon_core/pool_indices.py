@@ -8,12 +8,12 @@ one byte whenever the window has at most 256 cells; the absolute index is rebuil
 output's coordinates, the stride, padding and dilation when backward asks. Lossless: on the CPU
 every packing is checked by rebuilding it, and a mismatch keeps the indices as they are.
 
-Both ways work a few samples at a time (``_CHUNK`` indices), in two int64 buffers of the
-chunk's size, in place, and the check compares chunk by chunk: written as whole-tensor
-expressions, packing and its check held up to nine int64 buffers of the indices' size at once,
-which set the whole step's peak of a model with a max-pooled stem (torchvision's resnet18 at
-224 x 224, batch 16: 297 MiB, nine 24.5 MiB temporaries over the 99 MiB the forward held;
-issue 15).
+Both ways are linear in the output's coordinates, so each is one int64 buffer of a part's
+size (``_PART`` indices, a few samples) and five in-place operators, the window's offsets
+computed once; the check compares part by part. Written as whole-tensor expressions,
+packing and its check held up to nine int64 buffers of the indices' size at once, which set
+the whole step's peak of a model with a max-pooled stem (torchvision's resnet18 at 224 x 224,
+batch 16: 297 MiB, nine 24.5 MiB temporaries over the 99 MiB the forward held; issue 15).
 """
 
 from typing import Iterator, List, Optional, Sequence, Tuple
@@ -25,7 +25,7 @@ from .sparsity import Exact, Packed
 __all__ = ["PoolIndices", "pack_pool_indices", "pool_geometry"]
 
 Pair = Tuple[int, int]
-_CHUNK = 1 << 20   # indices worked on at a time: 8 MiB in each int64 buffer
+_PART = 1 << 21   # indices worked on at a time: a 16 MiB int64 buffer
 
 
 def _pair(value, default: int) -> Pair:
@@ -49,7 +49,8 @@ def pool_geometry(args: Sequence, kwargs) -> Optional[Tuple[Pair, Pair, Pair, Pa
     return (tuple(x.shape[-2:]), kernel, stride, _pair(values[3], 0), _pair(values[4], 1))
 
 
-def _window_origin(out_shape, stride: Pair, padding: Pair, dilation: Pair, device):
+def _window_origin(out_shape, stride: Pair, padding: Pair, device):
+    """(top row, left column) of every output's window: (OH, 1) and (1, OW) int64."""
     oh = torch.arange(out_shape[-2], device=device).view(-1, 1)
     ow = torch.arange(out_shape[-1], device=device).view(1, -1)
     return oh * stride[0] - padding[0], ow * stride[1] - padding[1]
@@ -68,23 +69,25 @@ class PoolIndices(Packed):
         return [self.codes]
 
     def unpack(self) -> torch.Tensor:
-        origin = _window_origin(self.shape, *self.geometry[2:], self.codes.device)
         out = torch.empty_like(self.codes, dtype=torch.int64)
+        offset = self._offset()
         for part in _batch_parts(self.codes):
-            out[part] = self._positions(part, origin)
+            self._rebuild(part, out[part], offset)
         return out
 
-    def _positions(self, part: slice, origin) -> torch.Tensor:
-        """The flat input positions of the outputs in ``part`` of the batch."""
-        (_, width), kernel, _, _, dilation = self.geometry
-        cols = self.codes[part].long()
-        rows = torch.div(cols, kernel[1], rounding_mode="floor")
-        cols.remainder_(kernel[1])
-        if dilation != (1, 1):
-            rows.mul_(dilation[0])
-            cols.mul_(dilation[1])
-        rows.add_(origin[0]).mul_(width).add_(origin[1])
-        return rows.add_(cols)
+    def _offset(self) -> torch.Tensor:
+        """``top * W + left`` of every output's window, (OH, OW)."""
+        (_, width), _, stride, padding, _ = self.geometry
+        top, left = _window_origin(self.shape, stride, padding, self.codes.device)
+        return top * width + left
+
+    def _rebuild(self, part: slice, index: torch.Tensor, offset: torch.Tensor) -> None:
+        """The flat positions of ``part`` of the batch, written into ``index``."""
+        # row * W + col, row = top + (code // kW) * dh, col = left + (code % kW) * dw
+        (_, width), kernel, _, _, (dh, dw) = self.geometry
+        codes = self.codes[part]
+        index.copy_(torch.div(codes, kernel[1], rounding_mode="floor"))
+        index.mul_(dh * width - kernel[1] * dw).add_(codes, alpha=dw).add_(offset)
 
 
 def pack_pool_indices(indices: torch.Tensor, geometry) -> Packed:
@@ -92,40 +95,44 @@ def pack_pool_indices(indices: torch.Tensor, geometry) -> Packed:
     kernel = geometry[1]
     if kernel[0] * kernel[1] > 256 or indices.dtype != torch.int64:
         return Exact(indices)
-    origin = _window_origin(indices.shape, *geometry[2:], indices.device)
-    packed = PoolIndices(indices, _window_codes(indices, geometry, origin), geometry)
-    if indices.device.type == "cpu" and not all(
-            torch.equal(packed._positions(part, origin), indices[part])
-            for part in _batch_parts(indices)):
+    packed = PoolIndices(indices, _window_codes(indices, geometry), geometry)
+    if indices.device.type == "cpu" and not _round_trips(packed, indices):
         return Exact(indices)
     return packed
 
 
-def _batch_parts(tensor: torch.Tensor) -> Iterator[slice]:
-    """Slices of a batch holding about ``_CHUNK`` elements each; one for unbatched input."""
-    if tensor.dim() != 4 or tensor.shape[0] == 0:
-        yield slice(None)
-        return
-    per = max(1, _CHUNK // max(1, tensor[0].numel()))
-    for start in range(0, tensor.shape[0], per):
-        yield slice(start, start + per)
-
-
-def _window_codes(indices: torch.Tensor, geometry, origin) -> torch.Tensor:
-    """``row * kernel width + column`` inside each output's window, as uint8."""
+def _window_codes(indices: torch.Tensor, geometry) -> torch.Tensor:
+    """``(row - top) / dh * kW + (col - left) / dw`` for every output, as uint8."""
+    # times dh * dw, that is row * (kW * dw - W * dh) + index * dh - (top * kW * dw + left * dh)
+    (_, width), kernel, stride, padding, (dh, dw) = geometry
+    top, left = _window_origin(indices.shape, stride, padding, indices.device)
+    offset = top * (kernel[1] * dw) + left * dh
     codes = torch.empty_like(indices, dtype=torch.uint8)
     for part in _batch_parts(indices):
-        codes[part] = _codes_of(indices[part], geometry, origin)
+        scaled = torch.div(indices[part], width, rounding_mode="floor")
+        scaled.mul_(kernel[1] * dw - width * dh).add_(indices[part], alpha=dh).sub_(offset)
+        if dh * dw > 1:
+            scaled.div_(dh * dw, rounding_mode="floor")   # exact where the index is valid
+        codes[part] = scaled
     return codes
 
 
-def _codes_of(indices: torch.Tensor, geometry, origin) -> torch.Tensor:
-    (_, width), kernel, _, _, dilation = geometry
-    rows = torch.div(indices, width, rounding_mode="floor")
-    cols = torch.mul(rows, -width).add_(indices)   # indices % width, without a third buffer
-    rows.sub_(origin[0])
-    cols.sub_(origin[1])
-    if dilation != (1, 1):
-        rows.div_(dilation[0], rounding_mode="floor")
-        cols.div_(dilation[1], rounding_mode="floor")
-    return rows.mul_(kernel[1]).add_(cols)
+def _round_trips(packed: PoolIndices, indices: torch.Tensor) -> bool:
+    """Whether ``packed`` rebuilds ``indices``, a part at a time."""
+    offset = packed._offset()
+    for part in _batch_parts(indices):
+        restored = torch.empty_like(indices[part])
+        packed._rebuild(part, restored, offset)
+        if not torch.equal(restored, indices[part]):
+            return False
+    return True
+
+
+def _batch_parts(tensor: torch.Tensor) -> Iterator[slice]:
+    """Slices of a batch holding about ``_PART`` elements each; one for unbatched input."""
+    if tensor.dim() != 4 or tensor.shape[0] == 0:
+        yield slice(None)
+        return
+    per = max(1, _PART // max(1, tensor[0].numel()))
+    for start in range(0, tensor.shape[0], per):
+        yield slice(start, start + per)

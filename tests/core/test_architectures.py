@@ -106,7 +106,7 @@ def test_pool_indices_pack_and_unpack_a_few_samples_at_a_time(monkeypatch, chann
     """NOTE [Pool indices]: written as whole-tensor expressions, packing and its round-trip
     check held up to nine int64 buffers of the indices' size at once, the peak of a max-pooled
     stem's step. In parts of one sample: the codes plus two buffers of one sample's size."""
-    monkeypatch.setattr(pool_indices, "_CHUNK", 1 << 14)   # one sample a part here
+    monkeypatch.setattr(pool_indices, "_PART", 1 << 14)   # one sample a part here
     x = torch.randn(8, 16, 56, 56)
     if channels_last:
         x = x.to(memory_format=torch.channels_last)
