@@ -38,6 +38,7 @@ from typing import Dict, List, NamedTuple, Optional, Tuple
 import torch
 
 from .capture import paper_bytes
+from .engine import mean_keep
 from .norm import shift_gates
 
 __all__ = ["CapturedStep", "masked_adam", "RECAPTURE_EVERY"]
@@ -311,10 +312,8 @@ class CapturedStep:
         method.updates += int(updated)
         method.engine.steps += 1
         cache, paper = self._cache
-        trained = [k for k in ratios.values() if k > 0]
         return StepResult(outputs.logits.detach().clone(), loss, cache, paper, updated=updated,
-                          selected=int(selected),
-                          mean_keep=sum(trained) / len(trained) if trained else None,
+                          selected=int(selected), mean_keep=mean_keep(ratios),
                           overall_keep=method.engine.overall_keep(ratios))
 
 

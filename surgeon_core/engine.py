@@ -69,7 +69,7 @@ from .importance import (VARIANTS, BudgetPlan, CacheProfile, gradient_importance
                          memory_importance, solve_budget, weights_needing_grad)
 
 __all__ = ["EngineConfig", "StepReport", "SparseBackprop", "entropy", "budget_or_none",
-           "BudgetExceeded"]
+           "mean_keep", "BudgetExceeded"]
 
 SKIP_BELOW = 1e-3  # keep ratios below this train nothing; see NOTE [Empty layers]
 TRANSIENT_STEPS = 16  # steps at one micro-batch size whose largest transient the plan takes
@@ -586,6 +586,12 @@ def statistics_kept(model: nn.Module):
                     buf.copy_(buffers[name])
         for gate, state in gates.values():
             gate.load_state(state)
+
+
+def mean_keep(ratios: Dict[str, float]) -> Optional[float]:
+    """The mean keep ratio of the layers that train (ratio above 0); None where none does."""
+    trained = [k for k in ratios.values() if k > 0]
+    return sum(trained) / len(trained) if trained else None
 
 
 def budget_or_none(megabytes: Optional[float]) -> Optional[int]:

@@ -16,7 +16,7 @@ from torch import nn
 
 from ..capturable import CapturedStep
 from ..capture import INPUT_GRAD_POLICIES, CapturePolicy
-from ..engine import EngineConfig, SparseBackprop, budget_or_none
+from ..engine import EngineConfig, SparseBackprop, budget_or_none, mean_keep
 from ..norm import (STATISTICS, XHAT_BITS, RunningStatNorm2d, convert_batchnorm, shift_gates,
                     split_statistics)
 from .augment import cotta_augment, device_draw
@@ -254,10 +254,9 @@ class Surgeon(Method):
         if updated:
             self.updates += 1
             self.pull_to_source(self.anchor_rate())
-        trained = [k for k in report.keep_ratios.values() if k > 0]
-        mean_keep = sum(trained) / len(trained) if trained else None
         return StepResult(report.logits, report.loss, report.cache_bytes, report.paper_bytes,
-                          updated=updated, selected=int(self._selected), mean_keep=mean_keep,
+                          updated=updated, selected=int(self._selected),
+                          mean_keep=mean_keep(report.keep_ratios),
                           overall_keep=report.overall_keep, chunks=report.chunks)
 
 
