@@ -16,7 +16,7 @@ import torch
 
 from .capture import LayerCache, Role, check_keep_ratio
 from .errors import BudgetExceeded
-from .sparsity import EXACT_COUNT_SAMPLE, capacity_for, sampling_margin
+from .sparsity import capacity_for, quantile_sample, sampling_margin
 
 __all__ = ["VARIANTS", "gradient_importance", "memory_importance", "keep_ratios",
            "CacheProfile", "BudgetPlan", "solve_budget"]
@@ -94,7 +94,7 @@ def pruned_cost(numel: float, keep: float, value_bytes: int, sync_free: bool = F
     if sync_free:
         return mask_bytes + value_bytes * (capacity_for(numel, keep, selection) + 1)  # slot 0
     if selection == "threshold" and keep < 1:
-        keep = min(1.0, keep + sampling_margin(keep, EXACT_COUNT_SAMPLE))
+        keep = min(1.0, keep + sampling_margin(keep, quantile_sample(sync_free=False)))
     kept = keep * numel + 1  # rounding of the kept count
     return min(mask_bytes + value_bytes * kept, (4 + value_bytes) * kept)
 
