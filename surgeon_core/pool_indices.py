@@ -75,6 +75,16 @@ class PoolIndices(Packed):
             self._rebuild(part, out[part], offset)
         return out
 
+    def rebuilds(self, indices: torch.Tensor) -> bool:
+        """Whether ``unpack`` gives ``indices`` back, checked a part at a time."""
+        offset = self._offset()
+        for part in _batch_parts(indices):
+            restored = torch.empty_like(indices[part])
+            self._rebuild(part, restored, offset)
+            if not torch.equal(restored, indices[part]):
+                return False
+        return True
+
     def _offset(self) -> torch.Tensor:
         """``top * W + left`` of every output's window, (OH, OW)."""
         (_, width), _, stride, padding, _ = self.geometry
@@ -96,7 +106,7 @@ def pack_pool_indices(indices: torch.Tensor, geometry) -> Packed:
     if kernel[0] * kernel[1] > 256 or indices.dtype != torch.int64:
         return Exact(indices)
     packed = PoolIndices(indices, _window_codes(indices, geometry), geometry)
-    if indices.device.type == "cpu" and not _round_trips(packed, indices):
+    if indices.device.type == "cpu" and not packed.rebuilds(indices):
         return Exact(indices)
     return packed
 
@@ -115,17 +125,6 @@ def _window_codes(indices: torch.Tensor, geometry) -> torch.Tensor:
             scaled.div_(dh * dw, rounding_mode="floor")   # exact where the index is valid
         codes[part] = scaled
     return codes
-
-
-def _round_trips(packed: PoolIndices, indices: torch.Tensor) -> bool:
-    """Whether ``packed`` rebuilds ``indices``, a part at a time."""
-    offset = packed._offset()
-    for part in _batch_parts(indices):
-        restored = torch.empty_like(indices[part])
-        packed._rebuild(part, restored, offset)
-        if not torch.equal(restored, indices[part]):
-            return False
-    return True
 
 
 def _batch_parts(tensor: torch.Tensor) -> Iterator[slice]:
