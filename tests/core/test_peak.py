@@ -101,6 +101,11 @@ def test_every_step_reports_its_peak(resnet20_weights):
 # Below the daemon's free-running peak at batch 64 (16-17 MiB since the exact-count gather)
 # with room to spare: at 16 MiB one CI lane read 15.9 and the precondition failed.
 PEAK_BUDGET_MB = 12
+# Runs whose plan gave up (BudgetExceeded, which errs high by design) before one is judged: in
+# parts of 8 under glibc's `return`, blocks below its 256 KiB mmap threshold come from the
+# heap and some readings miss them (0.3-6.7 MiB at one size), so the margin can reach 2x and
+# nothing fits 12 MiB: 2 runs in 10 on this commit and on older ones alike.
+PLAN_ATTEMPTS = 3
 
 
 @linux
@@ -114,11 +119,14 @@ def test_with_memory_returned_surgeons_step_peak_is_a_fraction_of_full_backprops
     across runs, against glibc's mappings of live blocks alone. The slack swings the readings
     up to 2x, which the plan's margin follows: a part of 8 read 6.05 MiB and, doubled, did
     not fit 12 MiB (1 run in 8), so tcmalloc's budget is 16 (its free-running peak 23-28)."""
-    out = subprocess.run([sys.executable, "-m", "surgeon_core.bench", "memory", "--batch-size",
-                          "64", "--steps", "1", "--threads", "1", "--peak-budget-mb",
-                          str(budget_mb), "--json"],
-                         capture_output=True, text=True, check=True,
-                         env=dict(os.environ, SURGEON_MALLOC="return", SURGEON_ALLOCATOR=allocator))
+    command = [sys.executable, "-m", "surgeon_core.bench", "memory", "--batch-size", "64",
+               "--steps", "1", "--threads", "1", "--peak-budget-mb", str(budget_mb), "--json"]
+    env = dict(os.environ, SURGEON_MALLOC="return", SURGEON_ALLOCATOR=allocator)
+    for _ in range(PLAN_ATTEMPTS):
+        out = subprocess.run(command, capture_output=True, text=True, env=env)
+        if "does not fit" not in out.stderr:   # the plan erred high: BudgetExceeded
+            break
+    assert out.returncode == 0, out.stderr
     rows = {row["config"]: row for row in json.loads(out.stdout)["results"]}
     assert rows["full"]["peak_step_bytes"] > 50 * MB
     assert rows["surgeon"]["peak_ratio"] < most, rows["surgeon"]
